@@ -1,0 +1,166 @@
+"""The model's shape, read from a Hugging Face `config.json` into one typed dataclass."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("mixtral", "mistral")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Mixtral (sparse MoE) or Mistral (dense) model.
+
+    `num_local_experts` is 0 for a dense `mistral` model, whose every layer has one MLP.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    sliding_window: int | None = None
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    torch_dtype: str = "bfloat16"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.is_moe and not 0 < self.num_experts_per_tok <= self.num_local_experts:
+            raise ConfigError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
+                f"num_local_experts ({self.num_local_experts})"
+            )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.model_type == "mixtral"
+
+    @property
+    def n_rep(self) -> int:
+        """How many query heads share one key/value head."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters in total, in the experts, and used per token (embeddings counted once)."""
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attn = d * self.head_dim * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        mlp = 3 * d * f
+        experts_per_layer = mlp * max(self.num_local_experts, 1)
+        router = d * self.num_local_experts
+        per_layer_fixed = attn + router + 2 * d
+        head = 0 if self.tie_word_embeddings else d * v
+        fixed = self.num_hidden_layers * per_layer_fixed + d * v + head + d
+        experts = self.num_hidden_layers * experts_per_layer
+        active_mlp = mlp * (self.num_experts_per_tok if self.is_moe else 1)
+        return {
+            "total": fixed + experts,
+            "experts": experts,
+            "active": fixed + self.num_hidden_layers * active_mlp,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Validate a parsed config; `source` names the file in error messages."""
+        model_type = raw.get("model_type")
+        if model_type is None:
+            raise ConfigError(f"{source}: missing field 'model_type'")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"{source}: unknown model_type '{model_type}'; localmix runs "
+                + " and ".join(SUPPORTED_MODEL_TYPES)
+            )
+
+        def need(name: str) -> Any:
+            if raw.get(name) is None:
+                raise ConfigError(f"{source}: missing field '{name}' (needed for {model_type})")
+            return raw[name]
+
+        rope_theta = raw.get("rope_theta")
+        if rope_theta is None:
+            rope_theta = (raw.get("rope_parameters") or {}).get("rope_theta")
+        if rope_theta is None:
+            raise ConfigError(
+                f"{source}: missing field 'rope_theta' (nor 'rope_parameters.rope_theta')"
+            )
+        rope_type = (raw.get("rope_parameters") or raw.get("rope_scaling") or {}).get("rope_type")
+        if rope_type not in (None, "default"):
+            raise ConfigError(f"{source}: field 'rope_type' = '{rope_type}' is not supported")
+
+        hidden = int(need("hidden_size"))
+        heads = int(need("num_attention_heads"))
+        head_dim = raw.get("head_dim") or hidden // heads
+        if raw.get("head_dim") is None and hidden % heads:
+            raise ConfigError(f"{source}: hidden_size is not a multiple of num_attention_heads")
+        window = raw.get("sliding_window")
+        if window is not None and (not isinstance(window, int) or window <= 0):
+            raise ConfigError(f"{source}: field 'sliding_window' must be null or a positive int")
+        moe = {}
+        if model_type == "mixtral":
+            moe = {
+                "num_local_experts": int(need("num_local_experts")),
+                "num_experts_per_tok": int(need("num_experts_per_tok")),
+            }
+        eos = raw.get("eos_token_id", 2)
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        known = {f.name for f in fields(cls)} | {"rope_parameters", "rope_scaling"}
+        return cls(
+            model_type=model_type,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_hidden_layers=int(need("num_hidden_layers")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+            sliding_window=window,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            bos_token_id=raw.get("bos_token_id", 1),
+            eos_token_id=eos,
+            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
+            extra={k: v for k, v in raw.items() if k not in known},
+            **moe,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        """Read `config.json` (or the directory holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise ConfigError(f"{path}: no config.json here; is this a model directory?")
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(raw, source=str(path))

@@ -1,0 +1,94 @@
+"""The built-in demo model: a small random Mixtral that needs no download.
+
+Its weights are random (seeded), so its replies are not meaningful; it exists so that every
+command works on a fresh machine. It is written in the Hugging Face layout and loaded through
+the same code as any downloaded model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .model import Transformer
+from .safetensors_io import write_file
+
+DEMO_CONFIG = {
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    "vocab_size": 2000,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 4096,
+    "sliding_window": 1024,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1e6,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
+}
+DEMO_SEED = 1234
+DEMO_NOTE = "demo model: random weights, so replies are not meaningful"
+
+
+def demo_tokenizer_path() -> Path:
+    return Path(str(resources.files("localmix") / "data" / "demo_tokenizer.model"))
+
+
+def random_state_dict(cfg: ModelConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Seeded weights in checkpoint naming: N(0, 0.02) matrices, unit norms."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(shapes):
+        shape = shapes[name]
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape)
+        else:
+            t = torch.randn(shape, generator=gen) * 0.02
+            if name.endswith("embed_tokens.weight"):
+                t *= 50  # unit-scale embeddings, so the random model is not all-uniform
+        hf = name if name.startswith("lm_head") else "model." + name
+        out[hf] = t.to(dtype)
+    return out
+
+
+def write_checkpoint(
+    dst: Path, config: dict, tokenizer: Path, seed: int, dtype: torch.dtype = torch.bfloat16
+) -> Path:
+    """Write a seeded random model in the Hugging Face layout into `dst` (atomically)."""
+    cfg = ModelConfig.from_dict(config, source="demo config")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dst.parent))
+    try:
+        write_file(tmp / "model.safetensors", random_state_dict(cfg, seed, dtype), {"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def ensure_demo(dst: Path) -> Path:
+    """The demo checkpoint at `dst`, written there first if it is not yet."""
+    if not (dst / "model.safetensors").exists():
+        if dst.exists():
+            shutil.rmtree(dst)
+        write_checkpoint(dst, DEMO_CONFIG, demo_tokenizer_path(), DEMO_SEED)
+    return dst

@@ -1,0 +1,227 @@
+"""The Engine: a loaded model with its tokenizer and KV cache, generating a stream of events."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .kv_cache import RollingKVCache
+from .model import Transformer
+from .sampling import SamplingOptions, StopMatcher, make_sampler
+from .tokenizer import ChatTemplate, Tokenizer
+
+DEFAULT_CONTEXT = 4096
+PREFILL_CHUNK = 512
+REMEMBERED_REPLIES = 64
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it completes ("" while a character or stop is pending)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The last event of a generation."""
+
+    prompt_tokens: int  # the whole prompt
+    prefilled_tokens: int  # the part that was not already in the KV cache
+    generated_tokens: int
+    text: str
+    token_ids: list[int]
+    time_to_first_token_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    stop_reason: str  # "eos", "length", "stop" (a stop string), "context"
+    context_used: int  # KV cache slots in use afterwards
+    context_size: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+Event = TokenEvent | Summary
+
+
+class Engine:
+    """A model ready to generate. Build one with `localmix.load`.
+
+    The engine keeps one KV cache across calls: a prompt that extends what the cache already
+    holds (the next turn of a chat) prefills only its new tokens.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        name: str,
+        path: Path | None,
+        device: torch.device,
+        dtype: torch.dtype,
+        context: int | None = None,
+        sinks: int = 0,
+        defaults: SamplingOptions | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.name, self.path = model, tokenizer, name, path
+        self.config: ModelConfig = model.cfg
+        self.device, self.dtype = device, dtype
+        self.template = ChatTemplate(tokenizer)
+        self.defaults = defaults or SamplingOptions()
+        window = self.config.sliding_window or self.config.max_position_embeddings
+        self.context = min(context or DEFAULT_CONTEXT, window)
+        self.sinks = sinks
+        self.cache = self._new_cache(self.context, sinks=sinks)
+        self._cache_ids: list[int] = []  # tokens whose keys/values are in the cache
+        self._reply_ids: dict[str, list[int]] = {}
+
+    def _new_cache(self, window: int, *, sinks: int = 0, capacity: int | None = None):
+        cfg = self.config
+        return RollingKVCache(
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            window,
+            sinks=sinks,
+            capacity=capacity,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    # -- stateless -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Logits (len, vocab) in float32 from a fresh full forward; the engine's state is kept."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1)
+        window = self.config.sliding_window or max(len(ids), 1)
+        cache = self._new_cache(window, capacity=max(len(ids), 1))
+        return self.model(ids, cache).float()
+
+    # -- generation ----------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the conversation held in the KV cache."""
+        self.cache.reset()
+        self._cache_ids = []
+
+    def generate(self, prompt: str | Sequence[int], **sampling: Any) -> Iterator[Event]:
+        """Stream TokenEvents, then a Summary. A text prompt gets BOS; token ids are used as is."""
+        ids = self.tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
+        return self._generate(ids, self.defaults.updated(**sampling))
+
+    def chat(self, messages: Sequence[dict[str, str]], **sampling: Any) -> Iterator[Event]:
+        """Reply to a conversation ([{"role": ..., "content": ...}], ending with a user turn)."""
+        ids = self.template.encode(messages, self._reply_ids)
+        return self._generate(ids, self.defaults.updated(**sampling), remember_reply=True)
+
+    @torch.inference_mode()
+    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+        """Bring the cache to `ids`, reusing the longest prefix it holds; last logits, new count."""
+        common = 0
+        for a, b in zip(ids, self._cache_ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # the last token must run to give logits
+        if not self.cache.rewind(common):
+            self.cache.reset()
+            common = 0
+        self._cache_ids = ids[:common]
+        chunk = min(PREFILL_CHUNK, self.cache.max_chunk)
+        logits = None
+        for start in range(common, len(ids), chunk):
+            part = ids[start : start + chunk]
+            tokens = torch.tensor(part, dtype=torch.long, device=self.device)
+            logits = self.model(tokens, self.cache, last_only=True)[-1]
+            self._cache_ids += part
+        return logits, len(ids) - common
+
+    @torch.inference_mode()
+    def _step(self, token: int) -> torch.Tensor:
+        tokens = torch.tensor([token], dtype=torch.long, device=self.device)
+        logits = self.model(tokens, self.cache, last_only=True)[-1]
+        self._cache_ids.append(token)
+        return logits
+
+    def _generate(
+        self, ids: list[int], opts: SamplingOptions, remember_reply: bool = False
+    ) -> Iterator[Event]:
+        if not ids:
+            raise ValueError("empty prompt")
+        t0 = time.perf_counter()
+        logits, prefilled = self._prefill(ids)
+        t_prefill = time.perf_counter() - t0
+        sample = make_sampler(opts)
+        stream, stops = self.tokenizer.stream(), StopMatcher(opts.stop)
+        out_ids: list[int] = []
+        history = list(ids)
+        pieces: list[str] = []
+        reason, t_first = "length", None
+        eos = self.tokenizer.eos_id
+        for i in range(opts.max_tokens):
+            token = sample(logits, history)
+            if t_first is None:
+                t_first = time.perf_counter()
+            if token == eos:
+                reason = "eos"
+                break
+            out_ids.append(token)
+            history.append(token)
+            text = stops.feed(stream.push(token))
+            pieces.append(text)
+            yield TokenEvent(token, text)
+            if stops.stopped:
+                reason = "stop"
+                break
+            if i + 1 < opts.max_tokens:
+                logits = self._step(token)
+        if not stops.stopped:
+            tail = stops.feed(stream.flush()) + stops.flush()
+            if tail:
+                pieces.append(tail)
+                yield TokenEvent(out_ids[-1], tail)
+        t_end = time.perf_counter()
+        text = "".join(pieces)
+        if remember_reply and reason != "stop":
+            self._remember(text, out_ids)
+        t_first = t_first or t_end
+        n_decode = max(len(out_ids) - 1, 0)
+        yield Summary(
+            prompt_tokens=len(ids),
+            prefilled_tokens=prefilled,
+            generated_tokens=len(out_ids),
+            text=text,
+            token_ids=out_ids,
+            time_to_first_token_s=t_first - t0,
+            prefill_tokens_per_s=prefilled / t_prefill if t_prefill > 0 else 0.0,
+            decode_tokens_per_s=n_decode / (t_end - t_first) if t_end > t_first else 0.0,
+            stop_reason=reason,
+            context_used=self.cache.used,
+            context_size=self.cache.capacity,
+            stats=self.stats(),
+        )
+
+    def _remember(self, text: str, token_ids: list[int]) -> None:
+        self._reply_ids[text] = token_ids
+        while len(self._reply_ids) > REMEMBERED_REPLIES:
+            self._reply_ids.pop(next(iter(self._reply_ids)))
+
+    def stats(self) -> dict[str, Any]:
+        """Runtime counters (the expert cache's, when the experts are offloaded)."""
+        return {}
+
+    def complete(self, prompt: str | Sequence[int], **sampling: Any) -> Summary:
+        """Run a whole generation and return its Summary."""
+        *_, summary = self.generate(prompt, **sampling)
+        return summary

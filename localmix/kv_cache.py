@@ -1,0 +1,165 @@
+"""A rolling-buffer KV cache: memory bounded by a window of W positions, whatever the chat length."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def slot_of(pos: torch.Tensor, sinks: int, capacity: int) -> torch.Tensor:
+    """Buffer slot holding absolute position `pos`: sinks stay put, the rest wrap around."""
+    ring = capacity - sinks
+    return torch.where(pos < sinks, pos, sinks + (pos - sinks) % ring)
+
+
+def attention_allowed(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, sinks: int
+) -> torch.Tensor:
+    """Boolean (queries, keys): causal, within the last `window - sinks` positions or a sink.
+
+    Empty slots carry position -1 and are never attended.
+    """
+    q = q_pos[:, None]
+    k = k_pos[None, :]
+    recent = (q - k) < (window - sinks)
+    return (k >= 0) & (k <= q) & (recent | (k < sinks))
+
+
+@dataclass
+class CacheStep:
+    """The bookkeeping for one forward call of `n` new tokens, shared by every layer."""
+
+    positions: torch.Tensor  # (n,) absolute positions of the new tokens
+    slots: torch.Tensor  # (n,) where they are written
+    concat: bool  # attend over buffer + new keys, then write (a multi-token chunk that wraps)
+    key_positions: torch.Tensor  # (keys,) positions of the keys attended
+    mask: torch.Tensor | None  # (n, keys) bool, None when every key is visible to the one query
+    used: int  # slots in use after the write (a prefix of the buffer)
+
+
+class RollingKVCache:
+    """Keys and values of the last `window` positions of each layer, in a ring of slots.
+
+    Positions are absolute (RoPE is applied before a key is cached), so a slot's content never
+    changes once written. With `sinks=S`, positions 0..S-1 keep slots 0..S-1 for good and the
+    other `capacity - S` slots roll. Worked example, capacity 4, sinks 1, ten tokens seen:
+
+        slot:      0  1  2  3
+        position:  0  7  8  9     (position p >= 1 lives in slot 1 + (p - 1) % 3)
+
+    Position 10 then goes to slot 1 + 9 % 3 = 1, replacing 7: the query at 10 sees 0, 8, 9, 10.
+    Without sinks this is Mistral's sliding window: a query sees itself and the W - 1 before it.
+
+    A single new token is written first and then attends over the buffer (the slot it replaces
+    is one the new query may no longer see). A chunk of several tokens that wraps around would
+    overwrite keys its own earlier queries still need, so it attends over the old buffer and the
+    new keys together and is written afterwards. Chunks are at most `capacity - sinks` long.
+
+    `capacity` defaults to `window`; a larger capacity (for a fresh full forward) keeps every
+    position and applies the window through the mask alone.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        window: int,
+        *,
+        sinks: int = 0,
+        capacity: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        capacity = capacity or window
+        if not 0 <= sinks < min(window, capacity):
+            raise ValueError(f"sinks ({sinks}) must be below the window ({window})")
+        self.window, self.sinks, self.capacity = window, sinks, capacity
+        shape = (n_layers, n_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slot_pos = torch.full((capacity,), -1, dtype=torch.long, device=device)
+        self.next_pos = 0  # tokens seen so far = absolute position of the next token
+        self._step: CacheStep | None = None
+
+    @property
+    def max_chunk(self) -> int:
+        """Longest chunk one forward call may bring."""
+        return self.capacity - self.sinks
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def used(self) -> int:
+        """Slots holding a position (the fill of the window)."""
+        return min(self.next_pos, self.capacity)
+
+    def reset(self) -> None:
+        self.slot_pos.fill_(-1)
+        self.next_pos = 0
+
+    def rewind(self, n_tokens: int) -> bool:
+        """Forget positions >= n_tokens; False if the buffer has already dropped some of them."""
+        if n_tokens >= self.next_pos:
+            return n_tokens == self.next_pos
+        if self.next_pos > self.capacity:  # wrapped: older positions are gone
+            return False
+        self.slot_pos[n_tokens:] = -1
+        self.next_pos = n_tokens
+        return True
+
+    def begin(self, n: int) -> CacheStep:
+        """Prepare a forward call of `n` new tokens; every layer then calls `update_and_fetch`."""
+        if not 0 < n <= self.max_chunk:
+            raise ValueError(f"chunk of {n} tokens; the cache takes 1..{self.max_chunk}")
+        dev = self.slot_pos.device
+        positions = torch.arange(self.next_pos, self.next_pos + n, device=dev)
+        slots = slot_of(positions, self.sinks, self.capacity)
+        wraps = self.next_pos + n > self.capacity
+        concat = wraps and n > 1
+        if concat:
+            key_positions = torch.cat([self.slot_pos, positions])
+            used = self.capacity
+        else:
+            used = min(self.next_pos + n, self.capacity)
+            key_positions = self.slot_pos[:used].clone()
+            key_positions[slots] = positions
+        mask = attention_allowed(positions, key_positions, self.window, self.sinks)
+        if n == 1 and bool(mask.all()):
+            mask = None
+        self._step = CacheStep(positions, slots, concat, key_positions, mask, used)
+        return self._step
+
+    def update_and_fetch(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store this layer's new keys/values (n, kv_heads, head_dim); return what to attend.
+
+        Returns keys and values as (kv_heads, keys, head_dim) and the step's mask.
+        """
+        step = self._step
+        k, v = k.transpose(0, 1), v.transpose(0, 1)  # (kv_heads, n, head_dim)
+        if step.concat:
+            keys = torch.cat([self.k[layer], k], dim=1)
+            values = torch.cat([self.v[layer], v], dim=1)
+            self.k[layer][:, step.slots] = k
+            self.v[layer][:, step.slots] = v
+            return keys, values, step.mask
+        if k.shape[1] == 1:
+            slot = int(step.slots[0])
+            self.k[layer][:, slot : slot + 1] = k
+            self.v[layer][:, slot : slot + 1] = v
+        else:
+            self.k[layer][:, step.slots] = k
+            self.v[layer][:, step.slots] = v
+        return self.k[layer][:, : step.used], self.v[layer][:, : step.used], step.mask
+
+    def commit(self) -> None:
+        """Record the step's positions once every layer has written them."""
+        step = self._step
+        self.slot_pos[step.slots] = step.positions
+        self.next_pos += len(step.positions)
+        self._step = None

@@ -1,0 +1,110 @@
+"""Loading a Hugging Face-layout checkpoint: build on the meta device, assign mmap-backed tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .model import Rotary, Transformer
+from .safetensors_io import SafetensorsFile
+
+INDEX_NAME = "model.safetensors.index.json"
+UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def checkpoint_files(model_dir: Path) -> dict[str, str]:
+    """Map each tensor name to the safetensors file that should hold it (from the index).
+
+    Without an index, every tensor of `model.safetensors` (or of each `*.safetensors`) counts.
+    """
+    index = model_dir / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: unreadable index ({e})") from e
+        return dict(weight_map)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        unsafe = [p.name for p in model_dir.iterdir() if p.suffix in UNSAFE_SUFFIXES]
+        if unsafe:
+            raise CheckpointError(
+                f"{model_dir}: only pickle checkpoints here ({', '.join(unsafe)}); localmix "
+                "loads safetensors only, since unpickling a downloaded file can run code"
+            )
+        raise CheckpointError(f"{model_dir}: no *.safetensors files here")
+    out: dict[str, str] = {}
+    for f in files:
+        for name in SafetensorsFile(f).keys():
+            out[name] = f.name
+    return out
+
+
+def local_name(hf_name: str) -> str:
+    """Our module path for a checkpoint tensor name (the checkpoint nests the trunk in `model.`)."""
+    return hf_name.removeprefix("model.")
+
+
+def open_checkpoint(
+    model_dir: Path, expected: dict[str, tuple[torch.Size, torch.dtype]]
+) -> dict[str, torch.Tensor]:
+    """Check every expected tensor exists with the right shape; return them memory-mapped.
+
+    `expected` maps local names to (shape, dtype). Errors name the file and the tensor.
+    """
+    weight_map = checkpoint_files(model_dir)
+    files: dict[str, SafetensorsFile] = {}
+    for hf_name, fname in sorted(weight_map.items(), key=lambda kv: kv[1]):
+        if fname in files:
+            continue
+        path = model_dir / fname
+        if not path.exists():
+            raise CheckpointError(
+                f"{path}: missing shard (the index puts tensor '{hf_name}' there); "
+                "download the model again"
+            )
+        files[fname] = SafetensorsFile(path)
+    tensors: dict[str, torch.Tensor] = {}
+    by_local = {local_name(n): n for n in weight_map}
+    for name, (shape, _) in expected.items():
+        hf_name = by_local.get(name)
+        if hf_name is None:
+            raise CheckpointError(f"{model_dir}: tensor 'model.{name}' (or '{name}') is missing")
+        f = files[weight_map[hf_name]]
+        info = f.infos.get(hf_name)
+        if info is None:
+            raise CheckpointError(f"{f.path}: tensor '{hf_name}' is missing from this shard")
+        if info.shape != tuple(shape):
+            raise CheckpointError(
+                f"{f.path}: tensor '{hf_name}' has shape {list(info.shape)}, "
+                f"the config asks for {list(shape)}"
+            )
+        tensors[name] = f.get(hf_name)
+    return tensors
+
+
+def load_transformer(
+    model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> Transformer:
+    """Build the model without allocating weights, then assign the checkpoint's tensors.
+
+    In the checkpoint's own dtype on the CPU, weights stay views of the file mapping, so the
+    model is never materialised twice.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = model.state_dict()
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    expected = {k: (v.shape, v.dtype) for k, v in state.items()}
+    tensors = open_checkpoint(model_dir, expected)
+    if cfg.tie_word_embeddings:
+        tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+    tensors = {k: t.to(device=device, dtype=dtype) for k, t in tensors.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.rotary = Rotary(cfg.head_dim, cfg.rope_theta).to(device)
+    return model.eval().requires_grad_(False)

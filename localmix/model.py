@@ -1,0 +1,248 @@
+"""The Mixtral transformer: RMSNorm, RoPE, grouped-query attention and a sparse MoE feed-forward.
+
+Tensors carry no batch dimension: localmix runs one conversation at a time, so activations are
+(tokens, features). Module names follow the Hugging Face checkpoint (less its `model.` prefix),
+so a state dict loads without renaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .kv_cache import RollingKVCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 as the reference does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (rotate-half convention of the Hugging Face weights)."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (tokens, head_dim/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (tokens, head_dim)
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (tokens, heads, head_dim) by the angles in cos/sin (tokens, 1, head_dim)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over a rolling KV cache."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cache: RollingKVCache, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        keys, values, mask = cache.update_and_fetch(self.layer, k, v)  # (kv, keys, head_dim)
+        # Query heads sharing a KV head attend together: (kv, n_rep * tokens, head_dim), no
+        # copy of the keys. Head h uses KV head h // n_rep, as in the reference.
+        n_rep = self.n_heads // self.n_kv
+        q = q.view(t, self.n_kv, n_rep, self.head_dim).permute(1, 2, 0, 3)
+        q = q.reshape(self.n_kv, n_rep * t, self.head_dim)
+        if mask is not None:
+            mask = mask.repeat(n_rep, 1)  # (n_rep * tokens, keys)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.view(self.n_kv, n_rep, t, self.head_dim).permute(2, 0, 1, 3)
+        return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
+
+
+class Expert(nn.Module):
+    """One SwiGLU feed-forward: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class DenseMLP(nn.Module):
+    """Mistral's feed-forward: the same SwiGLU under the dense checkpoint's names."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ExpertProvider(Protocol):
+    """Where a MoE layer gets its experts: resident modules, or an expert cache."""
+
+    def fetch(self, layer: int, experts: list[int]) -> Iterable[tuple[int, nn.Module]]:
+        """Yield (expert id, callable module) for each requested expert, in any order."""
+        ...
+
+
+class ResidentExperts(nn.ModuleList):
+    """A layer's experts held as ordinary modules (all resident); the default provider."""
+
+    def fetch(self, layer: int, experts: list[int]) -> Iterator[tuple[int, nn.Module]]:
+        for e in experts:
+            yield e, self[e]
+
+
+def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's router: the top-k experts, weighted by a softmax over their logits.
+
+    Computed as the reference does (softmax over all experts, keep the top k, renormalise),
+    which equals a softmax over the top-k logits. Returns float32 weights (tokens, k) and
+    expert ids (tokens, k), highest weight first.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)  # (tokens, experts)
+    weights, chosen = torch.topk(probs, top_k, dim=-1)  # (tokens, k)
+    return weights / weights.sum(dim=-1, keepdim=True), chosen
+
+
+class MoeLayer(nn.Module):
+    """Sparse feed-forward: a router picks top-k experts per token from an injected provider.
+
+    Expert outputs are summed in ascending expert id whatever order the provider serves them
+    in, so an expert cache that runs resident experts first changes timing, never results.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int, experts: ExpertProvider | None = None) -> None:
+        super().__init__()
+        self.layer, self.top_k = layer, cfg.num_experts_per_tok
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        if experts is None:
+            experts = ResidentExperts(
+                Expert(cfg.hidden_size, cfg.intermediate_size)
+                for _ in range(cfg.num_local_experts)
+            )
+        self.experts = experts
+        self.last_choice: torch.Tensor | None = None  # (tokens, k), for stats and prefetch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, chosen = route(self.gate(x), self.top_k)  # (tokens, k) each
+        self.last_choice = chosen
+        weights = weights.to(x.dtype)
+        if x.shape[0] == 1:  # decode: no gather/scatter needed
+            ids = chosen[0].tolist()
+            outs = dict(self.experts.fetch(self.layer, ids))
+            return sum_in_order((outs[e](x) * weights[0, i] for e, i in _ascending(ids)), x)
+        used = torch.unique(chosen).tolist()  # ascending
+        outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for e, expert in self.experts.fetch(self.layer, used):
+            rows, slot = torch.nonzero(chosen == e, as_tuple=True)  # tokens routed to e
+            outputs[e] = (rows, expert(x[rows]) * weights[rows, slot, None])
+        out = torch.zeros_like(x)
+        for e in used:
+            rows, y = outputs[e]
+            out.index_add_(0, rows, y)
+        return out
+
+
+def _ascending(ids: list[int]) -> list[tuple[int, int]]:
+    return sorted((e, i) for i, e in enumerate(ids))
+
+
+def sum_in_order(terms: Iterable[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Add terms one by one onto zeros, the same order of additions as `index_add_`."""
+    out = torch.zeros_like(like)
+    for t in terms:
+        out += t
+    return out
+
+
+class Block(nn.Module):
+    """One transformer layer: attention then feed-forward, each around a residual."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe:
+            self.block_sparse_moe = MoeLayer(cfg, layer)
+        else:
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    @property
+    def feed_forward(self) -> nn.Module:
+        return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+
+    def forward(
+        self, x: torch.Tensor, cache: RollingKVCache, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cache, rope)
+        return h + self.feed_forward(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    """Embedding, layers, final norm and output head; `forward` advances the KV cache."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+
+    def moe_layers(self) -> list[MoeLayer]:
+        return [b.block_sparse_moe for b in self.layers if hasattr(b, "block_sparse_moe")]
+
+    def forward(
+        self, tokens: torch.Tensor, cache: RollingKVCache, last_only: bool = False
+    ) -> torch.Tensor:
+        """Logits (tokens, vocab) for new `tokens` (n,), attending to what `cache` holds.
+
+        With `last_only`, only the last position goes through the output head.
+        """
+        step = cache.begin(tokens.shape[0])
+        x = self.embed_tokens(tokens)  # (tokens, hidden)
+        rope = self.rotary.cos_sin(step.positions, x.dtype)
+        for block in self.layers:
+            x = block(x, cache, rope)
+        cache.commit()
+        if last_only:
+            x = x[-1:]
+        return self.lm_head(self.norm(x))

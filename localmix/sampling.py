@@ -1,0 +1,142 @@
+"""Token sampling: small pure functions over a logits vector, combined by `make_sampler`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+Sampler = Callable[[torch.Tensor, Sequence[int]], int]
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Every knob of generation, with the defaults every entry point shares."""
+
+    temperature: float = 0.7
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
+    seed: int | None = None
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.max_tokens >= 0, "max_tokens must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def updated(self, **changes: object) -> SamplingOptions:
+        """A copy with some options changed; unknown names are an error."""
+        unknown = set(changes) - set(self.names())
+        if unknown:
+            raise ValueError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        if isinstance(changes.get("stop"), str):
+            changes["stop"] = (changes["stop"],)
+        elif changes.get("stop") is not None:
+            changes["stop"] = tuple(changes["stop"])
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, history: Sequence[int], penalty: float
+) -> torch.Tensor:
+    """CTRL-style penalty: shrink the logits of tokens already seen (positive ones divided)."""
+    if penalty == 1.0 or not history:
+        return logits
+    ids = torch.tensor(sorted(set(history)), device=logits.device)
+    seen = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+    drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= p  # mass before this token
+    return logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens less likely than min_p times the most likely one."""
+    if min_p <= 0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+
+
+def make_sampler(opts: SamplingOptions) -> Sampler:
+    """A callable (logits (vocab,), history) -> token id; greedy when temperature is 0."""
+    gen = torch.Generator()
+    gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
+
+    def sample(logits: torch.Tensor, history: Sequence[int]) -> int:
+        logits = apply_repetition_penalty(logits.float(), history, opts.repetition_penalty)
+        if opts.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = logits / opts.temperature
+        logits = top_k_filter(logits, opts.top_k)
+        logits = top_p_filter(logits, opts.top_p)
+        logits = min_p_filter(logits, opts.min_p)
+        probs = torch.softmax(logits, dim=-1).cpu()
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    return sample
+
+
+class StopMatcher:
+    """Holds back text that might begin a stop string; reports when one is complete."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Text that is safe to release now."""
+        if not self.stops:
+            return text
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

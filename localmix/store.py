@@ -1,0 +1,45 @@
+"""The model store: `$LOCALMIX_HOME` (default ~/.cache/localmix), and how names resolve."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import ModelNotFoundError
+
+BUILTIN = ("demo",)
+
+
+def home() -> Path:
+    return Path(os.environ.get("LOCALMIX_HOME") or Path.home() / ".cache" / "localmix")
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def store_name(repo_id: str) -> str:
+    """Directory name of a Hub repository in the store: `org/name` -> `org--name`."""
+    return repo_id.replace("/", "--")
+
+
+def resolve(model: str | os.PathLike) -> tuple[str, Path]:
+    """Find a model: a directory path, a store name, a pulled Hub id, or a built-in name."""
+    text = str(model)
+    if text in BUILTIN:
+        from .demo import ensure_demo
+
+        return text, ensure_demo(models_dir() / text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path.name, path
+    entry = models_dir() / store_name(text)
+    if entry.is_dir():
+        return text, entry
+    raise ModelNotFoundError(
+        f"no model '{text}': not a directory, nor in the store ({models_dir()}). "
+        f"Pull it with `localmix pull {text}`, or try `demo`."
+        if "/" in text
+        else f"no model '{text}': not a directory, nor in the store ({models_dir()}); "
+        "`localmix list` shows what is there, and `demo` always works"
+    )
