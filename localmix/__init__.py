@@ -12,7 +12,15 @@ from .engine import Engine, Summary, TokenEvent
 from .errors import LocalmixError
 from .sampling import SamplingOptions
 
-__all__ = ["load", "Engine", "ModelConfig", "Summary", "TokenEvent", "LocalmixError", "SamplingOptions"]
+__all__ = [
+    "load",
+    "Engine",
+    "ModelConfig",
+    "Summary",
+    "TokenEvent",
+    "LocalmixError",
+    "SamplingOptions",
+]
 __version__ = "0.1.0"
 
 DTYPES = {
@@ -61,10 +69,17 @@ def load(
     cfg = ModelConfig.from_file(path)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = _dtype(dtype, cfg, dev)
-    tokenizer = Tokenizer(path / "tokenizer.model")
     net = load_transformer(path, cfg, dt, dev)
+    tokenizer = Tokenizer(path / "tokenizer.model")
     defaults = SamplingOptions().updated(**options)
     return Engine(
-        net, tokenizer, name=name, path=path, device=dev, dtype=dt, context=context, sinks=sinks,
+        net,
+        tokenizer,
+        name=name,
+        path=path,
+        device=dev,
+        dtype=dt,
+        context=context,
+        sinks=sinks,
         defaults=defaults,
     )

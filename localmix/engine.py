@@ -41,7 +41,7 @@ class Summary:
     time_to_first_token_s: float
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
-    stop_reason: str  # "eos", "length", "stop" (a stop string), "context"
+    stop_reason: str  # "eos", "length" (max_tokens), "stop" (a stop string)
     context_used: int  # KV cache slots in use afterwards
     context_size: int
     stats: dict[str, Any] = field(default_factory=dict)
@@ -129,7 +129,7 @@ class Engine:
     def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
         """Bring the cache to `ids`, reusing the longest prefix it holds; last logits, new count."""
         common = 0
-        for a, b in zip(ids, self._cache_ids):
+        for a, b in zip(ids, self._cache_ids, strict=False):
             if a != b:
                 break
             common += 1
@@ -224,4 +224,9 @@ class Engine:
     def complete(self, prompt: str | Sequence[int], **sampling: Any) -> Summary:
         """Run a whole generation and return its Summary."""
         *_, summary = self.generate(prompt, **sampling)
+        return summary
+
+    def complete_chat(self, messages: Sequence[dict[str, str]], **sampling: Any) -> Summary:
+        """Run a whole chat reply and return its Summary."""
+        *_, summary = self.chat(messages, **sampling)
         return summary

@@ -85,7 +85,7 @@ class RollingKVCache:
 
     @property
     def max_chunk(self) -> int:
-        """Longest chunk one forward call may bring."""
+        """Longest chunk one forward call may always bring (longer ones fit while not wrapping)."""
         return self.capacity - self.sinks
 
     @property
@@ -113,8 +113,9 @@ class RollingKVCache:
 
     def begin(self, n: int) -> CacheStep:
         """Prepare a forward call of `n` new tokens; every layer then calls `update_and_fetch`."""
-        if not 0 < n <= self.max_chunk:
-            raise ValueError(f"chunk of {n} tokens; the cache takes 1..{self.max_chunk}")
+        limit = max(self.max_chunk, self.capacity - self.next_pos)
+        if not 0 < n <= limit:
+            raise ValueError(f"chunk of {n} tokens; the cache takes 1..{limit} now")
         dev = self.slot_pos.device
         positions = torch.arange(self.next_pos, self.next_pos + n, device=dev)
         slots = slot_of(positions, self.sinks, self.capacity)

@@ -59,7 +59,11 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.layer = layer
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.n_heads, self.n_kv, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            hd,
+        )
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
         self.k_proj = nn.Linear(d, self.n_kv * hd, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=False)
@@ -153,8 +157,7 @@ class MoeLayer(nn.Module):
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
         if experts is None:
             experts = ResidentExperts(
-                Expert(cfg.hidden_size, cfg.intermediate_size)
-                for _ in range(cfg.num_local_experts)
+                Expert(cfg.hidden_size, cfg.intermediate_size) for _ in range(cfg.num_local_experts)
             )
         self.experts = experts
         self.last_choice: torch.Tensor | None = None  # (tokens, k), for stats and prefetch

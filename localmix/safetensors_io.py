@@ -118,7 +118,9 @@ class SafetensorsFile:
         info = self.infos[name]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        flat = torch.frombuffer(self._map(), dtype=torch.uint8, count=info.nbytes, offset=info.start)
+        flat = torch.frombuffer(
+            self._map(), dtype=torch.uint8, count=info.nbytes, offset=info.start
+        )
         if info.start % info.dtype.itemsize:  # unaligned for its dtype: copy out of the map
             flat = flat.clone()
         return flat.view(info.dtype).view(info.shape)

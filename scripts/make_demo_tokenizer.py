@@ -15,9 +15,21 @@ from pathlib import Path
 import sentencepiece as spm
 
 MODULES = [
-    "argparse.py", "collections/__init__.py", "dataclasses.py", "functools.py", "json/__init__.py",
-    "pathlib.py", "random.py", "statistics.py", "string.py", "textwrap.py", "typing.py",
-    "unittest/case.py", "email/message.py", "http/client.py", "logging/__init__.py",
+    "argparse.py",
+    "collections/__init__.py",
+    "dataclasses.py",
+    "functools.py",
+    "json/__init__.py",
+    "pathlib.py",
+    "random.py",
+    "statistics.py",
+    "string.py",
+    "textwrap.py",
+    "typing.py",
+    "unittest/case.py",
+    "email/message.py",
+    "http/client.py",
+    "logging/__init__.py",
 ]
 
 

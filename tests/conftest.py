@@ -48,8 +48,14 @@ def tiny_mixtral_config(**overrides):
     return MixtralConfig(**args)
 
 
-def save_reference(path: Path, config, *, seed: int = 0, max_shard_size: str | None = None,
-                   dtype: torch.dtype = torch.float32):
+def save_reference(
+    path: Path,
+    config,
+    *,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    dtype: torch.dtype = torch.float32,
+):
     """Save a random transformers model (and the demo tokenizer) to `path`; return the model."""
     from transformers import MistralForCausalLM, MixtralForCausalLM
 

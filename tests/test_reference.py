@@ -12,8 +12,14 @@ SHAPES = {
     # name: (config overrides, max_shard_size)
     "mha-one-shard": (dict(num_attention_heads=4, num_key_value_heads=4), None),
     "gqa2-sharded": (dict(num_attention_heads=4, num_key_value_heads=2), "100KB"),
-    "gqa4-window-large": (dict(num_attention_heads=8, num_key_value_heads=2, sliding_window=256), None),
-    "gqa2-window-small": (dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=16), "200KB"),
+    "gqa4-window-large": (
+        dict(num_attention_heads=8, num_key_value_heads=2, sliding_window=256),
+        None,
+    ),
+    "gqa2-window-small": (
+        dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=16),
+        "200KB",
+    ),
     "gqa4-window-small-3layers": (
         dict(num_attention_heads=8, num_key_value_heads=2, sliding_window=12, num_hidden_layers=3),
         None,
@@ -53,9 +59,12 @@ def test_greedy_continuation_matches_transformers(checkpoint):
     prompt = torch.randint(3, 2000, (20,), generator=torch.Generator().manual_seed(2)).tolist()
     with torch.no_grad():
         out = ref.generate(
-            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=2,
+            torch.tensor([prompt]),
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=2,
             pad_token_id=0,
-        )[0, len(prompt):].tolist()
+        )[0, len(prompt) :].tolist()
     expected = out[: out.index(2)] if 2 in out else out
     summary = engine.complete(prompt, temperature=0, max_tokens=32)
     assert summary.token_ids == expected
@@ -66,8 +75,13 @@ def test_mistral_dense_matches_transformers(tmp_path):
     from transformers import MistralConfig
 
     cfg = MistralConfig(
-        vocab_size=2000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, sliding_window=8,
+        vocab_size=2000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        sliding_window=8,
         max_position_embeddings=256,
     )
     ref = save_reference(tmp_path, cfg)

@@ -1,0 +1,172 @@
+"""Config parsing and checkpoint loading: every bad input is a clear error of our own type."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import localmix
+from localmix.config import ModelConfig
+from localmix.errors import CheckpointError, ConfigError, ModelNotFoundError
+from tests.conftest import save_reference, tiny_mixtral_config
+
+BASE = {
+    "model_type": "mixtral",
+    "vocab_size": 100,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "rope_theta": 1e6,
+}
+
+
+def test_config_spellings():
+    a = ModelConfig.from_dict(BASE)
+    b = ModelConfig.from_dict(
+        {
+            **{k: v for k, v in BASE.items() if k != "rope_theta"},
+            "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
+            "head_dim": None,
+        }
+    )
+    assert a.rope_theta == b.rope_theta == 1e6 and a.head_dim == b.head_dim == 16
+    c = ModelConfig.from_dict({**BASE, "head_dim": 32, "sliding_window": 4096})
+    assert c.head_dim == 32 and c.sliding_window == 4096
+    assert ModelConfig.from_dict({**BASE, "sliding_window": None}).sliding_window is None
+    dense = ModelConfig.from_dict({**BASE, "model_type": "mistral"})
+    assert not dense.is_moe and dense.num_local_experts == 0
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"model_type": "llama"}, "unknown model_type 'llama'"),
+        ({"model_type": None}, "missing field 'model_type'"),
+        ({"hidden_size": None}, "missing field 'hidden_size'"),
+        ({"num_local_experts": None}, "missing field 'num_local_experts'"),
+        ({"rope_theta": None}, "missing field 'rope_theta'"),
+        ({"sliding_window": "big"}, "sliding_window"),
+        ({"num_experts_per_tok": 9}, "num_experts_per_tok"),
+    ],
+)
+def test_config_errors_name_field_and_file(tmp_path, change, match):
+    raw = {**BASE, **change}
+    (tmp_path / "config.json").write_text(
+        json.dumps({k: v for k, v in raw.items() if v is not None})
+    )
+    with pytest.raises(ConfigError, match=match) as e:
+        ModelConfig.from_file(tmp_path)
+    if "field" in match or "model_type" in match:
+        assert "config.json" in str(e.value)
+
+
+def test_config_not_json(tmp_path):
+    (tmp_path / "config.json").write_text("{oops")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_file(tmp_path)
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    save_reference(tmp_path, tiny_mixtral_config(), max_shard_size="100KB")
+    return tmp_path
+
+
+def test_missing_shard(sharded):
+    victim = sorted(sharded.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"{victim.name}: missing shard .*tensor '"):
+        localmix.load(sharded, device="cpu")
+
+
+def test_truncated_shard(sharded):
+    victim = sorted(sharded.glob("model-*.safetensors"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=f"{victim.name}: truncated: tensor '.*'"):
+        localmix.load(sharded, device="cpu")
+
+
+def test_corrupt_header(sharded):
+    victim = sorted(sharded.glob("model-*.safetensors"))[0]
+    victim.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        localmix.load(sharded, device="cpu")
+
+
+def test_wrong_shape(tmp_path):
+    save_reference(tmp_path, tiny_mixtral_config())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.safetensors: tensor '.*experts.0.w1.weight' has shape \[128, 64\], the config asks for \[96, 64\]",
+    ):
+        localmix.load(tmp_path, device="cpu")
+
+
+def test_missing_tensor(tmp_path):
+    save_reference(tmp_path, tiny_mixtral_config())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="model.layers.2.* is missing"):
+        localmix.load(tmp_path, device="cpu")
+
+
+def test_pickle_checkpoints_are_refused(tmp_path, tiny_mixtral):
+    shutil.copy(tiny_mixtral[0] / "config.json", tmp_path)
+    torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        localmix.load(tmp_path, device="cpu")
+
+
+def test_unknown_model_name():
+    with pytest.raises(ModelNotFoundError, match="localmix pull someone/model"):
+        localmix.load("someone/model")
+    with pytest.raises(ModelNotFoundError, match="demo"):
+        localmix.load("nothing-here")
+
+
+def test_weights_are_views_of_the_file(tiny_mixtral):
+    engine = localmix.load(tiny_mixtral[0], device="cpu", dtype="fp32")
+    w = engine.model.layers[0].block_sparse_moe.experts[1].w1.weight
+    assert not w.untyped_storage().resizable()  # backed by the mmap, not an owned allocation
+
+
+def test_peak_rss_while_loading_is_bounded(tmp_path):
+    """Load and run a ~160 MB bf16 checkpoint in a fresh process: RSS grows < 1.3x its size."""
+    from localmix.demo import DEMO_CONFIG, demo_tokenizer_path, write_checkpoint
+
+    cfg = dict(DEMO_CONFIG, hidden_size=512, intermediate_size=1536, num_hidden_layers=4)
+    write_checkpoint(tmp_path / "m", cfg, demo_tokenizer_path(), seed=0)
+    script = textwrap.dedent(
+        f"""
+        import json, resource
+        import localmix
+        localmix.load("demo").logits([1, 2, 3])  # warm imports and lazy initialisation
+        def rss():
+            return int(open("/proc/self/statm").read().split()[1]) * 4096
+        before = rss()
+        e = localmix.load({str(tmp_path / "m")!r}, device="cpu")
+        e.logits(list(range(3, 60)))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps({{"grew": max(rss(), peak) - before}}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    grew = json.loads(out.stdout.strip().splitlines()[-1])["grew"]
+    size = (tmp_path / "m" / "model.safetensors").stat().st_size
+    assert size > 150e6
+    assert grew < 1.3 * size, (grew, size)

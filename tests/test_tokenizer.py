@@ -1,0 +1,128 @@
+"""Tokenizer, streaming detokenizer, and the chat template against mistral-common."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from localmix.demo import demo_tokenizer_path
+from localmix.errors import TokenizerError
+from localmix.tokenizer import ChatTemplate, Tokenizer
+
+
+@pytest.fixture(scope="module")
+def mixtral_tok():
+    import mistral_common
+
+    path = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+    return Tokenizer(path)
+
+
+def random_text(rng: random.Random) -> str:
+    ranges = [(32, 126), (0xA0, 0x17F), (0x400, 0x4FF), (0x4E00, 0x9FFF), (0x1F600, 0x1F64F)]
+    out = []
+    for _ in range(rng.randint(1, 60)):
+        lo, hi = rng.choice(ranges)
+        out.append(rng.choice([chr(rng.randint(lo, hi)), " ", "\n", "  "]))
+    return "".join(out)
+
+
+@pytest.mark.parametrize("which", ["mixtral", "demo"])
+def test_stream_decoder_reproduces_decode(which, mixtral_tok):
+    tok = mixtral_tok if which == "mixtral" else Tokenizer(demo_tokenizer_path())
+    rng = random.Random(7)
+    split_chars = 0
+    for _ in range(300):
+        ids = tok.encode(random_text(rng))
+        stream = tok.stream()
+        pieces = [stream.push(i) for i in ids] + [stream.flush()]
+        assert "".join(pieces) == tok.decode(ids)
+        assert not any("\ufffd" in p for p in pieces)
+        split_chars += sum(p == "" for p in pieces[:-1])
+    assert split_chars > 0  # byte-fallback characters really were split across tokens
+
+
+def test_stream_decoder_keeps_leading_spaces(mixtral_tok):
+    ids = mixtral_tok.encode("Hello brave new world")
+    stream = mixtral_tok.stream()
+    pieces = [stream.push(i) for i in ids]
+    assert pieces[0] == "Hello" and pieces[1].startswith(" ")
+
+
+def test_bos_eos_from_model(mixtral_tok):
+    assert (mixtral_tok.bos_id, mixtral_tok.eos_id) == (1, 2)
+    ids = mixtral_tok.encode("hi", bos=True, eos=True)
+    assert ids[0] == 1 and ids[-1] == 2
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a prime."},
+        {"role": "assistant", "content": "Seven."},
+        {"role": "user", "content": "Another?"},
+    ],
+    [
+        {"role": "user", "content": "Grüße aus München — 你好 🙂"},
+        {"role": "assistant", "content": "Ça va? ñandú"},
+        {"role": "user", "content": "Да, спасибо"},
+        {"role": "assistant", "content": "日本語も話せます"},
+        {"role": "user", "content": "🙂🙂"},
+    ],
+    [
+        {"role": "system", "content": "Answer in French.\nAlways."},
+        {"role": "user", "content": "line one\nline two"},
+        {"role": "user", "content": "and a second message"},
+    ],
+    [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "  padded  "},
+        {"role": "assistant", "content": " leading space"},
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "y"},
+        {"role": "user", "content": "z"},
+    ],
+]
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+def test_chat_template_matches_mistral_common(conversation, mixtral_tok):
+    from mistral_common.protocol.instruct.messages import (
+        AssistantMessage,
+        SystemMessage,
+        UserMessage,
+    )
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    request = ChatCompletionRequest(
+        messages=[kinds[m["role"]](content=m["content"]) for m in conversation]
+    )
+    expected = MistralTokenizer.v1().encode_chat_completion(request).tokens
+    assert ChatTemplate(mixtral_tok).encode(conversation) == expected
+
+
+def test_chat_template_reuses_generated_ids(mixtral_tok):
+    template = ChatTemplate(mixtral_tok)
+    conv = CONVERSATIONS[1]
+    odd = [99, 100, 101]
+    ids = template.encode(conv, {"Seven.": odd})
+    plain = template.encode(conv)
+    assert ids != plain and odd + [2] == ids[ids.index(99) : ids.index(99) + 4]
+
+
+def test_chat_must_end_with_user(mixtral_tok):
+    with pytest.raises(ValueError):
+        ChatTemplate(mixtral_tok).encode([{"role": "assistant", "content": "x"}])
+
+
+def test_missing_or_bad_tokenizer(tmp_path):
+    with pytest.raises(TokenizerError, match="no tokenizer.model"):
+        Tokenizer(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(TokenizerError, match="not a SentencePiece model"):
+        Tokenizer(tmp_path)
