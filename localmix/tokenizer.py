@@ -37,7 +37,8 @@ class Tokenizer:
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.sp.DecodeIds([int(i) for i in ids])
+        """Text of `ids`; ids past the vocabulary (a model's padded rows) decode to nothing."""
+        return self.sp.DecodeIds([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
     def stream(self) -> StreamDecoder:
         return StreamDecoder(self)
