@@ -33,3 +33,7 @@ class DiskSpaceError(LocalmixError):
 
 class MemoryBudgetError(LocalmixError):
     """A device memory budget too small for the model's trunk, KV cache and minimum expert slots."""
+
+
+class OptionError(LocalmixError, ValueError):
+    """A generation or load option outside its range."""

@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from .errors import OptionError
+
 Sampler = Callable[[torch.Tensor, Sequence[int]], int]
 
 
@@ -34,7 +36,7 @@ class SamplingOptions:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise OptionError(message)
 
     @classmethod
     def names(cls) -> list[str]:
@@ -44,7 +46,7 @@ class SamplingOptions:
         """A copy with some options changed; unknown names are an error."""
         unknown = set(changes) - set(self.names())
         if unknown:
-            raise ValueError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+            raise OptionError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
         if isinstance(changes.get("stop"), str):
             changes["stop"] = (changes["stop"],)
         elif changes.get("stop") is not None:

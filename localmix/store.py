@@ -43,3 +43,41 @@ def resolve(model: str | os.PathLike) -> tuple[str, Path]:
         else f"no model '{text}': not a directory, nor in the store ({models_dir()}); "
         "`localmix list` shows what is there, and `demo` always works"
     )
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def model_format(path: Path) -> str:
+    """A short description of how a model directory stores its weights."""
+    import json
+
+    manifest = path / "localmix.json"
+    if manifest.exists():
+        q = json.loads(manifest.read_text()).get("quantization", {})
+        return f"q{q.get('bits', '?')} g{q.get('group_size', '?')} ({q.get('method', '?')})"
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return "unknown"
+    return str(raw.get("torch_dtype") or raw.get("dtype") or "unknown")
+
+
+def list_models() -> list[dict[str, object]]:
+    """Models in the store: name, size in bytes, format, modified time."""
+    folder = models_dir()
+    out = []
+    for path in sorted(folder.iterdir()) if folder.exists() else []:
+        if not path.is_dir() or path.name.startswith(".") or not (path / "config.json").exists():
+            continue
+        out.append(
+            {
+                "name": path.name.replace("--", "/"),
+                "path": path,
+                "size": dir_size(path),
+                "format": model_format(path),
+                "modified": path.stat().st_mtime,
+            }
+        )
+    return out

@@ -1,0 +1,277 @@
+"""`localmix` commands. Errors a user can cause print one line on stderr and exit 1."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated
+
+import typer
+from localmix.cli.render import err, human_bytes, print_stats
+from rich.console import Console
+from rich.table import Table
+
+from localmix.errors import LocalmixError
+
+app = typer.Typer(
+    name="localmix",
+    help='Run Mixtral-style MoE models locally. Start with: localmix run demo "Hello"',
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_USER_ERROR = 1
+EXIT_INTERRUPTED = 130
+PULL_HINT = "localmix pull mistralai/Mixtral-8x7B-Instruct-v0.1"
+
+
+def friendly_errors(command: Callable) -> Callable:
+    """Our own errors print one line on stderr and exit 1; Ctrl+C exits 130. No tracebacks."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except LocalmixError as e:
+            raise fail(str(e)) from None
+        except KeyboardInterrupt:
+            err.print("[dim]interrupted[/dim]")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper
+
+
+def fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    return typer.Exit(EXIT_USER_ERROR)
+
+
+def default_model() -> str:
+    """The only model in the store, or an error that says how to get one."""
+    from localmix.store import list_models
+
+    models = [m["name"] for m in list_models() if m["name"] != "demo"]
+    if len(models) == 1:
+        return str(models[0])
+    if not models:
+        raise LocalmixError(
+            f"no model in the store yet: pull one with `{PULL_HINT}`, or try the built-in `demo`"
+        )
+    raise LocalmixError(f"several models in the store ({', '.join(map(str, models))}): name one")
+
+
+def load_engine(model: str | None, context: int | None = None, **options):
+    import localmix
+    from localmix.demo import DEMO_NOTE
+
+    name = model or default_model()
+    if name == "demo":
+        err.print(f"[dim]{DEMO_NOTE}[/dim]")
+    with err.status(f"loading {name}…") if err.is_terminal else _null():
+        return localmix.load(name, context=context, **options)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def sampling_args(**values) -> dict:
+    out = {k: v for k, v in values.items() if v is not None and v != ()}
+    if "stop" in out:
+        out["stop"] = tuple(out["stop"])
+    return out
+
+
+Temperature = Annotated[float | None, typer.Option(help="0 = greedy (default 0.7)")]
+TopP = Annotated[float | None, typer.Option("--top-p", help="nucleus sampling mass")]
+TopK = Annotated[int | None, typer.Option("--top-k", help="keep the k most likely tokens")]
+Seed = Annotated[int | None, typer.Option(help="random seed, for reproducible replies")]
+MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="reply length limit")]
+Stop = Annotated[list[str] | None, typer.Option(help="stop at this string (repeatable)")]
+Context = Annotated[int | None, typer.Option(help="rolling context window, in tokens")]
+System = Annotated[str | None, typer.Option(help="system prompt")]
+
+
+@app.command()
+@friendly_errors
+def run(
+    model: Annotated[str | None, typer.Argument(help="model name or path")] = None,
+    prompt: Annotated[str | None, typer.Argument(help="prompt; piped stdin goes before it")] = None,
+    system: System = None,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    seed: Seed = None,
+    max_tokens: MaxTokens = None,
+    stop: Stop = None,
+    context: Context = None,
+    raw: Annotated[bool, typer.Option(help="no chat template: continue the text")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="timings on stderr")] = False,
+) -> None:
+    """Answer one prompt and exit: for scripts and pipelines (`cat f | localmix run M "Sum up:"`).
+
+    Only the reply goes to stdout; everything else goes to stderr.
+    """
+    parts = []
+    if not sys.stdin.isatty():
+        piped = sys.stdin.read()
+        if piped.strip():
+            parts.append(piped.rstrip("\n"))
+    if prompt:
+        parts.append(prompt)
+    if not parts:
+        raise fail("no prompt: give one as an argument or on stdin")
+    text = "\n\n".join(parts)
+    engine = load_engine(model, context=context)
+    sampling = sampling_args(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        max_tokens=max_tokens,
+        stop=stop,
+    )
+    if raw:
+        if system:
+            raise fail("--system needs the chat template; drop --raw")
+        events = engine.generate(text, **sampling)
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": text}
+        ]
+        events = engine.chat(messages, **sampling)
+    summary = None
+    out = sys.stdout
+    try:
+        for event in events:
+            if hasattr(event, "token_id"):
+                if not as_json and event.text:
+                    out.write(event.text)
+                    out.flush()
+            else:
+                summary = event
+    except KeyboardInterrupt:
+        events.close()
+        if not as_json:
+            out.write("\n")
+        err.print("[dim]interrupted[/dim]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if as_json:
+        json.dump(summary.to_dict(), out, ensure_ascii=False)
+        out.write("\n")
+    else:
+        out.write("\n")
+    if verbose:
+        print_stats(summary)
+
+
+@app.command("list")
+@friendly_errors
+def list_cmd() -> None:
+    """Models in the store."""
+    from localmix.store import list_models, models_dir
+
+    models = list_models()
+    if not models:
+        err.print(f"no models in {models_dir()} yet: `{PULL_HINT}`, or use `demo`")
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("NAME", "SIZE", "FORMAT", "MODIFIED"):
+        table.add_column(col)
+    for m in models:
+        modified = datetime.fromtimestamp(m["modified"]).strftime("%Y-%m-%d %H:%M")
+        table.add_row(str(m["name"]), human_bytes(m["size"]), str(m["format"]), modified)
+    Console(highlight=False).print(table)
+
+
+@app.command()
+@friendly_errors
+def show(model: Annotated[str, typer.Argument(help="model name or path")]) -> None:
+    """Architecture, parameters, format and files of a model."""
+    from localmix.config import ModelConfig
+    from localmix.store import model_format, resolve
+
+    name, path = resolve(model)
+    cfg = ModelConfig.from_file(path)
+    counts = cfg.param_counts()
+    out = Console(highlight=False)
+    out.print(f"[bold]{name}[/bold]  ({path})")
+    rows = [
+        (
+            "architecture",
+            f"{cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}",
+        ),
+        (
+            "attention",
+            f"{cfg.num_attention_heads} heads ({cfg.num_key_value_heads} KV), head_dim {cfg.head_dim}, "
+            f"window {cfg.sliding_window or 'none'}",
+        ),
+        (
+            "parameters",
+            f"{counts['total'] / 1e9:.3f}B total, {counts['active'] / 1e9:.3f}B active per token",
+        ),
+        ("format", model_format(path)),
+        ("vocabulary", str(cfg.vocab_size)),
+    ]
+    if cfg.is_moe:
+        rows.insert(
+            2,
+            (
+                "experts",
+                f"{cfg.num_local_experts} per layer, top-{cfg.num_experts_per_tok}, "
+                f"{counts['experts'] / counts['total']:.0%} of parameters",
+            ),
+        )
+    for key, value in rows:
+        out.print(f"  {key:<13}{value}")
+    out.print("  files")
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        out.print(f"    {f.name:<40}{human_bytes(f.stat().st_size):>10}")
+
+
+@app.command()
+@friendly_errors
+def rm(model: Annotated[str, typer.Argument(help="model name in the store")]) -> None:
+    """Delete a model from the store."""
+    from localmix.store import models_dir, store_name
+
+    path = models_dir() / store_name(model)
+    if not path.is_dir():
+        raise fail(f"no model '{model}' in the store ({models_dir()}); see `localmix list`")
+    shutil.rmtree(path)
+    err.print(f"deleted {model}")
+
+
+@app.command()
+@friendly_errors
+def chat(
+    model: Annotated[str | None, typer.Argument(help="model name or path")] = None,
+    system: System = None,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    seed: Seed = None,
+    max_tokens: MaxTokens = None,
+    context: Context = None,
+    load: Annotated[str | None, typer.Option(help="continue a saved conversation")] = None,
+) -> None:
+    """Chat in the terminal, replies streaming as they are written. /help inside lists commands."""
+    from localmix.cli.chat import repl
+
+    if not sys.stdin.isatty():
+        raise fail("chat needs a terminal; for pipes and scripts use `localmix run MODEL PROMPT`")
+    engine = load_engine(model, context=context)
+    settings = sampling_args(
+        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens
+    )
+    repl(engine, Console(highlight=False), err, settings, system, load)

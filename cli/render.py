@@ -1,0 +1,30 @@
+"""Shared rendering for the commands: the stderr console and one-line figures."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from localmix.engine import Summary
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_stats(summary: Summary, console: Console = err) -> None:
+    """Timings and runtime counters of one reply, dimmed, on stderr."""
+    console.print(
+        f"[dim]prompt {summary.prompt_tokens} tokens ({summary.prefilled_tokens} new) · "
+        f"prefill {summary.prefill_tokens_per_s:.1f} tok/s · first token "
+        f"{summary.time_to_first_token_s * 1000:.0f} ms · {summary.generated_tokens} tokens at "
+        f"{summary.decode_tokens_per_s:.1f} tok/s · stop: {summary.stop_reason} · context "
+        f"{summary.context_used}/{summary.context_size}[/dim]"
+    )
+    for key, value in summary.stats.items():
+        console.print(f"[dim]{key}: {value}[/dim]")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -1,0 +1,135 @@
+"""The command line: CliRunner for each command, real processes for pipes and the terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pexpect
+import pytest
+from typer.testing import CliRunner
+
+from localmix.cli.main import app
+from localmix.conversations import Conversation, conversations_dir
+
+runner = CliRunner()
+
+
+def invoke(*args, input=None):
+    return runner.invoke(app, list(args), input=input)
+
+
+def test_run_streams_reply_only():
+    r = invoke("run", "demo", "def f():", "--max-tokens", "8", "--seed", "1")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() and "demo model" not in r.stdout
+    assert "demo model" in r.stderr
+
+
+def test_run_json_and_stdin_before_prompt():
+    r = invoke("run", "demo", "Summarize:", "--json", "--max-tokens", "6", "--temperature", "0",
+               input="some piped text\n")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["generated_tokens"] == 6 == len(data["token_ids"]) and isinstance(data["text"], str)
+    direct = invoke("run", "demo", "some piped text\n\nSummarize:", "--json", "--max-tokens", "6",
+                    "--temperature", "0")
+    assert json.loads(direct.stdout)["token_ids"] == data["token_ids"]
+
+
+def test_run_options_and_verbose():
+    r = invoke("run", "demo", "x", "--raw", "--max-tokens", "4", "--temperature", "0.5",
+               "--top-p", "0.9", "--top-k", "40", "--seed", "3", "--stop", "zzz", "--context",
+               "64", "--verbose")
+    assert r.exit_code == 0, r.output
+    assert "tok/s" in r.stderr and "context" in r.stderr and "/64" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "no-such-model", "hi"], "no model 'no-such-model'"),
+        (["run", "demo", "hi", "--raw", "--system", "x"], "--system needs the chat template"),
+        (["run", "demo"], "no prompt"),
+        (["run", "demo", "hi", "--top-p", "0"], "top_p"),
+        (["rm", "nothing"], "no model 'nothing'"),
+    ],
+)
+def test_user_errors_are_one_line(args, message):
+    r = invoke(*args)
+    assert r.exit_code == 1
+    assert message in r.stderr and "Traceback" not in r.output
+    assert len(r.stderr.strip().splitlines()[-1]) > 10
+
+
+
+def test_default_model_hint(monkeypatch):
+    from localmix.cli.main import default_model
+    from localmix.errors import LocalmixError
+
+    with pytest.raises(LocalmixError, match="localmix pull mistralai/Mixtral-8x7B"):
+        default_model()
+
+
+def test_list_show_rm():
+    invoke("run", "demo", "x", "--max-tokens", "1")
+    r = invoke("list")
+    assert r.exit_code == 0 and "demo" in r.stdout and "NAME" in r.stdout and "MB" in r.stdout
+    r = invoke("show", "demo")
+    assert r.exit_code == 0
+    assert "mixtral" in r.stdout and "active per token" in r.stdout and "tokenizer.model" in r.stdout
+    r = invoke("rm", "demo")
+    assert r.exit_code == 0 and "demo" not in invoke("list").stdout
+
+
+def test_chat_refuses_pipes():
+    r = invoke("chat", "demo", input="hello\n")
+    assert r.exit_code == 1 and "localmix run" in r.stderr
+
+
+def test_pipe_leaves_only_the_reply(tmp_path):
+    out = tmp_path / "out.txt"
+    cmd = f'echo "some text" | {sys.executable} -m localmix.cli run demo "Summarize:" --max-tokens 12 --seed 0 > {out}'
+    proc = subprocess.run(cmd, shell=True, capture_output=True, text=True, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert text.strip() and "\x1b[" not in text and "demo model" not in text
+    assert "demo model" in proc.stderr and "\x1b[" not in proc.stderr
+
+
+def test_chat_in_a_terminal():
+    env = dict(os.environ, COLUMNS="120")
+    child = pexpect.spawn(sys.executable, ["-m", "localmix.cli", "chat", "demo", "--seed", "1",
+                                           "--max-tokens", "100000"],
+                          env=env, encoding="utf-8", timeout=60)
+    child.expect(">>> ")
+    child.sendline("/set max_tokens 5")
+    child.expect("max_tokens = 5")
+    child.expect(">>> ")
+    child.sendline("hello")
+    child.expect(">>> ")  # a reply of 5 tokens, then the prompt again
+    child.sendline("/set max_tokens 100000")
+    child.expect(">>> ")
+    child.sendline("write forever")
+    child.expect("write forever\r\n")  # the terminal's echo
+    child.expect(r"\S{3}")  # the reply is streaming
+    child.sendintr()
+    child.expect(r"reply stopped")
+    child.expect(">>> ")
+    child.sendline("/set max_tokens 3")
+    child.expect(">>> ")
+    child.sendline("and another")
+    child.expect(">>> ")
+    child.sendline("/save mytalk")
+    child.expect("saved as mytalk")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    conv = Conversation.load("mytalk")
+    roles = [m["role"] for m in conv.messages]
+    assert roles == ["user", "assistant"] * 3
+    assert conv.messages[2]["content"] == "write forever" and conv.messages[3]["content"]
+    assert (conversations_dir() / "mytalk.json").exists()
