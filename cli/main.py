@@ -8,6 +8,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -275,3 +276,68 @@ def chat(
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens
     )
     repl(engine, Console(highlight=False), err, settings, system, load)
+
+
+@app.command()
+@friendly_errors
+def quantize(
+    src: Annotated[str, typer.Argument(help="model directory (Hugging Face layout) or name")],
+    dst: Annotated[Path, typer.Argument(help="output directory")],
+    group_size: Annotated[int, typer.Option("--group-size", help="32, 64 or 128")] = 64,
+    method: Annotated[str, typer.Option(help="mse (default, more accurate) or rtn")] = "mse",
+    attn: Annotated[str, typer.Option(help="attention weights: bf16 or int8")] = "bf16",
+    lm_head: Annotated[str, typer.Option("--lm-head", help="output head: bf16 or int8")] = "bf16",
+) -> None:
+    """Quantize a checkpoint's experts to 4 bits (resumable: rerun after an interruption)."""
+    from localmix.quant.convert import Settings
+
+    from localmix.store import resolve
+
+    if attn not in ("bf16", "int8") or lm_head not in ("bf16", "int8"):
+        raise fail("--attn and --lm-head take bf16 or int8")
+    _, path = resolve(src)
+    manifest = run_conversion(path, dst, Settings(group_size, method, attn, lm_head))
+    err.print(f"wrote {dst}")
+    print_quality(manifest)
+
+
+def run_conversion(src: Path, dst: Path, settings):
+    """The converter with a progress bar (bytes, speed, ETA) on stderr."""
+    from localmix.quant.convert import convert
+    from localmix.quant.formats import QuantError
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = [
+        TextColumn("quantizing"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+    ]
+    try:
+        with Progress(*columns, console=err, transient=False) as bar:
+            task = bar.add_task("", total=None)
+
+            def report(done: int, total: int, what: str) -> None:
+                bar.update(task, completed=done, total=total, description=what)
+
+            return convert(src, dst, settings, progress=report)
+    except QuantError as e:
+        raise LocalmixError(str(e)) from e
+
+
+def print_quality(manifest: dict) -> None:
+    s = manifest["error_summary"]
+    q = manifest["quantization"]
+    err.print(
+        f"experts: 4-bit g{q['group_size']} ({q['method']}), relative error mean "
+        f"{s['expert_mean_relative_error']:.4f}, worst {s['expert_worst_relative_error']:.4f}"
+    )

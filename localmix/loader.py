@@ -10,6 +10,8 @@ import torch
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import Rotary, Transformer
+from .quant.convert import FORMAT_VERSION, MANIFEST, PROGRESS, Settings, plan_bits
+from .quant.linear import swap_linears
 from .safetensors_io import SafetensorsFile
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -87,6 +89,47 @@ def open_checkpoint(
     return tensors
 
 
+def read_manifest(model_dir: Path) -> dict | None:
+    """The quantized checkpoint's manifest, or None for a plain Hugging Face checkpoint."""
+    path = model_dir / MANIFEST
+    if not path.exists():
+        if (model_dir / PROGRESS).exists():
+            raise CheckpointError(
+                f"{model_dir}: an unfinished quantization; run the same `localmix quantize` "
+                "command again to complete it"
+            )
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable manifest ({e})") from e
+    version = manifest.get("format_version")
+    if manifest.get("format") != "localmix" or not isinstance(version, int):
+        raise CheckpointError(f"{path}: not a localmix manifest")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {version} is newer than this localmix reads "
+            f"({FORMAT_VERSION}); upgrade localmix"
+        )
+    return manifest
+
+
+def quantize_modules(model: Transformer, quantization: dict) -> None:
+    """Swap in QuantLinear wherever the manifest's settings put quantized weights."""
+    settings = Settings(
+        group_size=quantization["group_size"],
+        method=quantization["method"],
+        attn=quantization.get("attn", "bf16"),
+        head=quantization.get("lm_head", "bf16"),
+    )
+    swap_linears(model, lambda name: plan_bits(hf_name(name), settings), quantization["group_size"])
+
+
+def hf_name(local: str) -> str:
+    """The checkpoint's name of a local module's weight."""
+    return (local if local.startswith("lm_head") else "model." + local) + ".weight"
+
+
 def load_transformer(
     model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
 ) -> Transformer:
@@ -97,14 +140,23 @@ def load_transformer(
     """
     with torch.device("meta"):
         model = Transformer(cfg)
+    manifest = read_manifest(model_dir)
+    if manifest is not None:
+        quantize_modules(model, manifest["quantization"])
     state = model.state_dict()
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight")
     expected = {k: (v.shape, v.dtype) for k, v in state.items()}
+    floats = {
+        k for k, v in state.items() if v.is_floating_point() and not k.endswith("scales_zeros")
+    }
     tensors = open_checkpoint(model_dir, expected)
     if cfg.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
-    tensors = {k: t.to(device=device, dtype=dtype) for k, t in tensors.items()}
+    tensors = {
+        k: t.to(device=device, dtype=dtype if t.is_floating_point() and k in floats else t.dtype)
+        for k, t in tensors.items()
+    }
     model.load_state_dict(tensors, strict=True, assign=True)
     model.rotary = Rotary(cfg.head_dim, cfg.rope_theta).to(device)
     return model.eval().requires_grad_(False)

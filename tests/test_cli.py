@@ -9,9 +9,9 @@ import sys
 
 import pexpect
 import pytest
+from localmix.cli.main import app
 from typer.testing import CliRunner
 
-from localmix.cli.main import app
 from localmix.conversations import Conversation, conversations_dir
 
 runner = CliRunner()
@@ -29,20 +29,55 @@ def test_run_streams_reply_only():
 
 
 def test_run_json_and_stdin_before_prompt():
-    r = invoke("run", "demo", "Summarize:", "--json", "--max-tokens", "6", "--temperature", "0",
-               input="some piped text\n")
+    r = invoke(
+        "run",
+        "demo",
+        "Summarize:",
+        "--json",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        input="some piped text\n",
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["generated_tokens"] == 6 == len(data["token_ids"]) and isinstance(data["text"], str)
-    direct = invoke("run", "demo", "some piped text\n\nSummarize:", "--json", "--max-tokens", "6",
-                    "--temperature", "0")
+    direct = invoke(
+        "run",
+        "demo",
+        "some piped text\n\nSummarize:",
+        "--json",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+    )
     assert json.loads(direct.stdout)["token_ids"] == data["token_ids"]
 
 
 def test_run_options_and_verbose():
-    r = invoke("run", "demo", "x", "--raw", "--max-tokens", "4", "--temperature", "0.5",
-               "--top-p", "0.9", "--top-k", "40", "--seed", "3", "--stop", "zzz", "--context",
-               "64", "--verbose")
+    r = invoke(
+        "run",
+        "demo",
+        "x",
+        "--raw",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0.5",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "40",
+        "--seed",
+        "3",
+        "--stop",
+        "zzz",
+        "--context",
+        "64",
+        "--verbose",
+    )
     assert r.exit_code == 0, r.output
     assert "tok/s" in r.stderr and "context" in r.stderr and "/64" in r.stderr
 
@@ -64,9 +99,9 @@ def test_user_errors_are_one_line(args, message):
     assert len(r.stderr.strip().splitlines()[-1]) > 10
 
 
-
 def test_default_model_hint(monkeypatch):
     from localmix.cli.main import default_model
+
     from localmix.errors import LocalmixError
 
     with pytest.raises(LocalmixError, match="localmix pull mistralai/Mixtral-8x7B"):
@@ -79,7 +114,9 @@ def test_list_show_rm():
     assert r.exit_code == 0 and "demo" in r.stdout and "NAME" in r.stdout and "MB" in r.stdout
     r = invoke("show", "demo")
     assert r.exit_code == 0
-    assert "mixtral" in r.stdout and "active per token" in r.stdout and "tokenizer.model" in r.stdout
+    assert (
+        "mixtral" in r.stdout and "active per token" in r.stdout and "tokenizer.model" in r.stdout
+    )
     r = invoke("rm", "demo")
     assert r.exit_code == 0 and "demo" not in invoke("list").stdout
 
@@ -101,9 +138,13 @@ def test_pipe_leaves_only_the_reply(tmp_path):
 
 def test_chat_in_a_terminal():
     env = dict(os.environ, COLUMNS="120")
-    child = pexpect.spawn(sys.executable, ["-m", "localmix.cli", "chat", "demo", "--seed", "1",
-                                           "--max-tokens", "100000"],
-                          env=env, encoding="utf-8", timeout=60)
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "localmix.cli", "chat", "demo", "--seed", "1", "--max-tokens", "100000"],
+        env=env,
+        encoding="utf-8",
+        timeout=60,
+    )
     child.expect(">>> ")
     child.sendline("/set max_tokens 5")
     child.expect("max_tokens = 5")
