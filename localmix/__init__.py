@@ -61,15 +61,16 @@ def load(
     the rolling KV window (default 4096, at most the model's sliding window); `sinks` keeps the
     first tokens attended once the window rolls. Other options set sampling defaults.
     """
-    from .loader import load_transformer
+    from .loader import load_transformer, read_manifest
     from .store import resolve
     from .tokenizer import Tokenizer
 
     name, path = resolve(model)
+    manifest = read_manifest(path)  # refuses an unfinished quantization before anything else
     cfg = ModelConfig.from_file(path)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = _dtype(dtype, cfg, dev)
-    net = load_transformer(path, cfg, dt, dev)
+    net = load_transformer(path, cfg, dt, dev, manifest)
     tokenizer = Tokenizer(path / "tokenizer.model")
     defaults = SamplingOptions().updated(**options)
     return Engine(

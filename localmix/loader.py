@@ -131,7 +131,11 @@ def hf_name(local: str) -> str:
 
 
 def load_transformer(
-    model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
+    model_dir: Path,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    manifest: dict | None = None,
 ) -> Transformer:
     """Build the model without allocating weights, then assign the checkpoint's tensors.
 
@@ -140,7 +144,6 @@ def load_transformer(
     """
     with torch.device("meta"):
         model = Transformer(cfg)
-    manifest = read_manifest(model_dir)
     if manifest is not None:
         quantize_modules(model, manifest["quantization"])
     state = model.state_dict()

@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .quant.safetensors_write import write_file
+
+__all__ = ["SafetensorsFile", "TensorInfo", "read_header", "write_file"]
 
 DTYPES = {
     "F64": torch.float64,
@@ -28,7 +31,6 @@ DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -128,27 +130,3 @@ class SafetensorsFile:
     def read_bytes(self, name: str) -> bytes:
         info = self.infos[name]
         return bytes(self._map()[info.start : info.end])
-
-
-def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write tensors in the safetensors layout, back to back in the order given.
-
-    Order matters to callers: tensors written together stay adjacent in the file.
-    """
-    header: dict[str, object] = {"__metadata__": metadata}
-    offset = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": DTYPE_NAMES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for t in tensors.values():
-            f.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")

