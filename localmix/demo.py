@@ -67,15 +67,43 @@ def random_state_dict(cfg: ModelConfig, seed: int, dtype: torch.dtype) -> dict[s
     return out
 
 
+def write_shards(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    """Tensors as `model.safetensors`, or as numbered shards with an index past the size given."""
+    total = sum(t.nbytes for t in tensors.values())
+    if total <= max_shard_bytes:
+        write_file(folder / "model.safetensors", tensors, {"format": "pt"})
+        return
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        if groups[-1] and size + t.nbytes > max_shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t
+        size += t.nbytes
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        write_file(folder / fname, group, {"format": "pt"})
+        weight_map.update(dict.fromkeys(group, fname))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def write_checkpoint(
-    dst: Path, config: dict, tokenizer: Path, seed: int, dtype: torch.dtype = torch.bfloat16
+    dst: Path,
+    config: dict,
+    tokenizer: Path,
+    seed: int,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = 1 << 62,
 ) -> Path:
     """Write a seeded random model in the Hugging Face layout into `dst` (atomically)."""
     cfg = ModelConfig.from_dict(config, source="demo config")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dst.parent))
     try:
-        write_file(tmp / "model.safetensors", random_state_dict(cfg, seed, dtype), {"format": "pt"})
+        write_shards(tmp, random_state_dict(cfg, seed, dtype), max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         shutil.copyfile(tokenizer, tmp / "tokenizer.model")
         os.replace(tmp, dst)

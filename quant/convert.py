@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .formats import DEFAULT_METHOD, QuantError, quantize_tensor, relative_error
+from .formats import DEFAULT_METHOD, QuantError, quantize_tensor
 from .safetensors_write import write_file
 
 FORMAT_VERSION = 1
@@ -240,7 +240,7 @@ def convert(
                     base = name.removesuffix(".weight")
                     tensors[f"{base}.qweight"] = q.qweight
                     tensors[f"{base}.scales_zeros"] = q.scales_zeros
-                    errors[name] = relative_error(w, q)
+                    errors[name] = q.error
                 else:
                     tensors[name] = w.contiguous()
         source_hash = sha256(src / shard)

@@ -50,6 +50,7 @@ class QuantizedTensor:
     bits: int
     group_size: int  # 0 for per-channel
     method: str
+    error: float | None = None  # relative Frobenius error, when measured at quantize time
 
     @property
     def nbytes(self) -> int:
@@ -157,8 +158,10 @@ def quantize_tensor(
     wf = w.detach().float()
     if bits == 8:
         scale = (wf.abs().amax(-1) / 127).clamp(min=1e-10).to(PARAM_DTYPE)
-        codes = torch.clamp(torch.round(wf / scale.float()[:, None]), -127, 127).to(torch.int8)
-        return QuantizedTensor(codes, scale, (n, k), w.dtype, 8, 0, "rtn")
+        codes = torch.clamp(torch.round(wf / scale.float()[:, None]), -127, 127)
+        diff = torch.linalg.norm(codes * scale.float()[:, None] - wf)
+        error = float(diff / torch.linalg.norm(wf).clamp(min=1e-30))
+        return QuantizedTensor(codes.to(torch.int8), scale, (n, k), w.dtype, 8, 0, "rtn", error)
     if bits != 4:
         raise QuantError(f"bits must be 4 or 8, not {bits}")
     if group_size not in GROUP_SIZES:
@@ -170,12 +173,15 @@ def quantize_tensor(
         )
     groups = wf.reshape(n * k // group_size, group_size)
     scale, zero = _fit_groups(groups, method)
-    codes = _codes(groups, scale, zero).to(torch.uint8).view(n, k)
+    codes = _codes(groups, scale, zero)
+    diff = torch.linalg.norm((codes - 8) * scale + zero - groups)
+    error = float(diff / torch.linalg.norm(groups).clamp(min=1e-30))
+    codes = codes.to(torch.uint8).view(n, k)
     scales_zeros = torch.stack(
         [scale.view(n, k // group_size).t(), zero.view(n, k // group_size).t()], dim=-1
     ).to(PARAM_DTYPE)  # (groups per row, out, 2)
     return QuantizedTensor(
-        pack_int4(codes), scales_zeros.contiguous(), (n, k), w.dtype, 4, group_size, method
+        pack_int4(codes), scales_zeros.contiguous(), (n, k), w.dtype, 4, group_size, method, error
     )
 
 
