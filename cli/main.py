@@ -341,3 +341,56 @@ def print_quality(manifest: dict) -> None:
         f"experts: 4-bit g{q['group_size']} ({q['method']}), relative error mean "
         f"{s['expert_mean_relative_error']:.4f}, worst {s['expert_worst_relative_error']:.4f}"
     )
+
+
+@app.command("bench-cache")
+@friendly_errors
+def bench_cache(
+    trace: Annotated[Path, typer.Option(help="routing trace (JSON lines)")],
+    slots: Annotated[int, typer.Option(help="expert slots per layer")],
+    policy: Annotated[str, typer.Option(help="transition (default), lru or belady")] = "transition",
+    prefetch: Annotated[str | None, typer.Option(help="predictor: transition")] = None,
+    group_size: Annotated[
+        int, typer.Option("--group-size", help="expert format: 4-bit g32/64/128")
+    ] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+) -> None:
+    """Replay a routing trace through the expert cache: hit rate, loads and bytes per token."""
+    from localmix.expert_cache import POLICIES
+    from localmix.trace import MIXTRAL_EXPERT_PARAMS, PREDICTORS, read_trace, replay
+
+    if policy not in (*POLICIES, "belady"):
+        raise fail(f"unknown policy '{policy}'; use {', '.join((*POLICIES, 'belady'))}")
+    if prefetch is not None and prefetch not in PREDICTORS:
+        raise fail(f"unknown predictor '{prefetch}'; use {', '.join(PREDICTORS)}")
+    data, n_layers, n_experts = read_trace(trace)
+    if not 1 <= slots <= n_experts:
+        raise fail(f"--slots must be between 1 and {n_experts}")
+    expert_bytes = int(MIXTRAL_EXPERT_PARAMS * (4 + 32 / group_size) / 8)
+    result = replay(data, n_layers, slots, policy, prefetch, expert_bytes)
+    optimum = replay(data, n_layers, slots, "belady", None, expert_bytes)
+    result.update(
+        policy=policy,
+        prefetch=prefetch,
+        slots=slots,
+        belady_hit_rate=optimum["hit_rate"],
+        expert_bytes=expert_bytes,
+    )
+    if as_json:
+        print(json.dumps(result))
+        return
+    out = Console(highlight=False)
+    out.print(
+        f"{trace.name}: {result['tokens']} tokens, {n_layers} layers, {n_experts} experts; "
+        f"{slots} slots per layer; policy {policy}, prefetch {prefetch or 'off'}"
+    )
+    out.print(
+        f"  hit rate          {result['hit_rate']:.3f}   (offline optimum {optimum['hit_rate']:.3f})"
+    )
+    out.print(f"  loads per token   {result['loads_per_token']:.2f}")
+    out.print(
+        f"  bytes per token   {human_bytes(result['bytes_per_token'])}   "
+        f"(Mixtral-8x7B expert, 4-bit g{group_size}: {human_bytes(expert_bytes)})"
+    )
+    if result["prefetch_precision"] is not None:
+        out.print(f"  prefetch precision {result['prefetch_precision']:.3f}")

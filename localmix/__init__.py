@@ -53,13 +53,23 @@ def load(
     dtype: str | torch.dtype | None = None,
     context: int | None = None,
     sinks: int = 0,
+    device_memory: str | int | None = None,
+    expert_slots: int | None = None,
+    policy: str = "transition",
+    prefetch: int = 1,
     **options: Any,
 ) -> Engine:
     """Load a model directory or name and return an Engine ready to generate.
 
     `device` defaults to CUDA when present. `dtype` defaults to the checkpoint's. `context` is
     the rolling KV window (default 4096, at most the model's sliding window); `sinks` keeps the
-    first tokens attended once the window rolls. Other options set sampling defaults.
+    first tokens attended once the window rolls.
+
+    Offloading: with `device_memory` (e.g. "12GB") or `expert_slots` (per layer), the trunk and
+    KV cache go on the device and experts stay in host RAM, served through a per-layer expert
+    cache with the eviction `policy` ("transition" or "lru"), prefetching `prefetch` layers
+    ahead from router predictions (0: off). `Engine.plan` describes the placement.
+    Other options set sampling defaults.
     """
     from .loader import load_transformer, read_manifest
     from .store import resolve
@@ -70,10 +80,14 @@ def load(
     cfg = ModelConfig.from_file(path)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = _dtype(dtype, cfg, dev)
-    net = load_transformer(path, cfg, dt, dev, manifest)
+    offloading = device_memory is not None or expert_slots is not None
+    if offloading and not cfg.is_moe:
+        raise LocalmixError("expert offloading needs a mixture-of-experts model")
+    host = torch.device("cpu")
+    net = load_transformer(path, cfg, dt, host if offloading else dev, manifest)
     tokenizer = Tokenizer(path / "tokenizer.model")
     defaults = SamplingOptions().updated(**options)
-    return Engine(
+    engine = Engine(
         net,
         tokenizer,
         name=name,
@@ -84,3 +98,6 @@ def load(
         sinks=sinks,
         defaults=defaults,
     )
+    if offloading:
+        engine.offload_experts(device_memory, expert_slots, policy, prefetch)
+    return engine

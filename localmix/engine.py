@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig
+from .errors import OptionError
 from .kv_cache import RollingKVCache
 from .model import Transformer
 from .sampling import SamplingOptions, StopMatcher, make_sampler
@@ -84,6 +85,8 @@ class Engine:
         self.cache = self._new_cache(self.context, sinks=sinks)
         self._cache_ids: list[int] = []  # tokens whose keys/values are in the cache
         self._reply_ids: dict[str, list[int]] = {}
+        self.offload = None  # an Offload once experts are served from an expert cache
+        self.plan = None
 
     def _new_cache(self, window: int, *, sinks: int = 0, capacity: int | None = None):
         cfg = self.config
@@ -217,9 +220,41 @@ class Engine:
         while len(self._reply_ids) > REMEMBERED_REPLIES:
             self._reply_ids.pop(next(iter(self._reply_ids)))
 
+    def offload_experts(
+        self, device_memory: str | int | None, expert_slots: int | None, policy: str, prefetch: int
+    ) -> None:
+        """Move the trunk to the device and serve experts from host RAM through a cache."""
+        from .offload import Offload, expert_layout, make_plan, parse_bytes, trunk_bytes
+
+        cfg = self.config
+        moe = self.model.moe_layers()[0]
+        _, expert_bytes = expert_layout(moe.experts[0])
+        budget = parse_bytes(device_memory) if device_memory is not None else None
+        if (
+            expert_slots is not None
+            and not cfg.num_experts_per_tok <= expert_slots <= cfg.num_local_experts
+        ):
+            raise OptionError(
+                f"expert_slots must be between top_k ({cfg.num_experts_per_tok}) and the number "
+                f"of experts ({cfg.num_local_experts})"
+            )
+        self.plan = make_plan(
+            cfg,
+            trunk_bytes(self.model),
+            expert_bytes,
+            self.cache.nbytes,
+            budget,
+            str(self.device),
+            max_slots=expert_slots,
+        )
+        self.offload = Offload(self.model, self.plan, self.device, policy, prefetch)
+        self.model.to(self.device)
+
     def stats(self) -> dict[str, Any]:
-        """Runtime counters (the expert cache's, when the experts are offloaded)."""
-        return {}
+        """Runtime counters: the expert cache's, when the experts are offloaded."""
+        if self.offload is None:
+            return {}
+        return self.offload.stats()
 
     def complete(self, prompt: str | Sequence[int], **sampling: Any) -> Summary:
         """Run a whole generation and return its Summary."""

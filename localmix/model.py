@@ -137,15 +137,22 @@ class DenseMLP(nn.Module):
 class ExpertProvider(Protocol):
     """Where a MoE layer gets its experts: resident modules, or an expert cache."""
 
-    def fetch(self, layer: int, experts: list[int]) -> Iterable[tuple[int, nn.Module]]:
-        """Yield (expert id, callable module) for each requested expert, in any order."""
+    def fetch(
+        self, layer: int, experts: list[int], hidden: torch.Tensor
+    ) -> Iterable[tuple[int, nn.Module]]:
+        """Yield (expert id, callable module) for each requested expert, in any order.
+
+        `hidden` is the layer's input (tokens, hidden), for providers that look ahead.
+        """
         ...
 
 
 class ResidentExperts(nn.ModuleList):
     """A layer's experts held as ordinary modules (all resident); the default provider."""
 
-    def fetch(self, layer: int, experts: list[int]) -> Iterator[tuple[int, nn.Module]]:
+    def fetch(
+        self, layer: int, experts: list[int], hidden: torch.Tensor
+    ) -> Iterator[tuple[int, nn.Module]]:
         for e in experts:
             yield e, self[e]
 
@@ -180,17 +187,25 @@ class MoeLayer(nn.Module):
         self.experts = experts
         self.last_choice: torch.Tensor | None = None  # (tokens, k), for stats and prefetch
 
+    def use_experts(self, provider: ExpertProvider) -> None:
+        """Serve this layer's experts from `provider` (an expert cache) from now on."""
+        self._modules.pop("experts", None)  # may be a plain object, not a module
+        self.experts = provider
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, chosen = route(self.gate(x), self.top_k)  # (tokens, k) each
         self.last_choice = chosen
         weights = weights.to(x.dtype)
         if x.shape[0] == 1:  # decode: no gather/scatter needed
             ids = chosen[0].tolist()
-            outs = dict(self.experts.fetch(self.layer, ids))
-            return sum_in_order((outs[e](x) * weights[0, i] for e, i in _ascending(ids)), x)
+            slot = {e: i for i, e in enumerate(ids)}
+            outs = {
+                e: f(x) * weights[0, slot[e]] for e, f in self.experts.fetch(self.layer, ids, x)
+            }
+            return sum_in_order((outs[e] for e in sorted(ids)), x)
         used = torch.unique(chosen).tolist()  # ascending
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for e, expert in self.experts.fetch(self.layer, used):
+        for e, expert in self.experts.fetch(self.layer, used, x):
             rows, slot = torch.nonzero(chosen == e, as_tuple=True)  # tokens routed to e
             outputs[e] = (rows, expert(x[rows]) * weights[rows, slot, None])
         out = torch.zeros_like(x)
@@ -198,10 +213,6 @@ class MoeLayer(nn.Module):
             rows, y = outputs[e]
             out.index_add_(0, rows, y)
         return out
-
-
-def _ascending(ids: list[int]) -> list[tuple[int, int]]:
-    return sorted((e, i) for i, e in enumerate(ids))
 
 
 def sum_in_order(terms: Iterable[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

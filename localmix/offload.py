@@ -1,0 +1,330 @@
+"""Expert offloading: the placement plan, the host expert store, and the cached expert provider.
+
+The trunk (embeddings, attention, router, norms, head) and the KV cache live on the device;
+every expert lives in host memory, packed in one contiguous buffer, and the device holds a few
+of them per layer in preallocated slots managed by an `ExpertCache`. Routing decisions are the
+model's own; the cache only decides where the weights come from, so outputs do not change.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import MemoryBudgetError, OptionError
+from .expert_cache import ExpertCache, make_policy
+from .model import MoeLayer, Transformer, route
+
+ALIGN = 64  # byte alignment of each tensor inside a packed expert
+# CUDA context, allocator slack and activations of a prefill chunk, kept out of the budget.
+CUDA_RESERVE_BYTES = 768 * 1024**2
+UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1024,
+    "kib": 1024,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "gb": 1024**3,
+    "gib": 1024**3,
+    "tb": 1024**4,
+}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'12GB' -> bytes (binary units, as GPU memory is counted); ints pass through."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in UNITS:
+        raise OptionError(f"cannot read '{text}' as a memory size; write e.g. 12GB or 16000MB")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1024**3:.2f} GB"
+
+
+@dataclass
+class Plan:
+    """Where each part of the model goes, in bytes, and how many expert slots each layer gets."""
+
+    device: str
+    budget: int | None  # None: no limit given (slots chosen directly)
+    trunk: dict[str, int]
+    kv_cache: int
+    reserve: int
+    expert_bytes: int
+    experts_per_layer: int
+    slots: list[int]
+    host_bytes: int
+
+    @property
+    def device_bytes(self) -> int:
+        return (
+            sum(self.trunk.values())
+            + self.kv_cache
+            + self.reserve
+            + sum(self.slots) * self.expert_bytes
+        )
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "device_bytes": self.device_bytes}
+
+    def __str__(self) -> str:
+        budget = _gb(self.budget) if self.budget is not None else "not limited"
+        lines = [f"placement on {self.device}, budget {budget}:"]
+        for part, n in self.trunk.items():
+            lines.append(f"  {part:<22}{_gb(n):>12}")
+        lines.append(f"  {'KV cache':<22}{_gb(self.kv_cache):>12}")
+        if self.reserve:
+            lines.append(f"  {'reserve (runtime)':<22}{_gb(self.reserve):>12}")
+        total_slots = sum(self.slots)
+        lines.append(
+            f"  {'expert slots':<22}{_gb(total_slots * self.expert_bytes):>12}  "
+            f"({total_slots} x {self.expert_bytes / 1024**2:.1f} MB; per layer "
+            f"{min(self.slots)}-{max(self.slots)} of {self.experts_per_layer})"
+        )
+        lines.append(f"  {'device total':<22}{_gb(self.device_bytes):>12}")
+        lines.append(f"  {'host RAM for experts':<22}{_gb(self.host_bytes):>12}")
+        return "\n".join(lines)
+
+
+def trunk_bytes(model: Transformer) -> dict[str, int]:
+    """Bytes of everything but the experts, by part."""
+    parts = {"embeddings": 0, "attention": 0, "router": 0, "norms": 0, "output head": 0}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if ".experts." in name or name.startswith("rotary"):
+            continue
+        if name.startswith("embed_tokens"):
+            parts["embeddings"] += t.nbytes
+        elif ".self_attn." in name:
+            parts["attention"] += t.nbytes
+        elif ".gate." in name:
+            parts["router"] += t.nbytes
+        elif name.startswith("lm_head"):
+            parts["output head"] += t.nbytes
+        else:
+            parts["norms"] += t.nbytes
+    return parts
+
+
+def make_plan(
+    cfg: ModelConfig,
+    trunk: dict[str, int],
+    expert_bytes: int,
+    kv_bytes: int,
+    budget: int | None,
+    device: str,
+    max_slots: int | None = None,
+) -> Plan:
+    """Give the budget left after trunk and KV cache to expert slots, spread over the layers.
+
+    Every layer gets the same share; slots left over go to the last layers, whose routing is
+    the hardest to predict ahead of time. Refuses a budget below top_k slots per layer.
+    """
+    layers, experts, top_k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
+    reserve = CUDA_RESERVE_BYTES if device.startswith("cuda") else 0
+    fixed = sum(trunk.values()) + kv_bytes + reserve
+    minimum = fixed + layers * top_k * expert_bytes
+    if budget is not None and budget < minimum:
+        raise MemoryBudgetError(
+            f"a device budget of {_gb(budget)} cannot hold the trunk ({_gb(sum(trunk.values()))}), "
+            f"the KV cache ({_gb(kv_bytes)}) and {top_k} experts per layer; the minimum is "
+            f"{_gb(minimum)} (or shrink the context)"
+        )
+    total = layers * (max_slots or experts)
+    if budget is not None:
+        total = min((budget - fixed) // expert_bytes, total)
+    per_layer = [min(total // layers, experts)] * layers
+    extra = total - sum(per_layer)
+    for i in reversed(range(layers)):
+        if extra <= 0:
+            break
+        if per_layer[i] < experts:
+            per_layer[i] += 1
+            extra -= 1
+    return Plan(
+        device,
+        budget,
+        trunk,
+        kv_bytes,
+        reserve,
+        expert_bytes,
+        experts,
+        per_layer,
+        layers * experts * expert_bytes,
+    )
+
+
+@dataclass(frozen=True)
+class Slice:
+    name: str  # the tensor's name inside one expert module
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def expert_layout(expert: nn.Module) -> tuple[list[Slice], int]:
+    """Where each tensor of an expert goes in its packed buffer, and the buffer's size."""
+    out, offset = [], 0
+    for name, t in list(expert.named_parameters()) + list(expert.named_buffers()):
+        out.append(Slice(name, t.dtype, tuple(t.shape), offset, t.nbytes))
+        offset += -(-t.nbytes // ALIGN) * ALIGN
+    return out, offset
+
+
+def views(buffer: torch.Tensor, layout: list[Slice]) -> dict[str, torch.Tensor]:
+    """The tensors of one packed expert, as views of its uint8 buffer (no copy)."""
+    return {
+        s.name: buffer[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in layout
+    }
+
+
+def bind(template: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of `template`'s module structure whose tensors are `tensors` (views, not copies)."""
+    memo = {id(t): None for t in list(template.parameters()) + list(template.buffers())}
+    memo = {k: torch.empty(0) for k in memo}
+    module = copy.deepcopy(template, memo)
+    for name, t in tensors.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+        else:
+            owner._buffers[leaf] = t
+    return module
+
+
+class ExpertStore:
+    """Every expert of every layer in host memory: (layers, experts, bytes) uint8, pinned for CUDA.
+
+    Each expert is one contiguous row, so moving it to the device is one copy.
+    """
+
+    def __init__(self, model: Transformer, pin: bool) -> None:
+        moes = model.moe_layers()
+        self.template = moes[0].experts[0]
+        self.layout, self.expert_bytes = expert_layout(self.template)
+        n_layers, n_experts = len(moes), len(moes[0].experts)
+        self.host = torch.empty(
+            (n_layers, n_experts, self.expert_bytes), dtype=torch.uint8, pin_memory=pin
+        )
+        for li, moe in enumerate(moes):
+            for ei, expert in enumerate(moe.experts):
+                dst = views(self.host[li, ei], self.layout)
+                for name, t in list(expert.named_parameters()) + list(expert.named_buffers()):
+                    dst[name].copy_(t)
+
+    def module(self, layer: int, expert: int) -> nn.Module:
+        return bind(self.template, views(self.host[layer, expert], self.layout))
+
+
+class SlotMover:
+    """Copies packed experts from the host store into device slots.
+
+    On CUDA the copies run on their own stream; each slot records an event, and the compute
+    stream waits on that event only when it needs that slot. Before overwriting a slot the copy
+    stream waits for the compute queued so far, which may still be reading it.
+    """
+
+    def __init__(self, store: ExpertStore, slots: list[int], device: torch.device) -> None:
+        self.store = store
+        self.device = device
+        self.buffers = [
+            torch.empty((n, store.expert_bytes), dtype=torch.uint8, device=device) for n in slots
+        ]
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.events: dict[tuple[int, int], torch.cuda.Event] = {}
+
+    def load(self, layer: int, expert: int, slot: int) -> None:
+        src, dst = self.store.host[layer, expert], self.buffers[layer][slot]
+        if not self.cuda:
+            dst.copy_(src)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.events[layer, slot] = event
+
+    def ready(self, layer: int, slot: int) -> None:
+        event = self.events.pop((layer, slot), None)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+
+class CachedExperts:
+    """The expert provider of one MoE layer, served from the expert cache.
+
+    Before serving layer L, it applies the gates of the next `lookahead` layers to L's input
+    and prefetches the experts they pick (the prediction only changes timing).
+    """
+
+    def __init__(
+        self,
+        layer: int,
+        cache: ExpertCache,
+        slot_modules: list[nn.Module],
+        next_gates: list[nn.Module],
+        top_k: int,
+    ) -> None:
+        self.layer, self.cache, self.slot_modules = layer, cache, slot_modules
+        self.next_gates, self.top_k = next_gates, top_k
+
+    def fetch(self, layer: int, experts: list[int], hidden: torch.Tensor) -> Iterator:
+        if self.next_gates and hidden.shape[0] == 1:
+            for ahead, gate in enumerate(self.next_gates, start=1):
+                _, chosen = route(gate(hidden), self.top_k)
+                self.cache.prefetch(layer + ahead, chosen[0].tolist())
+        for expert, slot in self.cache.request(layer, experts, hidden.shape[0]):
+            yield expert, self.slot_modules[slot]
+
+
+class Offload:
+    """Wires an expert cache into a loaded model (replacing its resident experts)."""
+
+    def __init__(
+        self, model: Transformer, plan: Plan, device: torch.device, policy: str, prefetch: int
+    ) -> None:
+        cfg = model.cfg
+        moes: list[MoeLayer] = model.moe_layers()
+        self.plan, self.device = plan, device
+        self.store = ExpertStore(model, pin=device.type == "cuda")
+        if self.store.expert_bytes != plan.expert_bytes:
+            raise RuntimeError("plan and store disagree on the expert size")
+        self.mover = SlotMover(self.store, plan.slots, device)
+        self.cache = ExpertCache(plan.slots, make_policy(policy), self.mover, plan.expert_bytes)
+        for li, moe in enumerate(moes):
+            slot_modules = [
+                bind(self.store.template, views(self.mover.buffers[li][s], self.store.layout))
+                for s in range(plan.slots[li])
+            ]
+            gates = [moes[li + j].gate for j in range(1, prefetch + 1) if li + j < len(moes)]
+            moe.use_experts(
+                CachedExperts(li, self.cache, slot_modules, gates, cfg.num_experts_per_tok)
+            )
+
+    def stats(self) -> dict:
+        s = self.cache.stats
+        out = s.summary()
+        out["per_layer"] = [
+            {
+                "slots": n,
+                "hits": ls.hits,
+                "misses": ls.misses,
+                "prefetch_hits": ls.prefetch_hits,
+                "loads": ls.loads + ls.prefetch_loads,
+            }
+            for n, ls in zip(self.plan.slots, s.layers, strict=True)
+        ]
+        return out

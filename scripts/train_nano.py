@@ -1,0 +1,235 @@
+"""Train "nano", the small Mixtral-architecture model shipped with localmix, on the CPU.
+
+    python scripts/train_nano.py --out localmix/data/nano [--steps N] [--threads 2]
+
+Corpus: the Python standard library of the interpreter running this script (no tests, no
+site-packages), files in a seeded order, 2% of them held out. Tokenizer: SentencePiece BPE with
+byte fallback, 4096 pieces, trained on the training files. Model: Mixtral with 6 layers, 8
+experts, top-2, the router's load-balancing loss, and a sliding window (128) shorter than the
+training context (256), trained with transformers (a dev dependency; the runtime never needs
+it). Writes the Hugging Face layout (bf16 safetensors, config.json, tokenizer.model) and prints
+training and held-out loss and perplexity. Seeded: the same machine and versions give the same
+model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import random
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+SEED = 0
+VOCAB = 4096
+CONTEXT = 256
+WINDOW = 128
+HELD_OUT = 0.02
+EXCLUDE_DIRS = {
+    "test",
+    "tests",
+    "idle_test",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "ensurepip",
+    "_vendor",
+}
+
+MODEL = dict(
+    model_type="mixtral",
+    vocab_size=VOCAB,
+    hidden_size=256,
+    intermediate_size=384,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=32,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=4096,
+    sliding_window=WINDOW,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    router_aux_loss_coef=0.02,
+    output_router_logits=True,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def corpus_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root)
+        if any(part in EXCLUDE_DIRS or part.startswith("test") for part in rel.parts[:-1]):
+            continue
+        if rel.name.startswith("test_"):
+            continue
+        files.append(p)
+    random.Random(SEED).shuffle(files)
+    return files
+
+
+def read(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def train_tokenizer(files: list[Path]) -> bytes:
+    lines = (line for f in files for line in read(f).splitlines())
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=lines,
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=VOCAB,
+        byte_fallback=True,
+        character_coverage=1.0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        num_threads=2,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        input_sentence_size=2_000_000,
+        shuffle_input_sentence=True,
+        max_sentence_length=4096,
+    )
+    return model.getvalue()
+
+
+def tokenize(sp: spm.SentencePieceProcessor, files: list[Path]) -> torch.Tensor:
+    ids: list[int] = []
+    for f in files:
+        ids += [1] + sp.EncodeAsIds(read(f)) + [2]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def evaluate(model, data: torch.Tensor, batches: int | None = None) -> float:
+    """Mean next-token loss over non-overlapping windows of the context length."""
+    model.eval()
+    n = (len(data) - 1) // CONTEXT
+    starts = list(range(0, n * CONTEXT, CONTEXT))
+    if batches is not None:
+        starts = starts[: batches * 16]
+    total, count = 0.0, 0
+    for i in range(0, len(starts), 16):
+        idx = torch.tensor(starts[i : i + 16])
+        x = torch.stack([data[s : s + CONTEXT] for s in idx])
+        y = torch.stack([data[s + 1 : s + CONTEXT + 1] for s in idx])
+        logits = model(input_ids=x).logits
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, VOCAB), y.reshape(-1), reduction="sum"
+        ).item()
+        count += y.numel()
+    model.train()
+    return total / count
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=1400)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.manual_seed(SEED)
+    torch.set_num_threads(args.threads)
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    t0 = time.time()
+    files = corpus_files()
+    n_val = max(1, int(len(files) * HELD_OUT))
+    val_files, train_files = files[:n_val], files[n_val:]
+    tok_bytes = train_tokenizer(train_files)
+    sp = spm.SentencePieceProcessor(model_proto=tok_bytes)
+    train, val = tokenize(sp, train_files), tokenize(sp, val_files)
+    print(
+        f"corpus: {len(train_files)} training files ({len(train):,} tokens), {len(val_files)} "
+        f"held out ({len(val):,} tokens); tokenizer {time.time() - t0:.0f} s",
+        flush=True,
+    )
+
+    cfg = MixtralConfig(**MODEL)
+    cfg._attn_implementation = "sdpa"
+    model = MixtralForCausalLM(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: {params / 1e6:.1f}M parameters", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, args.steps // 30)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, args.steps - warmup)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    gen = torch.Generator().manual_seed(SEED)
+    model.train()
+    t_start, seen, running = time.time(), 0, None
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        starts = torch.randint(0, len(train) - CONTEXT - 1, (args.batch,), generator=gen)
+        x = torch.stack([train[s : s + CONTEXT] for s in starts])
+        y = torch.stack([train[s + 1 : s + CONTEXT + 1] for s in starts])
+        out = model(input_ids=x)
+        lm = torch.nn.functional.cross_entropy(out.logits.reshape(-1, VOCAB), y.reshape(-1))
+        loss = lm + cfg.router_aux_loss_coef * out.aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        seen += x.numel()
+        running = lm.item() if running is None else 0.98 * running + 0.02 * lm.item()
+        if step % 50 == 0 or step == args.steps - 1:
+            el = time.time() - t_start
+            print(
+                f"step {step:5d}  loss {running:.3f}  ppl {math.exp(running):7.2f}  "
+                f"aux {out.aux_loss.item():.3f}  {seen / el:,.0f} tok/s  {el / 60:.1f} min",
+                flush=True,
+            )
+    train_loss = evaluate(model, train[: len(val) * 2], batches=20)
+    val_loss = evaluate(model, val)
+    print(
+        f"training loss {train_loss:.3f} (ppl {math.exp(train_loss):.2f}); held-out loss "
+        f"{val_loss:.3f} (ppl {math.exp(val_loss):.2f}); {(time.time() - t0) / 60:.1f} min"
+    )
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.config.output_router_logits = False
+    model.to(torch.bfloat16).save_pretrained(args.out)
+    for extra in ("generation_config.json",):
+        (args.out / extra).unlink(missing_ok=True)
+    (args.out / "tokenizer.model").write_bytes(tok_bytes)
+    report = {
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss),
+        "steps": args.steps,
+        "batch": args.batch,
+        "context": CONTEXT,
+        "tokens_seen": seen,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "minutes": (time.time() - t0) / 60,
+        "val_files": [str(f.relative_to(sysconfig.get_paths()["stdlib"])) for f in val_files],
+    }
+    (args.out / "training.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
