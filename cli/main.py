@@ -394,3 +394,64 @@ def bench_cache(
     )
     if result["prefetch_precision"] is not None:
         out.print(f"  prefetch precision {result['prefetch_precision']:.3f}")
+
+
+@app.command()
+@friendly_errors
+def pull(
+    ref: Annotated[str, typer.Argument(help="Hub repository: org/name[@revision]")],
+    no_quantize: Annotated[bool, typer.Option("--no-quantize", help="keep 16-bit weights")] = False,
+    group_size: Annotated[int, typer.Option("--group-size", help="32, 64 or 128")] = 64,
+    method: Annotated[str, typer.Option(help="mse (default) or rtn")] = "mse",
+) -> None:
+    """Download a model from the Hugging Face Hub and quantize it into the store, resumably."""
+    from localmix.quant.convert import Settings
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from localmix import hub
+    from localmix.store import models_dir, store_name
+
+    repo, _ = hub.parse_ref(ref)
+    dst = models_dir() / store_name(repo)
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=err) as bar:
+        tasks: dict[str, int] = {}
+
+        def report(name: str, done: int, size: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=size)
+            bar.update(tasks[name], completed=done)
+
+        snapshot = hub.pull(ref, models_dir(), quantize=not no_quantize, progress=report)
+    if no_quantize:
+        link_snapshot(snapshot, dst)
+        err.print(f"pulled {repo} (16-bit) into {dst}")
+    else:
+        manifest = run_conversion(snapshot, dst, Settings(group_size, method))
+        print_quality(manifest)
+        err.print(f"pulled and quantized {repo} into {dst}")
+    err.print(f'run it with: localmix run {repo} "Hello"  or  localmix chat {repo}')
+
+
+def link_snapshot(snapshot: Path, dst: Path) -> None:
+    """A store entry for unquantized weights: links to the files in the Hugging Face cache."""
+    if dst.exists():
+        if any(p.name == "localmix.json" for p in dst.iterdir()):
+            raise LocalmixError(f"{dst} holds a quantized copy; `localmix rm` it first")
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for f in snapshot.iterdir():
+        (dst / f.name).symlink_to(f.resolve())

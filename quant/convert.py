@@ -154,7 +154,9 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def check_free_space(dst: Path, needed: int) -> None:
-    probe = dst if dst.exists() else dst.parent
+    probe = dst
+    while not probe.exists():
+        probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed:
         raise ConvertError(

@@ -24,7 +24,6 @@ def pytest_collection_modifyitems(config, items):
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Every test gets its own model store, never the user's."""
     monkeypatch.setenv("LOCALMIX_HOME", str(tmp_path_factory.getbasetemp() / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def tiny_mixtral_config(**overrides):

@@ -1,0 +1,234 @@
+"""Downloads from the Hugging Face Hub: only the files a model needs, resumable with HTTP Range.
+
+The only module that talks to the network. Files land in the standard Hugging Face cache
+(`HF_HOME` / `HF_HUB_CACHE` respected): `blobs/<etag>`, linked from `snapshots/<commit>/`, and
+`refs/<revision>`. A half-downloaded blob is kept as `<etag>.incomplete` and continued with a
+Range request by the next pull (recent huggingface-hub releases no longer resume across
+processes by themselves).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DiskSpaceError, HubError
+
+WANTED = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.model",
+)
+REFUSED = ("*.bin", "*.pt", "*.pth", "*.gguf", "*.ckpt", "*.pkl")
+CHUNK = 1 << 16
+QUANTIZED_RATIO = 0.35  # quantized output / 16-bit weights, with margin
+
+Progress = Callable[[str, int, int], None]  # (file, bytes done, file size)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    size: int
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """`org/name[@revision]` -> (repo id, revision)."""
+    repo, _, revision = ref.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise HubError(f"'{ref}' is not a Hub repository id; write it as org/name[@revision]")
+    return repo, revision or "main"
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+
+
+def token() -> str | None:
+    from huggingface_hub import get_token
+
+    return os.environ.get("HF_TOKEN") or get_token()
+
+
+def cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+
+
+def repo_folder(repo: str) -> Path:
+    return cache_dir() / ("models--" + repo.replace("/", "--"))
+
+
+def wanted(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    if "/" in name or any(fnmatch.fnmatch(base, p) for p in REFUSED):
+        return False
+    return any(fnmatch.fnmatch(base, p) for p in WANTED)
+
+
+def explain(error: Exception, repo: str) -> HubError:
+    """One line that says what to do, for each way the Hub can say no."""
+    from huggingface_hub import errors
+
+    if isinstance(error, errors.GatedRepoError):
+        return HubError(
+            f"{repo} is gated: accept its terms on the Hub, then set HF_TOKEN "
+            "to a token of that account"
+        )
+    if isinstance(error, errors.RepositoryNotFoundError):
+        hint = "" if token() else " (if it is private or gated, set HF_TOKEN)"
+        return HubError(f"no repository {repo} on the Hub{hint}")
+    if isinstance(error, errors.RevisionNotFoundError):
+        return HubError(f"{repo} has no such revision; check the part after @")
+    if isinstance(error, errors.HfHubHTTPError):
+        status = getattr(error.response, "status_code", None)
+        if status == 401:
+            return HubError(f"{repo} needs authentication: set HF_TOKEN to a Hub access token")
+        if status == 403:
+            return HubError(f"{repo}: access denied for this token; check HF_TOKEN's permissions")
+        return HubError(f"the Hub answered {status} for {repo}: {error}")
+    return HubError(
+        f"cannot reach the Hub at {endpoint()} ({type(error).__name__}); "
+        "check the network connection, or HF_ENDPOINT"
+    )
+
+
+def list_files(repo: str, revision: str) -> tuple[str, list[RemoteFile]]:
+    """The commit a revision points to, and the wanted files in it with their sizes."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint(), token=token())
+    try:
+        commit = api.repo_info(repo, revision=revision).sha
+        tree = list(api.list_repo_tree(repo, revision=commit, recursive=True))
+    except Exception as e:  # every failure of the client becomes one clear line
+        raise explain(e, repo) from e
+    files = [
+        RemoteFile(f.path, int(f.size or 0))
+        for f in tree
+        if getattr(f, "size", None) is not None and wanted(f.path)
+    ]
+    if not any(f.name.endswith(".safetensors") for f in files):
+        unsafe = [f.path for f in tree if any(fnmatch.fnmatch(f.path, p) for p in REFUSED)]
+        more = " (only pickle weights, which localmix never loads)" if unsafe else ""
+        raise HubError(f"{repo}@{revision} has no safetensors weights{more}")
+    return commit, sorted(files, key=lambda f: f.name)
+
+
+def check_space(
+    files: list[RemoteFile], commit: str, repo: str, store: Path, quantize: bool
+) -> None:
+    """Refuse up front when the download (and the quantized copy) cannot fit on disk."""
+    snapshot = repo_folder(repo) / "snapshots" / commit
+    missing = sum(f.size for f in files if not (snapshot / f.name).exists())
+    weights = sum(f.size for f in files if f.name.endswith(".safetensors"))
+    needs = {cache_dir(): missing}
+    if quantize:
+        needs[store] = needs.get(store, 0) + int(weights * QUANTIZED_RATIO)
+    by_disk: dict[int, tuple[Path, int]] = {}
+    for path, n in needs.items():
+        probe = path
+        while not probe.exists():
+            probe = probe.parent
+        dev = probe.stat().st_dev
+        by_disk[dev] = (probe, by_disk.get(dev, (probe, 0))[1] + n)
+    for probe, n in by_disk.values():
+        free = shutil.disk_usage(probe).free
+        if free < n:
+            raise DiskSpaceError(
+                f"not enough disk space on {probe}: this pull needs {n / 1e9:.1f} GB, "
+                f"{free / 1e9:.1f} GB are free; nothing was written"
+            )
+
+
+def download_file(repo: str, commit: str, name: str, progress: Progress | None = None) -> Path:
+    """One file into the cache, continuing a partial download; returns its snapshot path."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    folder = repo_folder(repo)
+    link = folder / "snapshots" / commit / name
+    url = hf_hub_url(repo, name, revision=commit, endpoint=endpoint())
+    try:
+        meta = get_hf_file_metadata(url, token=token(), endpoint=endpoint())
+    except Exception as e:
+        raise explain(e, repo) from e
+    etag, size = meta.etag, meta.size
+    if not etag:
+        raise HubError(f"the Hub sent no ETag for {name}; cannot cache it safely")
+    blob = folder / "blobs" / etag
+    if link.exists() and blob.exists() and blob.stat().st_size == size:
+        if progress:
+            progress(name, size, size)
+        return link
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    partial = blob.with_name(etag + ".incomplete")
+    if not blob.exists() or blob.stat().st_size != size:
+        start = partial.stat().st_size if partial.exists() else 0
+        if start > (size or 0):
+            partial.unlink()
+            start = 0
+        headers = build_hf_headers(token=token())
+        if start:
+            headers["Range"] = f"bytes={start}-"
+        try:
+            with get_session().stream(
+                "GET", meta.location or url, headers=headers, follow_redirects=True, timeout=60
+            ) as response:
+                if response.status_code == 416:  # already complete
+                    pass
+                elif response.status_code not in (200, 206):
+                    raise HubError(f"{name}: the Hub answered {response.status_code}")
+                else:
+                    mode = "ab" if start and response.status_code == 206 else "wb"
+                    done = start if mode == "ab" else 0
+                    with open(partial, mode) as f:
+                        for chunk in response.iter_bytes(CHUNK):
+                            f.write(chunk)
+                            done += len(chunk)
+                            if progress:
+                                progress(name, done, size)
+        except HubError:
+            raise
+        except OSError as e:
+            raise HubError(
+                f"{name}: writing {partial} failed ({e}); free some space and "
+                "pull again: the part downloaded is kept"
+            ) from e
+        except Exception as e:
+            raise HubError(
+                f"{name}: download interrupted ({type(e).__name__}); pull again "
+                "to continue where it stopped"
+            ) from e
+        if partial.stat().st_size != size:
+            raise HubError(
+                f"{name}: got {partial.stat().st_size} of {size} bytes; pull again to continue"
+            )
+        os.replace(partial, blob)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(os.path.relpath(blob, link.parent))
+    return link
+
+
+def pull(ref: str, store: Path, quantize: bool, progress: Progress | None = None) -> Path:
+    """Download what a model needs; returns its snapshot directory."""
+    repo, revision = parse_ref(ref)
+    commit, files = list_files(repo, revision)
+    check_space(files, commit, repo, store, quantize)
+    for f in files:
+        download_file(repo, commit, f.name, progress)
+    refs = repo_folder(repo) / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    (refs / revision.replace("/", "--")).write_text(commit)
+    return repo_folder(repo) / "snapshots" / commit

@@ -1,0 +1,110 @@
+"""`localmix pull` against a local stand-in for the Hub: the real huggingface-hub client runs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from localmix.cli.main import app
+from typer.testing import CliRunner
+
+from localmix.demo import DEMO_CONFIG, demo_tokenizer_path, write_checkpoint
+from tests.hub_server import FakeHub, HubState, Repo, etag, repo_from_dir
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hubmodel") / "m"
+    write_checkpoint(path, DEMO_CONFIG, demo_tokenizer_path(), seed=3, max_shard_bytes=5_000_000)
+    (path / "pytorch_model.bin").write_bytes(b"pickle that must never be fetched")
+    (path / "README.md").write_text("# tiny\n")
+    return path
+
+
+@pytest.fixture
+def hub(model_files, tmp_path, monkeypatch):
+    state = HubState()
+    state.repos["org/tiny"] = repo_from_dir(model_files)
+    state.repos["org/gated"] = Repo({}, status=401)
+    with FakeHub(state) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+        monkeypatch.setenv("LOCALMIX_HOME", str(tmp_path / "home"))
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        yield server
+
+
+def blob_for(tmp_path: Path, data: bytes) -> Path:
+    return tmp_path / "hf" / "models--org--tiny" / "blobs" / etag(data)
+
+
+def test_pull_then_run(hub, tmp_path):
+    r = runner.invoke(app, ["pull", "org/tiny", "--method", "rtn"])
+    assert r.exit_code == 0, r.output
+    files = hub.state.repos["org/tiny"].files
+    snapshot = (
+        tmp_path / "hf" / "models--org--tiny" / "snapshots" / hub.state.repos["org/tiny"].commit
+    )
+    got = sorted(p.name for p in snapshot.iterdir())
+    assert "pytorch_model.bin" not in got and "README.md" not in got
+    assert "tokenizer.model" in got and "model.safetensors.index.json" in got
+    for name in got:
+        assert (snapshot / name).read_bytes() == files[name]
+    fetched = [p for m, p, _ in hub.state.requests if m == "GET" and "/resolve/" in p]
+    assert not any(p.endswith(".bin") for p in fetched)
+    r = runner.invoke(app, ["list"])
+    assert "org/tiny" in r.stdout and "q4 g64 (rtn)" in r.stdout
+    r = runner.invoke(app, ["run", "org/tiny", "hello", "--max-tokens", "4"])
+    assert r.exit_code == 0, r.output
+    # a second pull downloads nothing again
+    before = len(hub.state.requests)
+    r = runner.invoke(app, ["pull", "org/tiny", "--method", "rtn"])
+    assert r.exit_code == 0
+    assert not [p for m, p, _ in hub.state.requests[before:] if m == "GET" and "/resolve/" in p]
+
+
+def test_interrupted_pull_resumes_with_range(hub, tmp_path):
+    files = hub.state.repos["org/tiny"].files
+    big = max((n for n in files if n.endswith(".safetensors")), key=lambda n: len(files[n]))
+    half = len(files[big]) // 2
+    hub.state.cut_after[big] = half
+    r = runner.invoke(app, ["pull", "org/tiny", "--no-quantize"])
+    assert r.exit_code == 1 and "pull again" in r.stderr, r.output
+    partial = blob_for(tmp_path, files[big]).with_name(etag(files[big]) + ".incomplete")
+    kept = partial.stat().st_size
+    assert half - 2**16 <= kept <= half  # what arrived before the hang-up, in whole chunks
+    r = runner.invoke(app, ["pull", "org/tiny", "--no-quantize"])
+    assert r.exit_code == 0, r.output
+    ranged = [
+        h for m, p, h in hub.state.requests if m == "GET" and p.endswith(big) and "Range" in h
+    ]
+    assert ranged and ranged[0]["Range"] == f"bytes={kept}-"
+    assert blob_for(tmp_path, files[big]).read_bytes() == files[big]
+    assert not partial.exists()
+    r = runner.invoke(app, ["run", "org/tiny", "x", "--max-tokens", "2"])
+    assert r.exit_code == 0, r.output
+
+
+def test_gated_missing_and_unreachable(hub, monkeypatch):
+    r = runner.invoke(app, ["pull", "org/gated"])
+    assert r.exit_code == 1 and "HF_TOKEN" in r.stderr and "Traceback" not in r.output
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = runner.invoke(app, ["pull", "org/nothing"])
+    assert r.exit_code == 1 and "no repository org/nothing" in r.stderr
+    r = runner.invoke(app, ["pull", "not-a-repo-id"])
+    assert r.exit_code == 1 and "org/name" in r.stderr
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    r = runner.invoke(app, ["pull", "org/tiny"])
+    assert r.exit_code == 1 and "cannot reach the Hub" in r.stderr
+
+
+def test_disk_space_is_checked_before_writing(hub, tmp_path, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    r = runner.invoke(app, ["pull", "org/tiny"])
+    assert r.exit_code == 1 and "not enough disk space" in r.stderr
+    assert not (tmp_path / "hf" / "models--org--tiny" / "blobs").exists()
