@@ -265,12 +265,17 @@ def chat(
     max_tokens: MaxTokens = None,
     context: Context = None,
     load: Annotated[str | None, typer.Option(help="continue a saved conversation")] = None,
+    use_tui: Annotated[
+        bool, typer.Option("--tui", help="open the full-screen app instead")
+    ] = False,
 ) -> None:
     """Chat in the terminal, replies streaming as they are written. /help inside lists commands."""
     from localmix.cli.chat import repl
 
     if not sys.stdin.isatty():
         raise fail("chat needs a terminal; for pipes and scripts use `localmix run MODEL PROMPT`")
+    if use_tui:
+        return tui(model, context)
     engine = load_engine(model, context=context)
     settings = sampling_args(
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens
@@ -455,3 +460,16 @@ def link_snapshot(snapshot: Path, dst: Path) -> None:
     dst.mkdir(parents=True)
     for f in snapshot.iterdir():
         (dst / f.name).symlink_to(f.resolve())
+
+
+@app.command()
+@friendly_errors
+def tui(
+    model: Annotated[str | None, typer.Argument(help="model name or path")] = None,
+    context: Context = None,
+) -> None:
+    """The full-screen chat app: saved conversations, settings, live expert-cache view."""
+    from localmix.tui.app import LocalmixApp
+
+    engine = load_engine(model, context=context)
+    LocalmixApp(engine).run()

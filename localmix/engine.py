@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,16 @@ class Summary:
 
 
 Event = TokenEvent | Summary
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class Engine:
@@ -249,6 +260,39 @@ class Engine:
         )
         self.offload = Offload(self.model, self.plan, self.device, policy, prefetch)
         self.model.to(self.device)
+
+    def set_context(self, context: int) -> None:
+        """Change the rolling KV window (the conversation is prefilled again on the next turn)."""
+        window = self.config.sliding_window or self.config.max_position_embeddings
+        if not 0 < context:
+            raise OptionError("the context window must be a positive number of tokens")
+        self.context = min(context, window)
+        self.cache = self._new_cache(self.context, sinks=min(self.sinks, self.context - 1))
+        self._cache_ids = []
+
+    def expert_routing(self) -> list[list[int]]:
+        """Experts each MoE layer chose for the last token it ran (layers x top_k)."""
+        out = []
+        for moe in self.model.moe_layers():
+            choice = moe.last_choice
+            out.append(choice[-1].tolist() if choice is not None else [])
+        return out
+
+    def resident_experts(self) -> list[set[int]]:
+        """Experts held on the device, per MoE layer (all of them unless offloaded)."""
+        layers = self.model.moe_layers()
+        if self.offload is None:
+            return [set(range(self.config.num_local_experts)) for _ in layers]
+        return [set(self.offload.cache.where[i]) for i in range(len(layers))]
+
+    def memory(self) -> dict[str, int]:
+        """Bytes in use: host (resident set) and device (allocated, or the plan's on the CPU)."""
+        out = {"host": _rss()}
+        if self.device.type == "cuda":
+            out["device"] = torch.cuda.memory_allocated(self.device)
+        elif self.plan is not None:
+            out["device"] = self.plan.device_bytes
+        return out
 
     def stats(self) -> dict[str, Any]:
         """Runtime counters: the expert cache's, when the experts are offloaded."""

@@ -1,0 +1,140 @@
+"""The Textual app, driven with Textual's pilot, and snapshots of its screens."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from localmix.tui.app import LocalmixApp, PromptArea
+
+import localmix
+from localmix.conversations import list_conversations
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCALMIX_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def engine(home):
+    return localmix.load("demo", device="cpu", seed=0, temperature=0, max_tokens=24)
+
+
+async def send(pilot, text: str) -> None:
+    app = pilot.app
+    app.query_one(PromptArea).focus()
+    await pilot.press(*text)
+    await pilot.press("enter")
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+async def test_send_message_and_see_reply(engine):
+    app = LocalmixApp(engine, blink=False)
+    async with app.run_test(size=(130, 40)) as pilot:
+        await send(pilot, "hello")
+        roles = [m["role"] for m in app.conv.messages]
+        assert roles == ["user", "assistant"] and app.conv.messages[1]["content"]
+        shown = [w.content for w in app.query("ChatMessage")]
+        assert shown[0] == "hello" and shown[1].startswith(app.conv.messages[1]["content"][:10])
+        assert app.last is not None and app.last.generated_tokens == 24
+        saved = list_conversations()
+        assert len(saved) == 1 and saved[0].messages == app.conv.messages
+
+
+async def test_escape_stops_the_reply(engine):
+    app = LocalmixApp(engine, blink=False)
+    async with app.run_test(size=(130, 40)) as pilot:
+        app.query_one("#set-max_tokens").value = "100000"
+        app.query_one(PromptArea).focus()
+        await pilot.press(*"go")
+        await pilot.press("enter")
+        await pilot.press("escape")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert not app.generating
+        assert app.last is None or app.last.generated_tokens < 100000
+        assert len(app.conv.messages) == 2  # the partial reply is kept
+        assert "(stopped)" in app.query("ChatMessage").last().content
+
+
+async def test_ctrl_n_starts_a_new_chat(engine):
+    app = LocalmixApp(engine, blink=False)
+    async with app.run_test(size=(130, 40)) as pilot:
+        await send(pilot, "first")
+        old = app.conv.name
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert app.conv.name != old and app.conv.messages == []
+        assert len(app.query("ChatMessage")) == 0
+        assert engine.cache.used == 0
+
+
+async def test_reopen_saved_conversation_after_restart(home):
+    first = localmix.load("demo", device="cpu", seed=0, temperature=0, max_tokens=8)
+    app = LocalmixApp(first, blink=False)
+    async with app.run_test(size=(130, 40)) as pilot:
+        await send(pilot, "remember me")
+        name, messages = app.conv.name, list(app.conv.messages)
+    second = localmix.load("demo", device="cpu", seed=0, temperature=0, max_tokens=8)
+    app = LocalmixApp(second, blink=False)
+    async with app.run_test(size=(130, 40)) as pilot:
+        items = app.query("#conversations ListItem")
+        assert [i.name for i in items] == [name]
+        app.query_one("#conversations").index = 0
+        app.query_one("#conversations").action_select_cursor()
+        await pilot.pause()
+        assert app.conv.name == name and app.conv.messages == messages
+        assert [w.content for w in app.query("ChatMessage")] == [m["content"] for m in messages]
+
+
+async def test_temperature_setting_is_used(engine):
+    seen = []
+    real = engine.chat
+
+    def spy(messages, **sampling):
+        seen.append(sampling)
+        return real(messages, **sampling)
+
+    engine.chat = spy
+    app = LocalmixApp(engine, blink=False)
+    async with app.run_test(size=(130, 40)) as pilot:
+        app.query_one("#set-temperature").value = "0.3"
+        app.query_one("#set-system").value = "be brief"
+        await pilot.pause()
+        await send(pilot, "hi")
+        assert seen[-1]["temperature"] == 0.3
+        assert app.conv.for_engine()[0] == {"role": "system", "content": "be brief"}
+        app.query_one("#set-temperature").value = "-1"
+        await pilot.pause()
+        assert app.query_one("#set-temperature").has_class("-invalid")
+        assert app.conv.settings["temperature"] == 0.3
+
+
+@pytest.fixture
+def deterministic(engine, monkeypatch):
+    """Fixed clock and memory figures, so the stats panel renders the same every run."""
+    clock = itertools.count(0, 0.02)
+    monkeypatch.setattr("localmix.engine.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr(engine, "memory", lambda: {"host": 300_000_000})
+    return engine
+
+
+def test_snapshot_main_screen(deterministic, snap_compare):
+    async def chat(pilot):
+        await send(pilot, "Write a function")
+
+    app = LocalmixApp(deterministic, blink=False)
+    assert snap_compare(app, terminal_size=(130, 40), run_before=chat)
+
+
+def test_snapshot_stats_panel(deterministic, snap_compare):
+    async def chat_then_focus_stats(pilot):
+        await send(pilot, "Count experts")
+        pilot.app.query_one("#panel").active = "stats"
+        await pilot.pause()
+
+    app = LocalmixApp(deterministic, blink=False)
+    assert snap_compare(app, terminal_size=(130, 40), run_before=chat_then_focus_stats)
