@@ -100,6 +100,25 @@ MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="reply lengt
 Stop = Annotated[list[str] | None, typer.Option(help="stop at this string (repeatable)")]
 Context = Annotated[int | None, typer.Option(help="rolling context window, in tokens")]
 System = Annotated[str | None, typer.Option(help="system prompt")]
+Device = Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when present)")]
+DeviceMemory = Annotated[
+    str | None,
+    typer.Option("--device-memory", help="offload experts to fit this budget, e.g. 12GB"),
+]
+Slots = Annotated[int | None, typer.Option(help="offload experts: device slots per layer")]
+Policy = Annotated[str, typer.Option(help="expert cache eviction: transition or lru")]
+Prefetch = Annotated[int, typer.Option(help="layers of router-driven prefetch (0: off)")]
+
+
+def placement(device, device_memory, slots, policy, prefetch) -> dict:
+    """load() options for where the model runs and how experts are offloaded."""
+    return {
+        "device": device,
+        "device_memory": device_memory,
+        "expert_slots": slots,
+        "policy": policy,
+        "prefetch": prefetch,
+    }
 
 
 @app.command()
@@ -115,6 +134,11 @@ def run(
     max_tokens: MaxTokens = None,
     stop: Stop = None,
     context: Context = None,
+    device: Device = None,
+    device_memory: DeviceMemory = None,
+    slots: Slots = None,
+    policy: Policy = "transition",
+    prefetch: Prefetch = 1,
     raw: Annotated[bool, typer.Option(help="no chat template: continue the text")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="timings on stderr")] = False,
@@ -133,7 +157,11 @@ def run(
     if not parts:
         raise fail("no prompt: give one as an argument or on stdin")
     text = "\n\n".join(parts)
-    engine = load_engine(model, context=context)
+    engine = load_engine(
+        model, context=context, **placement(device, device_memory, slots, policy, prefetch)
+    )
+    if verbose and engine.plan is not None:
+        err.print(f"[dim]{engine.plan}[/dim]")
     sampling = sampling_args(
         temperature=temperature,
         top_p=top_p,
@@ -238,6 +266,30 @@ def show(model: Annotated[str, typer.Argument(help="model name or path")]) -> No
     out.print("  files")
     for f in sorted(p for p in path.iterdir() if p.is_file()):
         out.print(f"    {f.name:<40}{human_bytes(f.stat().st_size):>10}")
+    if cfg.is_moe:
+        out.print(machine_plan(cfg, path))
+
+
+def machine_plan(cfg, path: Path) -> str:
+    """How the model would be placed here: on the GPU's free memory, or in host RAM."""
+    import torch
+
+    from localmix.errors import MemoryBudgetError
+    from localmix.loader import read_manifest
+    from localmix.offload import plan_for
+
+    manifest = read_manifest(path)
+    quantization = manifest["quantization"] if manifest else None
+    context = min(4096, cfg.sliding_window or cfg.max_position_embeddings)
+    if not torch.cuda.is_available():
+        plan = plan_for(cfg, quantization, None, "cpu", context)
+        total = sum(plan.trunk.values()) + plan.kv_cache + plan.host_bytes
+        return f"  placement    no GPU here: runs on the CPU in about {human_bytes(total)} of RAM"
+    free, _ = torch.cuda.mem_get_info()
+    try:
+        return str(plan_for(cfg, quantization, free, "cuda", context))
+    except MemoryBudgetError as e:
+        return f"  placement    does not fit this GPU's free memory: {e}"
 
 
 @app.command()
@@ -264,6 +316,11 @@ def chat(
     seed: Seed = None,
     max_tokens: MaxTokens = None,
     context: Context = None,
+    device: Device = None,
+    device_memory: DeviceMemory = None,
+    slots: Slots = None,
+    policy: Policy = "transition",
+    prefetch: Prefetch = 1,
     load: Annotated[str | None, typer.Option(help="continue a saved conversation")] = None,
     use_tui: Annotated[
         bool, typer.Option("--tui", help="open the full-screen app instead")
@@ -274,9 +331,10 @@ def chat(
 
     if not sys.stdin.isatty():
         raise fail("chat needs a terminal; for pipes and scripts use `localmix run MODEL PROMPT`")
+    where = placement(device, device_memory, slots, policy, prefetch)
     if use_tui:
-        return tui(model, context)
-    engine = load_engine(model, context=context)
+        return tui(model, context, device, device_memory, slots, policy, prefetch)
+    engine = load_engine(model, context=context, **where)
     settings = sampling_args(
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens
     )
@@ -467,9 +525,16 @@ def link_snapshot(snapshot: Path, dst: Path) -> None:
 def tui(
     model: Annotated[str | None, typer.Argument(help="model name or path")] = None,
     context: Context = None,
+    device: Device = None,
+    device_memory: DeviceMemory = None,
+    slots: Slots = None,
+    policy: Policy = "transition",
+    prefetch: Prefetch = 1,
 ) -> None:
     """The full-screen chat app: saved conversations, settings, live expert-cache view."""
     from localmix.tui.app import LocalmixApp
 
-    engine = load_engine(model, context=context)
+    engine = load_engine(
+        model, context=context, **placement(device, device_memory, slots, policy, prefetch)
+    )
     LocalmixApp(engine).run()

@@ -18,8 +18,17 @@ def print_stats(summary: Summary, console: Console = err) -> None:
         f"{summary.decode_tokens_per_s:.1f} tok/s · stop: {summary.stop_reason} · context "
         f"{summary.context_used}/{summary.context_size}[/dim]"
     )
-    for key, value in summary.stats.items():
-        console.print(f"[dim]{key}: {value}[/dim]")
+    s = summary.stats
+    if s:
+        console.print(
+            f"[dim]experts: hit rate {s['hit_rate']:.1%} · {s['loads_per_token']:.2f} loads/token · "
+            f"{human_bytes(s['bytes_per_token'])}/token moved · prefetch precision "
+            f"{s['prefetch_precision']:.1%}, recall {s['prefetch_recall']:.1%}[/dim]"
+        )
+        per_layer = " ".join(
+            f"{i}:{ls['hits']}/{ls['hits'] + ls['misses']}" for i, ls in enumerate(s["per_layer"])
+        )
+        console.print(f"[dim]hits per layer: {per_layer}[/dim]")
 
 
 def human_bytes(n: float) -> str:

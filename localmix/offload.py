@@ -328,3 +328,31 @@ class Offload:
             for n, ls in zip(self.plan.slots, s.layers, strict=True)
         ]
         return out
+
+
+def plan_for(
+    cfg: ModelConfig,
+    quantization: dict | None,
+    budget: int | None,
+    device: str,
+    context: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Plan:
+    """The plan for a model described by its config (and manifest), without loading weights."""
+    from .loader import quantize_modules
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+        model.to(dtype)
+    if quantization is not None:
+        quantize_modules(model, quantization)
+    _, expert_bytes = expert_layout(model.moe_layers()[0].experts[0])
+    kv = (
+        2
+        * cfg.num_hidden_layers
+        * cfg.num_key_value_heads
+        * context
+        * cfg.head_dim
+        * dtype.itemsize
+    )
+    return make_plan(cfg, trunk_bytes(model), expert_bytes, kv, budget, device)

@@ -93,13 +93,22 @@ class CrossLayerPredictor:
 
 
 def replay(
-    trace: Trace, n_layers: int, slots: int, policy: str, prefetch: str | None, expert_bytes: int
+    trace: Trace,
+    n_layers: int,
+    slots: int | list[int],
+    policy: str,
+    prefetch: str | None,
+    expert_bytes: int,
 ) -> dict[str, float]:
-    """Hit rate, loads and bytes per token of one policy (and predictor) over the trace."""
+    """Hit rate, loads and bytes per token of one policy (and predictor) over the trace.
+
+    `slots` is per layer: one number for all, or a list (as a placement plan gives).
+    """
+    per_layer = [slots] * n_layers if isinstance(slots, int) else list(slots)
     hits = requests = loads = tokens = predicted = right = 0
     for prompt_tokens in trace.values():
         pol = Belady(prompt_tokens) if policy == "belady" else make_policy(policy)
-        cache = ExpertCache([slots] * n_layers, pol, None, expert_bytes)
+        cache = ExpertCache(per_layer, pol, None, expert_bytes)
         predictor = CrossLayerPredictor(top_k=2) if prefetch else None
         for token in prompt_tokens:
             tokens += 1
