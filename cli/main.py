@@ -68,11 +68,12 @@ def default_model() -> str:
 
 def load_engine(model: str | None, context: int | None = None, **options):
     import localmix
-    from localmix.demo import DEMO_NOTE
+    from localmix.demo import builtin_note
+    from localmix.store import BUILTIN
 
     name = model or default_model()
-    if name == "demo":
-        err.print(f"[dim]{DEMO_NOTE}[/dim]")
+    if name in BUILTIN:
+        err.print(f"[dim]{builtin_note()}[/dim]")
     with err.status(f"loading {name}…") if err.is_terminal else _null():
         return localmix.load(name, context=context, **options)
 

@@ -1,8 +1,9 @@
-"""The built-in demo model: a small random Mixtral that needs no download.
+"""The built-in models: nano (trained, shipped in the package) and a seeded random builder.
 
-Its weights are random (seeded), so its replies are not meaningful; it exists so that every
-command works on a fresh machine. It is written in the Hugging Face layout and loaded through
-the same code as any downloaded model.
+`demo` and `nano` name nano, a small Mixtral that scripts/train_nano.py trains on Python's
+standard library; it writes Python-shaped text, not answers. The random builder writes a small
+random Mixtral in the Hugging Face layout, for tests and benchmarks (and as `demo` if the
+package data is missing).
 """
 
 from __future__ import annotations
@@ -41,7 +42,27 @@ DEMO_CONFIG = {
     "torch_dtype": "bfloat16",
 }
 DEMO_SEED = 1234
-DEMO_NOTE = "demo model: random weights, so replies are not meaningful"
+NANO_NOTE = (
+    "nano: a 17M-parameter Mixtral trained on Python's standard library; it continues code, "
+    "it does not answer questions"
+)
+RANDOM_NOTE = "demo model: random weights, so replies are not meaningful"
+
+
+def nano_path() -> Path:
+    return Path(str(resources.files("localmix") / "data" / "nano"))
+
+
+def builtin_model(store: Path) -> Path:
+    """nano from the package; the seeded random model if the package data is missing."""
+    nano = nano_path()
+    if (nano / "model.safetensors").exists():
+        return nano
+    return ensure_demo(store / "demo")
+
+
+def builtin_note() -> str:
+    return NANO_NOTE if (nano_path() / "model.safetensors").exists() else RANDOM_NOTE
 
 
 def demo_tokenizer_path() -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import ModelNotFoundError
 
-BUILTIN = ("demo",)
+BUILTIN = ("demo", "nano")  # demo is nano, the model shipped in the package
 
 
 def home() -> Path:
@@ -27,9 +27,9 @@ def resolve(model: str | os.PathLike) -> tuple[str, Path]:
     """Find a model: a directory path, a store name, a pulled Hub id, or a built-in name."""
     text = str(model)
     if text in BUILTIN:
-        from .demo import ensure_demo
+        from .demo import builtin_model
 
-        return text, ensure_demo(models_dir() / text)
+        return text, builtin_model(models_dir())
     path = Path(text).expanduser()
     if path.is_dir():
         return path.name, path

@@ -116,6 +116,11 @@ def tokenize(sp: spm.SentencePieceProcessor, files: list[Path]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def write_heldout(out: Path, val_files: list[Path]) -> None:
+    """The held-out text, shipped beside the weights so tests can measure perplexity on it."""
+    (out / "heldout.txt").write_text("\n".join(read(f) for f in val_files))
+
+
 @torch.no_grad()
 def evaluate(model, data: torch.Tensor, batches: int | None = None) -> float:
     """Mean next-token loss over non-overlapping windows of the context length."""
@@ -145,7 +150,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--heldout-only", action="store_true",
+                    help="only write heldout.txt into --out (for weights trained earlier)")
     args = ap.parse_args()
+    if args.heldout_only:
+        files = corpus_files()
+        write_heldout(args.out, files[: max(1, int(len(files) * HELD_OUT))])
+        return
     torch.manual_seed(SEED)
     torch.set_num_threads(args.threads)
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -215,6 +226,7 @@ def main() -> None:
     for extra in ("generation_config.json",):
         (args.out / extra).unlink(missing_ok=True)
     (args.out / "tokenizer.model").write_bytes(tok_bytes)
+    write_heldout(args.out, val_files)
     report = {
         "train_loss": train_loss,
         "val_loss": val_loss,

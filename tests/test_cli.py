@@ -13,6 +13,10 @@ from localmix.cli.main import app
 from typer.testing import CliRunner
 
 from localmix.conversations import Conversation, conversations_dir
+from localmix.demo import DEMO_CONFIG, builtin_note, demo_tokenizer_path, write_checkpoint
+from localmix.store import models_dir
+
+NOTE = builtin_note()[:20]
 
 runner = CliRunner()
 
@@ -24,8 +28,8 @@ def invoke(*args, input=None):
 def test_run_streams_reply_only():
     r = invoke("run", "demo", "def f():", "--max-tokens", "8", "--seed", "1")
     assert r.exit_code == 0, r.output
-    assert r.stdout.strip() and "demo model" not in r.stdout
-    assert "demo model" in r.stderr
+    assert r.stdout.strip() and NOTE not in r.stdout
+    assert NOTE in r.stderr
 
 
 def test_run_json_and_stdin_before_prompt():
@@ -99,13 +103,18 @@ def test_user_errors_are_one_line(args, message):
     assert len(r.stderr.strip().splitlines()[-1]) > 10
 
 
-def test_default_model_hint(monkeypatch):
+def test_default_model(monkeypatch, tmp_path):
     from localmix.cli.main import default_model
 
     from localmix.errors import LocalmixError
 
-    with pytest.raises(LocalmixError, match="localmix pull mistralai/Mixtral-8x7B"):
+    monkeypatch.setenv("LOCALMIX_HOME", str(tmp_path))
+    with pytest.raises(LocalmixError, match="localmix pull mistralai/Mixtral-8x7B.*demo"):
         default_model()
+    write_checkpoint(models_dir() / "org--only", DEMO_CONFIG, demo_tokenizer_path(), seed=0)
+    assert default_model() == "org/only"
+    r = invoke("run", "--max-tokens", "2", input="")
+    assert r.exit_code == 1 and "no prompt" in r.stderr
 
 
 def test_list_show_rm():
@@ -132,8 +141,8 @@ def test_pipe_leaves_only_the_reply(tmp_path):
     proc = subprocess.run(cmd, shell=True, capture_output=True, text=True, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
-    assert text.strip() and "\x1b[" not in text and "demo model" not in text
-    assert "demo model" in proc.stderr and "\x1b[" not in proc.stderr
+    assert text.strip() and "\x1b[" not in text and NOTE not in text
+    assert NOTE in proc.stderr and "\x1b[" not in proc.stderr
 
 
 def test_chat_in_a_terminal():

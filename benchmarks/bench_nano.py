@@ -1,0 +1,115 @@
+"""Benchmarks on nano, the trained model shipped with localmix.
+
+    python benchmarks/bench_nano.py [--dir /tmp/localmix-bench] [--tokens 256]
+
+1. Quantization quality: held-out perplexity (localmix/data/nano/heldout.txt) for bf16 and for
+   4-bit experts at groups 32/64/128, round-to-nearest and mse.
+2. Prefetch: precision and recall of predicting layer L+1's (and L+2's) experts by applying
+   that layer's gate to layer L's input, over a greedy decode.
+3. Expert cache: hit rates of each policy (and the offline optimum) on nano's own routing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from localmix.quant.convert import Settings, convert  # noqa: E402
+
+import localmix  # noqa: E402
+from localmix.demo import nano_path  # noqa: E402
+from localmix.evaluate import perplexity  # noqa: E402
+from localmix.model import route  # noqa: E402
+from localmix.trace import replay  # noqa: E402
+
+PROMPT = "import os\n\n\ndef read_config(path):\n    "
+
+
+def heldout_ids(engine) -> list[int]:
+    text = (nano_path() / "heldout.txt").read_text()
+    return engine.tokenizer.encode(text, bos=True)
+
+
+def quant_table(root: Path) -> None:
+    ref = localmix.load(nano_path(), device="cpu")
+    ids = heldout_ids(ref)
+    print(f"1. held-out perplexity over {len(ids)} tokens")
+    print(f"   bf16                {perplexity(ref, ids):8.3f}")
+    for g in (32, 64, 128):
+        row = []
+        for method in ("rtn", "mse"):
+            dst = root / f"nano-q4-g{g}-{method}"
+            shutil.rmtree(dst, ignore_errors=True)
+            convert(nano_path(), dst, Settings(group_size=g, method=method))
+            row.append(perplexity(localmix.load(dst, device="cpu"), ids))
+        print(f"   4-bit g{g:<4} rtn {row[0]:8.3f}   mse {row[1]:8.3f}")
+
+
+def routing_and_prediction(tokens: int) -> dict[int, list[dict[int, list[int]]]]:
+    """Greedy decode, recording each layer's input and choice; prints gate-prediction figures."""
+    engine = localmix.load(nano_path(), device="cpu")
+    moes = engine.model.moe_layers()
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0]))
+        for i, m in enumerate(moes)
+    ]
+    hits = defaultdict(int)
+    total = defaultdict(int)
+    trace_tokens: list[dict[int, list[int]]] = []
+    events = engine.generate(PROMPT, temperature=0, max_tokens=tokens)
+    for event in events:
+        if not hasattr(event, "token_id"):
+            continue
+        chosen = {i: set(m.last_choice[-1].tolist()) for i, m in enumerate(moes)}
+        trace_tokens.append({i: sorted(c) for i, c in chosen.items()})
+        for i in range(len(moes)):
+            x = inputs[i][-1:]
+            for ahead in (1, 2):
+                if i + ahead < len(moes):
+                    _, pred = route(moes[i + ahead].gate(x), moes[0].top_k)
+                    hits[ahead] += len(set(pred[0].tolist()) & chosen[i + ahead])
+                    total[ahead] += moes[0].top_k
+    for h in hooks:
+        h.remove()
+    print(
+        f"2. gate-based prefetch prediction over {len(trace_tokens)} decoded tokens "
+        "(top-2 predicted, top-2 used: precision = recall)"
+    )
+    for ahead in (1, 2):
+        print(f"   {ahead} layer(s) ahead: {hits[ahead] / total[ahead]:.3f}")
+    return {0: trace_tokens}
+
+
+def cache_table(trace: dict[int, list[dict[int, list[int]]]], layers: int, experts: int) -> None:
+    print("3. expert-cache hit rate on nano's routing")
+    print("   slots  " + "".join(f"{p:>12}" for p in ("lru", "transition", "belady")))
+    for slots in range(2, experts):
+        rates = [
+            replay(trace, layers, slots, p, None, 1)["hit_rate"]
+            for p in ("lru", "transition", "belady")
+        ]
+        print(f"   {slots:<7}" + "".join(f"{r:>12.3f}" for r in rates))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/localmix-bench"))
+    ap.add_argument("--tokens", type=int, default=256)
+    args = ap.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    cfg = localmix.load(nano_path(), device="cpu").config
+    quant_table(args.dir)
+    trace = routing_and_prediction(args.tokens)
+    cache_table(trace, cfg.num_hidden_layers, cfg.num_local_experts)
+
+
+if __name__ == "__main__":
+    main()
