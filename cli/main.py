@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from localmix.errors import LocalmixError
+from localmix.expert_cache import DEFAULT_POLICY
+from localmix.offload import DEFAULT_PREFETCH
 
 app = typer.Typer(
     name="localmix",
@@ -138,8 +140,8 @@ def run(
     device: Device = None,
     device_memory: DeviceMemory = None,
     slots: Slots = None,
-    policy: Policy = "transition",
-    prefetch: Prefetch = 1,
+    policy: Policy = DEFAULT_POLICY,
+    prefetch: Prefetch = DEFAULT_PREFETCH,
     raw: Annotated[bool, typer.Option(help="no chat template: continue the text")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="timings on stderr")] = False,
@@ -320,8 +322,8 @@ def chat(
     device: Device = None,
     device_memory: DeviceMemory = None,
     slots: Slots = None,
-    policy: Policy = "transition",
-    prefetch: Prefetch = 1,
+    policy: Policy = DEFAULT_POLICY,
+    prefetch: Prefetch = DEFAULT_PREFETCH,
     load: Annotated[str | None, typer.Option(help="continue a saved conversation")] = None,
     use_tui: Annotated[
         bool, typer.Option("--tui", help="open the full-screen app instead")
@@ -529,8 +531,8 @@ def tui(
     device: Device = None,
     device_memory: DeviceMemory = None,
     slots: Slots = None,
-    policy: Policy = "transition",
-    prefetch: Prefetch = 1,
+    policy: Policy = DEFAULT_POLICY,
+    prefetch: Prefetch = DEFAULT_PREFETCH,
 ) -> None:
     """The full-screen chat app: saved conversations, settings, live expert-cache view."""
     from localmix.tui.app import LocalmixApp

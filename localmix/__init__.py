@@ -10,6 +10,8 @@ import torch
 from .config import ModelConfig
 from .engine import Engine, Summary, TokenEvent
 from .errors import LocalmixError
+from .expert_cache import DEFAULT_POLICY
+from .offload import DEFAULT_PREFETCH
 from .sampling import SamplingOptions
 
 __all__ = [
@@ -55,8 +57,8 @@ def load(
     sinks: int = 0,
     device_memory: str | int | None = None,
     expert_slots: int | None = None,
-    policy: str = "transition",
-    prefetch: int = 1,
+    policy: str = DEFAULT_POLICY,
+    prefetch: int = DEFAULT_PREFETCH,
     **options: Any,
 ) -> Engine:
     """Load a model directory or name and return an Engine ready to generate.

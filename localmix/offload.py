@@ -22,6 +22,7 @@ from .expert_cache import ExpertCache, make_policy
 from .model import MoeLayer, Transformer, route
 
 ALIGN = 64  # byte alignment of each tensor inside a packed expert
+DEFAULT_PREFETCH = 1  # layers looked ahead; 2 rarely pays (see benchmarks/bench_nano.py)
 # CUDA context, allocator slack and activations of a prefill chunk, kept out of the budget.
 CUDA_RESERVE_BYTES = 768 * 1024**2
 UNITS = {

@@ -150,8 +150,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--heldout-only", action="store_true",
-                    help="only write heldout.txt into --out (for weights trained earlier)")
+    ap.add_argument(
+        "--heldout-only",
+        action="store_true",
+        help="only write heldout.txt into --out (for weights trained earlier)",
+    )
     args = ap.parse_args()
     if args.heldout_only:
         files = corpus_files()
