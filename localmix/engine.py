@@ -156,17 +156,23 @@ class Engine:
         logits = None
         for start in range(common, len(ids), chunk):
             part = ids[start : start + chunk]
-            tokens = torch.tensor(part, dtype=torch.long, device=self.device)
-            logits = self.model(tokens, self.cache, last_only=True)[-1]
-            self._cache_ids += part
+            logits = self._forward(part)
         return logits, len(ids) - common
+
+    def _forward(self, part: list[int]) -> torch.Tensor:
+        """Run new tokens through the model; an interrupted call leaves an empty, valid cache."""
+        tokens = torch.tensor(part, dtype=torch.long, device=self.device)
+        try:
+            logits = self.model(tokens, self.cache, last_only=True)[-1]
+        except BaseException:  # Ctrl+C mid-forward: some layers may hold half-written keys
+            self.reset()
+            raise
+        self._cache_ids += part
+        return logits
 
     @torch.inference_mode()
     def _step(self, token: int) -> torch.Tensor:
-        tokens = torch.tensor([token], dtype=torch.long, device=self.device)
-        logits = self.model(tokens, self.cache, last_only=True)[-1]
-        self._cache_ids.append(token)
-        return logits
+        return self._forward([token])
 
     def _generate(
         self, ids: list[int], opts: SamplingOptions, remember_reply: bool = False

@@ -98,3 +98,20 @@ def test_eos_stops(tiny_mixtral):
     engine.reset()
     s = engine.complete([1, 5, 6], temperature=0, max_tokens=10)
     assert s.stop_reason == "eos" and s.generated_tokens == 0
+
+
+def test_interrupted_forward_leaves_a_valid_cache(tiny_mixtral):
+    engine = localmix.load(tiny_mixtral[0], device="cpu", dtype="fp32", context=8)
+    prompt = list(range(3, 30))
+    expected = engine.complete(prompt, temperature=0, max_tokens=5).token_ids
+    engine.reset()
+    engine.complete(prompt[:12], temperature=0, max_tokens=1)  # the ring has wrapped
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    hook = engine.model.layers[1].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        engine.complete(prompt, temperature=0, max_tokens=5)  # dies mid-chunk, layer 0 written
+    hook.remove()
+    assert engine.complete(prompt, temperature=0, max_tokens=5).token_ids == expected
