@@ -84,11 +84,19 @@ def read(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
+def chunks(files: list[Path], lines: int = 40):
+    """Training text for the tokenizer in pieces of a few dozen lines, newlines kept."""
+    for f in files:
+        text = read(f).splitlines(keepends=True)
+        for i in range(0, len(text), lines):
+            yield "".join(text[i : i + lines])
+
+
 def train_tokenizer(files: list[Path]) -> bytes:
-    lines = (line for f in files for line in read(f).splitlines())
+    """BPE with byte fallback. Identity normalisation: newlines and indentation are code."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.Train(
-        sentence_iterator=lines,
+        sentence_iterator=chunks(files),
         model_writer=model,
         model_type="bpe",
         vocab_size=VOCAB,
@@ -102,9 +110,10 @@ def train_tokenizer(files: list[Path]) -> bytes:
         split_digits=True,
         allow_whitespace_only_pieces=True,
         remove_extra_whitespaces=False,
-        input_sentence_size=2_000_000,
+        normalization_rule_name="identity",
+        input_sentence_size=400_000,
         shuffle_input_sentence=True,
-        max_sentence_length=4096,
+        max_sentence_length=1 << 16,
     )
     return model.getvalue()
 
