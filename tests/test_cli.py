@@ -118,16 +118,17 @@ def test_default_model(monkeypatch, tmp_path):
 
 
 def test_list_show_rm():
-    invoke("run", "demo", "x", "--max-tokens", "1")
+    write_checkpoint(models_dir() / "org--small", DEMO_CONFIG, demo_tokenizer_path(), seed=0)
     r = invoke("list")
-    assert r.exit_code == 0 and "demo" in r.stdout and "NAME" in r.stdout and "MB" in r.stdout
-    r = invoke("show", "demo")
+    assert r.exit_code == 0 and "org/small" in r.stdout and "NAME" in r.stdout and "MB" in r.stdout
+    r = invoke("show", "org/small")
     assert r.exit_code == 0
-    assert (
-        "mixtral" in r.stdout and "active per token" in r.stdout and "tokenizer.model" in r.stdout
-    )
-    r = invoke("rm", "demo")
-    assert r.exit_code == 0 and "demo" not in invoke("list").stdout
+    assert "mixtral" in r.stdout and "active per token" in r.stdout
+    assert "tokenizer.model" in r.stdout and "placement" in r.stdout
+    assert invoke("run", "org/small", "x", "--max-tokens", "2").exit_code == 0
+    r = invoke("rm", "org/small")
+    assert r.exit_code == 0 and "org/small" not in invoke("list").stdout
+    assert invoke("show", "demo").exit_code == 0  # the built-in model is not in the store
 
 
 def test_chat_refuses_pipes():
