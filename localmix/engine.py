@@ -93,13 +93,16 @@ class Engine:
         window = self.config.sliding_window or self.config.max_position_embeddings
         self.context = min(context or DEFAULT_CONTEXT, window)
         self.sinks = sinks
-        self.cache = self._new_cache(self.context, sinks=sinks)
+        self.cache = self.new_cache(self.context, sinks=sinks)
         self._cache_ids: list[int] = []  # tokens whose keys/values are in the cache
         self._reply_ids: dict[str, list[int]] = {}
         self.offload = None  # an Offload once experts are served from an expert cache
         self.plan = None
 
-    def _new_cache(self, window: int, *, sinks: int = 0, capacity: int | None = None):
+    def new_cache(
+        self, window: int, *, sinks: int = 0, capacity: int | None = None
+    ) -> RollingKVCache:
+        """A KV cache shaped for this model (window, attention sinks, slots)."""
         cfg = self.config
         return RollingKVCache(
             cfg.num_hidden_layers,
@@ -119,7 +122,7 @@ class Engine:
         """Logits (len, vocab) in float32 from a fresh full forward; the engine's state is kept."""
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1)
         window = self.config.sliding_window or max(len(ids), 1)
-        cache = self._new_cache(window, capacity=max(len(ids), 1))
+        cache = self.new_cache(window, capacity=max(len(ids), 1))
         return self.model(ids, cache).float()
 
     # -- generation ----------------------------------------------------------------------
@@ -273,7 +276,7 @@ class Engine:
         if not 0 < context:
             raise OptionError("the context window must be a positive number of tokens")
         self.context = min(context, window)
-        self.cache = self._new_cache(self.context, sinks=min(self.sinks, self.context - 1))
+        self.cache = self.new_cache(self.context, sinks=min(self.sinks, self.context - 1))
         self._cache_ids = []
 
     def expert_routing(self) -> list[list[int]]:

@@ -16,15 +16,7 @@ def engine(tiny_mixtral):
 
 def run(engine, ids, window, chunk, sinks=0, capacity=None):
     """Logits for every position, feeding `ids` in chunks through a cache of that shape."""
-    cfg = engine.config
-    cache = RollingKVCache(
-        cfg.num_hidden_layers,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-        window,
-        sinks=sinks,
-        capacity=capacity,
-    )
+    cache = engine.new_cache(window, sinks=sinks, capacity=capacity)
     out = []
     with torch.inference_mode():
         for i in range(0, len(ids), chunk):
