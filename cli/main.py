@@ -89,10 +89,8 @@ class _null:
 
 
 def sampling_args(**values) -> dict:
-    out = {k: v for k, v in values.items() if v is not None and v != ()}
-    if "stop" in out:
-        out["stop"] = tuple(out["stop"])
-    return out
+    """The sampling options given on the command line (SamplingOptions.updated checks them)."""
+    return {k: v for k, v in values.items() if v is not None and v != ()}
 
 
 Temperature = Annotated[float | None, typer.Option(help="0 = greedy (default 0.7)")]

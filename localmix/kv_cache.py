@@ -36,6 +36,7 @@ class CacheStep:
     key_positions: torch.Tensor  # (keys,) positions of the keys attended
     mask: torch.Tensor | None  # (n, keys) bool, None when every key is visible to the one query
     used: int  # slots in use after the write (a prefix of the buffer)
+    first_slot: int  # slots[0] as a Python int, read once for all layers
 
 
 class RollingKVCache:
@@ -131,7 +132,8 @@ class RollingKVCache:
         mask = attention_allowed(positions, key_positions, self.window, self.sinks)
         if n == 1 and bool(mask.all()):
             mask = None
-        self._step = CacheStep(positions, slots, concat, key_positions, mask, used)
+        first = int(slots[0])  # once per step, not once per layer
+        self._step = CacheStep(positions, slots, concat, key_positions, mask, used, first)
         return self._step
 
     def update_and_fetch(
@@ -150,7 +152,7 @@ class RollingKVCache:
             self.v[layer][:, step.slots] = v
             return keys, values, step.mask
         if k.shape[1] == 1:
-            slot = int(step.slots[0])
+            slot = step.first_slot
             self.k[layer][:, slot : slot + 1] = k
             self.v[layer][:, slot : slot + 1] = v
         else:
