@@ -8,15 +8,19 @@
    nbits=4, group_size=64, axis=1, optimize=True.
 2. A tiny Mixtral quantized by the converter: KL divergence and top-1 agreement of its logits
    against the unquantized model.
-3. Decode speed on the "mini" Mixtral: bf16, 4-bit experts, and 4-bit experts with int8
-   attention and head, in the same run (and llama.cpp's, where a llama-bench binary is found).
+3. Speed. One quantized matrix-vector product with localmix's AVX2 kernels against PyTorch's
+   int4/int8 kernels. Decode on the "mini" Mixtral: bf16; 4-bit experts on PyTorch's int4
+   kernel (the path before localmix's own); 4-bit experts; 4-bit experts with int8 attention
+   and head, interleaved in the same run (and llama.cpp's, where a llama-bench binary is found).
 4. Converter throughput (MB of bf16 source per second) on a sharded checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import os
 import shutil
 import sys
 import tempfile
@@ -30,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from localmix.quant import quantize_tensor  # noqa: E402
 from localmix.quant.convert import Settings, convert  # noqa: E402
 from localmix.quant.formats import relative_error  # noqa: E402
+from localmix.quant.kernels import ENV_SWITCH, cpu_kernels, unavailable_reason  # noqa: E402
 
 import localmix  # noqa: E402
-from benchmarks.common import MINI, mini_checkpoint, mixtral_tokenizer  # noqa: E402
+from benchmarks.common import MINI, best_of, mini_checkpoint, mixtral_tokenizer  # noqa: E402
 from localmix.demo import DEMO_CONFIG, demo_tokenizer_path, write_checkpoint  # noqa: E402
 
 
@@ -105,14 +110,95 @@ def drift_on_tiny(root: Path) -> None:
             print(f"   {method:<4} g{g:<4} KL {kl:.2e}   top-1 agreement {top1:.3f}")
 
 
-def decode_speed(path: Path, repeats: int = 2) -> tuple[float, float]:
-    engine = localmix.load(path, device="cpu")
-    best = (0.0, 0.0)
-    for _ in range(repeats):
-        engine.reset()
-        s = engine.complete(list(range(3, 131)), temperature=0, max_tokens=32)
-        best = max(best, (s.decode_tokens_per_s, s.prefill_tokens_per_s))
-    return best
+@contextlib.contextmanager
+def own_kernels(on: bool):
+    """localmix's AVX2 kernels, or PyTorch's int4/int8 kernels (the path before them)."""
+    before = os.environ.get(ENV_SWITCH)
+    os.environ[ENV_SWITCH] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[ENV_SWITCH]
+        else:
+            os.environ[ENV_SWITCH] = before
+
+
+def kernel_speed() -> None:
+    """One expert matrix (3584x1024, 4-bit g64) times one row, and the same in 8 bits."""
+    kernels = cpu_kernels()
+    if kernels is None:
+        print(f"   own kernels unavailable: {unavailable_reason()}")
+        return
+    mats = [torch.randn(3584, 1024, dtype=torch.bfloat16) for _ in range(24)]  # > L3 in all
+    x = torch.randn(1, 1024, dtype=torch.bfloat16)
+    q4 = [quantize_tensor(w, method="rtn") for w in mats]
+    q8 = [quantize_tensor(w, bits=8) for w in mats]
+    rows = [
+        (
+            "4-bit g64",
+            q4,
+            lambda q: kernels.int4_mm(x, q.qweight, q.scales_zeros, 64),
+            lambda q: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q.qweight, 64, q.scales_zeros),
+        ),
+        (
+            "8-bit",
+            q8,
+            lambda q: kernels.int8_mm(x, q.qweight, q.scales_zeros),
+            lambda q: torch.ops.aten._weight_int8pack_mm(x, q.qweight, q.scales_zeros),
+        ),
+        ("bf16", mats, None, lambda w: torch.nn.functional.linear(x, w)),
+    ]
+
+    def per_matrix(fn, qs):
+        return best_of(lambda: [fn(q) for q in qs], repeats=5) / len(qs)
+
+    for name, qs, ours, theirs in rows:
+        ref = per_matrix(theirs, qs)
+        line = f"   {name:<10} PyTorch {ref * 1e6:5.0f} us"
+        if ours is not None:
+            t = per_matrix(ours, qs)
+            line += (
+                f"   localmix {t * 1e6:5.0f} us ({ref / t:.2f}x, {qs[0].nbytes / t / 1e9:.1f} GB/s)"
+            )
+        print(line)
+
+
+def speed_on_mini(root: Path, rounds: int = 4) -> None:
+    src = mini_checkpoint(root)
+    q4, q4_int8 = root / "mini-q4", root / "mini-q4-int8"
+    for path, settings in [
+        (q4, Settings(method="rtn")),
+        (q4_int8, Settings(method="rtn", attn="int8", head="int8")),
+    ]:
+        if not (path / "localmix.json").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            convert(src, path, settings)
+    variants = [
+        ("bf16", src, True),
+        ("q4 experts, PyTorch int4 kernel", q4, False),
+        ("q4 experts, bf16 attn+head", q4, True),
+        ("q4 experts, int8 attn+head", q4_int8, True),
+    ]
+    print("3. quantized matrix-vector product, one row (best of 5, 24 matrices, cold caches)")
+    kernel_speed()
+    print(f"   mini Mixtral decode (prompt 128, 48 tokens, variants interleaved, best of {rounds})")
+    engines = {path: localmix.load(path, device="cpu") for _, path, _ in variants}
+    best = [(0.0, 0.0)] * len(variants)
+    for _ in range(rounds):
+        for i, (_, path, own) in enumerate(variants):
+            engine = engines[path]
+            engine.reset()
+            with own_kernels(own):
+                s = engine.complete(list(range(3, 131)), temperature=0, max_tokens=48)
+            best[i] = max(best[i], (s.decode_tokens_per_s, s.prefill_tokens_per_s))
+    base = best[0][0]
+    for (name, _, _), (decode, prefill) in zip(variants, best, strict=True):
+        print(
+            f"   {name:<32} decode {decode:6.1f} tok/s ({decode / base:.2f}x bf16)   "
+            f"prefill {prefill:6.1f} tok/s"
+        )
+    print("   " + llama_cpp_speed())
 
 
 def llama_cpp_speed() -> str:
@@ -120,32 +206,6 @@ def llama_cpp_speed() -> str:
     if exe is None:
         return "llama.cpp: no llama-bench on PATH, skipped"
     return f"llama.cpp found at {exe}: convert the mini model to GGUF Q4_K_M to compare"
-
-
-def speed_on_mini(root: Path) -> None:
-    src = mini_checkpoint(root)
-    variants = [
-        ("bf16", src, None),
-        ("q4 experts, bf16 attn+head", root / "mini-q4", Settings(method="rtn")),
-        (
-            "q4 experts, int8 attn+head",
-            root / "mini-q4-int8",
-            Settings(method="rtn", attn="int8", head="int8"),
-        ),
-    ]
-    print("3. mini Mixtral decode (prompt 128, 32 tokens, best of 2)")
-    base = None
-    for name, path, settings in variants:
-        if settings is not None and not (path / "localmix.json").exists():
-            shutil.rmtree(path, ignore_errors=True)
-            convert(src, path, settings)
-        decode, prefill = decode_speed(path)
-        base = base or decode
-        print(
-            f"   {name:<28} decode {decode:6.1f} tok/s ({decode / base:.2f}x bf16)   "
-            f"prefill {prefill:6.1f} tok/s"
-        )
-    print("   " + llama_cpp_speed())
 
 
 def throughput(root: Path) -> None:

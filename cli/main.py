@@ -163,6 +163,8 @@ def run(
     )
     if verbose and engine.plan is not None:
         err.print(f"[dim]{engine.plan}[/dim]")
+    if verbose and engine.kernels():
+        err.print(f"[dim]quantized matmuls: {engine.kernels()}[/dim]")
     sampling = sampling_args(
         temperature=temperature,
         top_p=top_p,

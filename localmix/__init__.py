@@ -74,6 +74,7 @@ def load(
     Other options set sampling defaults.
     """
     from .loader import load_transformer, read_manifest
+    from .quant.kernels import cpu_kernels
     from .store import resolve
     from .tokenizer import Tokenizer
 
@@ -87,6 +88,8 @@ def load(
         raise LocalmixError("expert offloading needs a mixture-of-experts model")
     host = torch.device("cpu")
     net = load_transformer(path, cfg, dt, host if offloading else dev, manifest)
+    if manifest is not None and dev.type == "cpu":
+        cpu_kernels()  # built once, here rather than in the middle of the first reply
     tokenizer = Tokenizer(path / "tokenizer.model")
     defaults = SamplingOptions().updated(**options)
     engine = Engine(

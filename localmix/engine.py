@@ -15,6 +15,8 @@ from .config import ModelConfig
 from .errors import OptionError
 from .kv_cache import RollingKVCache
 from .model import Transformer
+from .quant.kernels import describe as describe_cpu_kernels
+from .quant.linear import QuantLinear
 from .sampling import SamplingOptions, StopMatcher, make_sampler
 from .tokenizer import ChatTemplate, Tokenizer
 
@@ -302,6 +304,17 @@ class Engine:
         elif self.plan is not None:
             out["device"] = self.plan.device_bytes
         return out
+
+    def kernels(self) -> str:
+        """Which kernels the quantized matmuls run on ("" for a model without any)."""
+        modules = list(self.model.modules())
+        if self.offload is not None:  # the experts left the model for the expert store
+            modules += self.offload.store.template.modules()
+        if not any(isinstance(m, QuantLinear) for m in modules):
+            return ""
+        if self.device.type != "cpu":
+            return "dequantize + matmul"
+        return describe_cpu_kernels()
 
     def stats(self) -> dict[str, Any]:
         """Runtime counters: the expert cache's, when the experts are offloaded."""

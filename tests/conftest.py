@@ -20,6 +20,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_kernels_built():
+    """Build localmix's CPU kernels before any test (a minute, once per machine), so that no
+    test's output or timing depends on whether it happened to come first."""
+    from localmix.quant.kernels import cpu_kernels
+
+    cpu_kernels()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Every test gets its own model store, never the user's."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -12,6 +13,7 @@ from localmix.cli.main import app
 from localmix.quant import QuantLinear, quantize_tensor
 from localmix.quant.convert import ConvertError, Settings, convert
 from localmix.quant.formats import QuantError, pack_int4, relative_error, unpack_int4
+from localmix.quant.kernels import ENV_SWITCH, cpu_kernels, unavailable_reason
 from safetensors.torch import load_file
 
 import localmix
@@ -56,18 +58,47 @@ def test_bad_shapes_and_settings():
         quantize_tensor(torch.randn(64, 256), method="gptq")
 
 
+@pytest.mark.parametrize("own_kernels", ["1", "0"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quant_linear_kernels_match_dequantized(bits):
+def test_quant_linear_kernels_match_dequantized(bits, own_kernels, monkeypatch):
+    monkeypatch.setenv(ENV_SWITCH, own_kernels)  # localmix's kernels, or PyTorch's
     w = torch.randn(128, 256).bfloat16()
     q = quantize_tensor(w, bits=bits)
     layer = QuantLinear(256, 128, bits=bits)
     layer.qweight, layer.scales_zeros = q.qweight, q.scales_zeros
     ref_w = q.dequantize().float()
-    for rows in (1, 3, 40):  # kernel path and dequantize path
+    for rows in (1, 3, 40, 200):  # kernel paths and the dequantize path
         x = torch.randn(rows, 256).bfloat16()
         expected = x.float() @ ref_w.t()
         got = layer(x).float()
         assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_own_cpu_kernels_equal_float32_products(group_size):
+    """localmix's AVX2 kernels against float32 math on the dequantized weight: 1..5 rows (the
+    one- and two-row code paths and a remainder), bf16 and fp32 activations, bf16 rounding of
+    the result the only difference."""
+    kernels = cpu_kernels()
+    assert kernels is not None, unavailable_reason()  # CI machines have AVX2 and a compiler
+    gen = torch.Generator().manual_seed(group_size)
+    w = torch.randn(96, 384, generator=gen).bfloat16()
+    q4, q8 = quantize_tensor(w, group_size=group_size), quantize_tensor(w, bits=8)
+    for rows in (1, 2, 5):
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(rows, 384, generator=gen).to(dtype)
+            for q, got in [
+                (q4, kernels.int4_mm(x, q4.qweight, q4.scales_zeros, group_size)),
+                (q8, kernels.int8_mm(x, q8.qweight, q8.scales_zeros)),
+            ]:
+                expected = x.float() @ dataclasses.replace(q, dtype=torch.float32).dequantize().t()
+                assert got.dtype == dtype and got.shape == (rows, 96)
+                # float32 summation order; for bf16 also the rounding of the result (8 bits)
+                tol = 1e-5 if dtype == torch.float32 else 2**-8
+                atol = tol * float(expected.abs().max())
+                torch.testing.assert_close(got.float(), expected, rtol=tol, atol=atol)
+    with pytest.raises(RuntimeError, match="activations"):
+        kernels.int4_mm(torch.randn(1, 100), q4.qweight, q4.scales_zeros, group_size)
 
 
 def minilm_matrices():
@@ -149,6 +180,19 @@ def test_converted_model_loads_and_stays_close(source, tmp_path):
             break
     else:
         raise AssertionError("no expert found")
+
+
+def test_own_kernels_and_pytorchs_give_the_same_logits(source, tmp_path, monkeypatch):
+    convert(source, tmp_path / "q", Settings(attn="int8", method="rtn"))
+    q = localmix.load(tmp_path / "q", device="cpu", dtype="bf16")
+    assert q.kernels() == "localmix AVX2 kernels"
+    assert localmix.load(source, device="cpu").kernels() == ""  # nothing quantized
+    ids = list(range(3, 11))  # 8 rows: every quantized matmul takes a kernel path
+    ours = q.logits(ids).float()
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    assert q.kernels().startswith("PyTorch kernels")
+    theirs = q.logits(ids).float()
+    assert (ours - theirs).abs().max() < 0.03 * theirs.abs().max()
 
 
 def test_int8_attention_option(source, tmp_path):

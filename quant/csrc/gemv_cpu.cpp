@@ -1,0 +1,219 @@
+// Matrix-vector products over localmix's quantized weights, for a few activation rows (decode).
+//
+// PyTorch's `_weight_int4pack_mm_for_cpu` reads the same 4-bit layout but runs at ~7 GB/s on an
+// AVX2 machine: a decode step is then bound by unpacking, not by memory. These kernels unpack
+// with AVX2 and accumulate in float32, several independent accumulators deep so the FMAs never
+// wait on each other: about twice as fast (benchmarks/bench_quant.py prints both).
+//
+// 4-bit layout (quant/formats.py): rows in blocks of 32; block b holds K columns of 16 bytes,
+// byte (k, i) = row 32b+i's code in its low nibble, row 32b+i+16's in its high nibble.
+// scales_zeros is (K/group, N, 2) bfloat16: w = (code - 8) * scale + zero.
+// 8-bit layout: int8 (N, K) row-major, one bfloat16 scale per row: w = code * scale.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int kTile = 32;  // rows per 4-bit block
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One column of a block as four float vectors (rows 0-7, 8-15, 16-23, 24-31). The bytes are
+// widened straight from memory and split into nibbles in 32-bit lanes, which keeps shuffles,
+// the scarce unit on AVX2, to two per column.
+inline void unpack_column(const uint8_t* p, __m256 w[4]) {
+  const __m256i mask = _mm256_set1_epi32(0x0F);
+  __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+  w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v0, mask));
+  w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(v1, mask));
+  w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+  w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
+}
+
+// Adds scale * (dot - 8 * xsum) + zero * xsum to out[0..32), for one group of a block.
+// scales_zeros holds each row's pair as one 32-bit word (scale | zero << 16).
+inline void finish_group(const c10::BFloat16* szg, const __m256 dot[4], float xsum, float* out) {
+  const __m256 s = _mm256_set1_ps(xsum);
+  for (int j = 0; j < 4; ++j) {
+    __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(szg + 16 * j));
+    __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+    __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pair, _mm256_set1_epi32(0xFFFF0000)));
+    __m256 d = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, dot[j]);
+    __m256 o = _mm256_fmadd_ps(scale, d, _mm256_loadu_ps(out + 8 * j));
+    _mm256_storeu_ps(out + 8 * j, _mm256_fmadd_ps(zero, s, o));
+  }
+}
+
+inline void fma4(const __m256 w[4], __m256 x, __m256& a0, __m256& a1, __m256& a2, __m256& a3) {
+  a0 = _mm256_fmadd_ps(w[0], x, a0);
+  a1 = _mm256_fmadd_ps(w[1], x, a1);
+  a2 = _mm256_fmadd_ps(w[2], x, a2);
+  a3 = _mm256_fmadd_ps(w[3], x, a3);
+}
+
+// One 32-row block times one activation row, or two (which share each unpacked column). For
+// one row, even and odd columns go to separate accumulators so that consecutive FMAs never wait
+// on each other. The accumulators are named variables because compilers keep arrays of vectors
+// on the stack inside the loop; 8 accumulators, 4 weights and 1 activation fit 16 registers.
+template <bool kTwoRows>
+void int4_block(const uint8_t* qb, const c10::BFloat16* sz, const float* x, const float* xsum,
+                int64_t K, int64_t N, int64_t group, int64_t block, float* y) {
+  alignas(32) float out0[kTile] = {}, out1[kTile] = {};
+  const int64_t groups = K / group;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int64_t k = g * group; k < (g + 1) * group; k += kTwoRows ? 1 : 2) {
+      __m256 w[4];
+      unpack_column(qb + k * 16, w);
+      fma4(w, _mm256_broadcast_ss(x + k), a0, a1, a2, a3);
+      if (!kTwoRows) unpack_column(qb + (k + 1) * 16, w);
+      fma4(w, _mm256_broadcast_ss(kTwoRows ? x + K + k : x + k + 1), b0, b1, b2, b3);
+    }
+    const c10::BFloat16* szg = sz + (g * N + block * kTile) * 2;
+    if (kTwoRows) {
+      const __m256 dot0[4] = {a0, a1, a2, a3}, dot1[4] = {b0, b1, b2, b3};
+      finish_group(szg, dot0, xsum[g], out0);
+      finish_group(szg, dot1, xsum[groups + g], out1);
+    } else {
+      const __m256 dot[4] = {_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1),
+                             _mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3)};
+      finish_group(szg, dot, xsum[g], out0);
+    }
+  }
+  std::copy(out0, out0 + kTile, y + block * kTile);
+  if (kTwoRows) std::copy(out1, out1 + kTile, y + N + block * kTile);
+}
+
+// Activation rows as float32. Done by hand: each ATen op costs microseconds, as much as a
+// small matrix-vector product.
+std::vector<float> rows_as_float(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "activations must be (rows, ", K, ")");
+  torch::Tensor xc = x.contiguous();
+  std::vector<float> out(xc.numel());
+  if (xc.scalar_type() == torch::kBFloat16) {
+    const auto* p = xc.data_ptr<c10::BFloat16>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(p[i]);
+  } else {
+    torch::Tensor xf = xc.to(torch::kFloat32);
+    std::copy(xf.data_ptr<float>(), xf.data_ptr<float>() + out.size(), out.begin());
+  }
+  return out;
+}
+
+// (M, N) in `like`'s dtype from float32 results.
+torch::Tensor result(const std::vector<float>& y, int64_t M, int64_t N, const torch::Tensor& like) {
+  torch::Tensor out = torch::empty({M, N}, like.options());
+  if (out.scalar_type() == torch::kFloat32) {
+    std::copy(y.begin(), y.end(), out.data_ptr<float>());
+  } else if (out.scalar_type() == torch::kBFloat16) {
+    auto* p = out.data_ptr<c10::BFloat16>();
+    for (size_t i = 0; i < y.size(); ++i) p[i] = c10::BFloat16(y[i]);
+  } else {
+    out.copy_(torch::from_blob(const_cast<float*>(y.data()), {M, N}, torch::kFloat32));
+  }
+  return out;
+}
+
+}  // namespace
+
+// x (M, K) any float dtype; qweight uint8 (N, K/2); scales_zeros bf16 (K/group, N, 2).
+// Returns (M, N) in x's dtype.
+torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& qweight,
+                      const torch::Tensor& scales_zeros, int64_t group) {
+  TORCH_CHECK(qweight.dtype() == torch::kUInt8 && qweight.is_contiguous() && qweight.dim() == 2,
+              "qweight must be contiguous uint8 (N, K/2)");
+  TORCH_CHECK(scales_zeros.dtype() == torch::kBFloat16 && scales_zeros.is_contiguous(),
+              "scales_zeros must be contiguous bfloat16");
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
+  TORCH_CHECK(N % kTile == 0 && group % 2 == 0 && K % group == 0, "bad 4-bit shape");
+  TORCH_CHECK(scales_zeros.numel() == K / group * N * 2, "scales_zeros does not match qweight");
+  const std::vector<float> xf = rows_as_float(x, K);
+  const int64_t M = x.size(0), groups = K / group;
+  std::vector<float> xsum(M * groups, 0.0f);  // (M, groups)
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xsum[m * groups + k / group] += xf[m * K + k];
+  std::vector<float> y(M * N);
+  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  const auto* sz = scales_zeros.data_ptr<c10::BFloat16>();
+  const float* xp = xf.data();
+  const float* sp = xsum.data();
+  float* yp = y.data();
+  at::parallel_for(0, N / kTile, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* qb = q + b * K * 16;
+      int64_t m = 0;
+      for (; m + 2 <= M; m += 2)
+        int4_block<true>(qb, sz, xp + m * K, sp + m * groups, K, N, group, b, yp + m * N);
+      if (m < M) int4_block<false>(qb, sz, xp + m * K, sp + m * groups, K, N, group, b, yp + m * N);
+    }
+  });
+  return result(y, M, N, x);
+}
+
+// x (M, K); qweight int8 (N, K); scales bf16 (N,). Returns (M, N) in x's dtype.
+torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& qweight,
+                      const torch::Tensor& scales) {
+  TORCH_CHECK(qweight.dtype() == torch::kInt8 && qweight.is_contiguous() && qweight.dim() == 2,
+              "qweight must be contiguous int8 (N, K)");
+  TORCH_CHECK(scales.dtype() == torch::kBFloat16 && scales.is_contiguous() &&
+                  scales.numel() == qweight.size(0),
+              "scales must be bfloat16 (N,)");
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  TORCH_CHECK(K % 16 == 0 && N % 4 == 0, "int8 weights need in % 16 == 0 and out % 4 == 0");
+  const std::vector<float> xf = rows_as_float(x, K);
+  const int64_t M = x.size(0);
+  std::vector<float> y(M * N);
+  const int8_t* q = qweight.data_ptr<int8_t>();
+  const auto* s = scales.data_ptr<c10::BFloat16>();
+  const float* xp = xf.data();
+  float* yp = y.data();
+  // Four weight rows at a time, two accumulators each: eight independent FMA chains.
+  at::parallel_for(0, N / 4, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t n = 4 * begin; n < 4 * end; n += 4) {
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xr = xp + m * K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        const int8_t* r0 = q + n * K;
+        for (int64_t k = 0; k < K; k += 16) {
+          const __m256 x0 = _mm256_loadu_ps(xr + k), x1 = _mm256_loadu_ps(xr + k + 8);
+#define LOCALMIX_ROW(r, a, b)                                                              \
+  a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(                             \
+                          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r0 + r * K + k)))), \
+                      x0, a);                                                              \
+  b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(                             \
+                          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r0 + r * K + k + 8)))), \
+                      x1, b);
+          LOCALMIX_ROW(0, a0, b0)
+          LOCALMIX_ROW(1, a1, b1)
+          LOCALMIX_ROW(2, a2, b2)
+          LOCALMIX_ROW(3, a3, b3)
+#undef LOCALMIX_ROW
+        }
+        yp[m * N + n] = hsum(_mm256_add_ps(a0, b0)) * static_cast<float>(s[n]);
+        yp[m * N + n + 1] = hsum(_mm256_add_ps(a1, b1)) * static_cast<float>(s[n + 1]);
+        yp[m * N + n + 2] = hsum(_mm256_add_ps(a2, b2)) * static_cast<float>(s[n + 2]);
+        yp[m * N + n + 3] = hsum(_mm256_add_ps(a3, b3)) * static_cast<float>(s[n + 3]);
+      }
+    }
+  });
+  return result(y, M, N, x);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_mm", &int4_mm, "4-bit grouped weight times a few activation rows");
+  m.def("int8_mm", &int8_mm, "8-bit per-channel weight times a few activation rows");
+}
