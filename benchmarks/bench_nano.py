@@ -3,7 +3,10 @@
     python benchmarks/bench_nano.py [--dir /tmp/localmix-bench] [--tokens 256]
 
 1. Quantization quality: held-out perplexity (localmix/data/nano/heldout.txt) for bf16 and for
-   4-bit experts at groups 32/64/128, round-to-nearest and mse.
+   4-bit experts at groups 32/64/128 with each method (rtn, mse, wmse), and the KL divergence of
+   each from the bf16 model's predictions; then the scatter of perplexity among quantizations
+   as good as rtn (its range scaled by 0.98 and 1.02), which says how much of a perplexity
+   difference of this size is noise.
 2. Prefetch: precision and recall of predicting layer L+1's (and L+2's) experts by applying
    that layer's gate to layer L's input, over a greedy decode.
 3. Expert cache: hit rates of each policy (and the offline optimum) on nano's own routing.
@@ -22,11 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from localmix.quant.convert import Settings, convert  # noqa: E402
+from localmix.quant.formats import _codes, _minmax_params, _round_params  # noqa: E402
 
 import localmix  # noqa: E402
 from localmix.demo import nano_path  # noqa: E402
-from localmix.evaluate import perplexity  # noqa: E402
-from localmix.model import route  # noqa: E402
+from localmix.evaluate import kl_divergence, perplexity  # noqa: E402
+from localmix.model import Expert, route  # noqa: E402
 from localmix.trace import replay  # noqa: E402
 
 PROMPT = "import os\n\n\ndef read_config(path):\n    "
@@ -40,16 +44,40 @@ def heldout_ids(engine) -> list[int]:
 def quant_table(root: Path) -> None:
     ref = localmix.load(nano_path(), device="cpu")
     ids = heldout_ids(ref)
-    print(f"1. held-out perplexity over {len(ids)} tokens")
-    print(f"   bf16                {perplexity(ref, ids):8.3f}")
+    methods = ("rtn", "mse", "wmse")
+    print(f"1. held-out perplexity over {len(ids)} tokens, and KL divergence from bf16 (x 1e-3)")
+    print(f"   bf16       ppl {perplexity(ref, ids):8.3f}")
     for g in (32, 64, 128):
-        row = []
-        for method in ("rtn", "mse"):
+        cells = []
+        for method in methods:
             dst = root / f"nano-q4-g{g}-{method}"
             shutil.rmtree(dst, ignore_errors=True)
             convert(nano_path(), dst, Settings(group_size=g, method=method))
-            row.append(perplexity(localmix.load(dst, device="cpu"), ids))
-        print(f"   4-bit g{g:<4} rtn {row[0]:8.3f}   mse {row[1]:8.3f}")
+            engine = localmix.load(dst, device="cpu")
+            ppl, kl = perplexity(engine, ids), kl_divergence(engine, ref, ids)
+            cells.append(f"{method:<4} {ppl:7.3f} KL {kl * 1e3:5.3f}")
+        print(f"   4-bit g{g:<4}" + "   ".join(cells))
+    # How much of a perplexity difference is noise: round-to-nearest over ranges widened or
+    # narrowed by 2% are quantizations as good as rtn, yet their perplexities scatter.
+    print("   rtn with min..max scaled by 0.98 / 1.02, g64: ", end="")
+    scattered = []
+    for clip in (0.98, 1.02):
+        engine = localmix.load(nano_path(), device="cpu")
+        for module in engine.model.modules():
+            if isinstance(module, Expert):
+                for linear in (module.w1, module.w2, module.w3):
+                    linear.weight.data = rtn_clipped(linear.weight.data, 64, clip)
+        scattered.append(
+            f"ppl {perplexity(engine, ids):.3f} KL {kl_divergence(engine, ref, ids) * 1e3:.3f}"
+        )
+    print(" / ".join(scattered))
+
+
+def rtn_clipped(w: torch.Tensor, group_size: int, clip: float) -> torch.Tensor:
+    """Round-to-nearest 4-bit over each group's range scaled by `clip`, dequantized."""
+    groups = w.float().reshape(-1, group_size)
+    scale, zero = _round_params(*_minmax_params(groups, clip))
+    return ((_codes(groups, scale, zero) - 8) * scale + zero).reshape(w.shape).to(w.dtype)
 
 
 def routing_and_prediction(tokens: int) -> dict[int, list[dict[int, list[int]]]]:

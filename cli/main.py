@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from localmix.cli.render import err, human_bytes, print_stats
+from localmix.quant.formats import DEFAULT_METHOD, METHODS
 from rich.console import Console
 from rich.table import Table
 
@@ -31,6 +32,9 @@ app = typer.Typer(
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
 PULL_HINT = "localmix pull mistralai/Mixtral-8x7B-Instruct-v0.1"
+METHOD_HELP = (
+    f"how scales are chosen: {', '.join(METHODS)} (default {DEFAULT_METHOD}; rtn is fastest)"
+)
 
 
 def friendly_errors(command: Callable) -> Callable:
@@ -350,7 +354,7 @@ def quantize(
     src: Annotated[str, typer.Argument(help="model directory (Hugging Face layout) or name")],
     dst: Annotated[Path, typer.Argument(help="output directory")],
     group_size: Annotated[int, typer.Option("--group-size", help="32, 64 or 128")] = 64,
-    method: Annotated[str, typer.Option(help="mse (default, more accurate) or rtn")] = "mse",
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEFAULT_METHOD,
     attn: Annotated[str, typer.Option(help="attention weights: bf16 or int8")] = "bf16",
     lm_head: Annotated[str, typer.Option("--lm-head", help="output head: bf16 or int8")] = "bf16",
 ) -> None:
@@ -468,7 +472,7 @@ def pull(
     ref: Annotated[str, typer.Argument(help="Hub repository: org/name[@revision]")],
     no_quantize: Annotated[bool, typer.Option("--no-quantize", help="keep 16-bit weights")] = False,
     group_size: Annotated[int, typer.Option("--group-size", help="32, 64 or 128")] = 64,
-    method: Annotated[str, typer.Option(help="mse (default) or rtn")] = "mse",
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEFAULT_METHOD,
 ) -> None:
     """Download a model from the Hugging Face Hub and quantize it into the store, resumably."""
     from localmix.quant.convert import Settings
