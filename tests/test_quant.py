@@ -80,29 +80,58 @@ def test_quant_linear_kernels_match_dequantized(bits, own_kernels, monkeypatch):
         assert (got - expected).abs().max() < 0.02 * expected.abs().max()
 
 
+def int8_activations(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x rounded as the 4-bit kernel rounds 16-bit activations: int8 codes per weight group,
+    scaled by the group's max |x| / 127 (float32 arithmetic, ties to even)."""
+    groups = x.float().view(x.shape[0], -1, group_size)
+    amax = groups.abs().amax(-1, keepdim=True)
+    dx = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return (torch.round(groups / dx) * dx).view(x.shape)
+
+
+def int4_reference(x: torch.Tensor, q, group_size: int) -> torch.Tensor:
+    """Float64 sum of (code - 8) * scale * x' + zero * x over each group, x' the int8-rounded
+    activations for 16-bit x (x itself for float32): what the 4-bit kernel computes."""
+    n, k = q.shape
+    codes = unpack_int4(q.qweight).double().view(n, k // group_size, group_size)
+    scale = q.scales_zeros[..., 0].double().t()[..., None]  # (out, groups, 1)
+    zero = q.scales_zeros[..., 1].double().t()  # (out, groups)
+    centered = ((codes - 8) * scale).view(n, k)
+    xr = x.double() if x.dtype == torch.float32 else int8_activations(x, group_size).double()
+    xsum = x.double().view(x.shape[0], -1, group_size).sum(-1)  # (rows, groups)
+    return xr @ centered.t() + xsum @ zero.t()
+
+
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_own_cpu_kernels_equal_float32_products(group_size):
-    """localmix's AVX2 kernels against float32 math on the dequantized weight: 1..5 rows (the
-    one- and two-row code paths and a remainder), bf16 and fp32 activations, bf16 rounding of
-    the result the only difference."""
+def test_own_cpu_kernels_compute_what_they_promise(group_size):
+    """localmix's AVX2 kernels against float64 math: 1..5 rows (the one- and two-row float paths
+    and a remainder), bf16 activations (int8-rounded per group in the 4-bit kernel) and fp32
+    ones (exact), float32 summation and bf16 rounding of the result the only differences."""
     kernels = cpu_kernels()
     assert kernels is not None, unavailable_reason()  # CI machines have AVX2 and a compiler
     gen = torch.Generator().manual_seed(group_size)
     w = torch.randn(96, 384, generator=gen).bfloat16()
     q4, q8 = quantize_tensor(w, group_size=group_size), quantize_tensor(w, bits=8)
+    w8 = dataclasses.replace(q8, dtype=torch.float32).dequantize().double()
     for rows in (1, 2, 5):
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(rows, 384, generator=gen).to(dtype)
-            for q, got in [
-                (q4, kernels.int4_mm(x, q4.qweight, q4.scales_zeros, group_size)),
-                (q8, kernels.int8_mm(x, q8.qweight, q8.scales_zeros)),
+            for got, expected in [
+                (
+                    kernels.int4_mm(x, q4.qweight, q4.scales_zeros, group_size),
+                    int4_reference(x, q4, group_size),
+                ),
+                (kernels.int8_mm(x, q8.qweight, q8.scales_zeros), x.double() @ w8.t()),
             ]:
-                expected = x.float() @ dataclasses.replace(q, dtype=torch.float32).dequantize().t()
                 assert got.dtype == dtype and got.shape == (rows, 96)
-                # float32 summation order; for bf16 also the rounding of the result (8 bits)
                 tol = 1e-5 if dtype == torch.float32 else 2**-8
                 atol = tol * float(expected.abs().max())
-                torch.testing.assert_close(got.float(), expected, rtol=tol, atol=atol)
+                torch.testing.assert_close(got.double(), expected, rtol=tol, atol=atol)
+    # and the int8 rounding of 16-bit activations stays small against the exact product
+    x = torch.randn(1, 384, generator=gen).bfloat16()
+    exact = x.double() @ dataclasses.replace(q4, dtype=torch.float32).dequantize().double().t()
+    got = kernels.int4_mm(x, q4.qweight, q4.scales_zeros, group_size).double()
+    assert (got - exact).norm() < 0.015 * exact.norm()
     with pytest.raises(RuntimeError, match="activations"):
         kernels.int4_mm(torch.randn(1, 100), q4.qweight, q4.scales_zeros, group_size)
 

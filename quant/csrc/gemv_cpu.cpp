@@ -1,9 +1,9 @@
 // Matrix-vector products over localmix's quantized weights, for a few activation rows (decode).
 //
 // PyTorch's `_weight_int4pack_mm_for_cpu` reads the same 4-bit layout but runs at ~7 GB/s on an
-// AVX2 machine: a decode step is then bound by unpacking, not by memory. These kernels unpack
-// with AVX2 and accumulate in float32, several independent accumulators deep so the FMAs never
-// wait on each other: about twice as fast (benchmarks/bench_quant.py prints both).
+// AVX2 machine: a decode step is then bound by unpacking, not by memory. Here 16-bit
+// activations are rounded to int8 per group and multiplied with integer multiply-adds (32 codes
+// an instruction), float32 activations with float32 FMAs several accumulators deep.
 //
 // 4-bit layout (quant/formats.py): rows in blocks of 32; block b holds K columns of 16 bytes,
 // byte (k, i) = row 32b+i's code in its low nibble, row 32b+i+16's in its high nibble.
@@ -15,6 +15,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -42,18 +43,25 @@ inline void unpack_column(const uint8_t* p, __m256 w[4]) {
   w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
 }
 
-// Adds scale * (dot - 8 * xsum) + zero * xsum to out[0..32), for one group of a block.
-// scales_zeros holds each row's pair as one 32-bit word (scale | zero << 16).
-inline void finish_group(const c10::BFloat16* szg, const __m256 dot[4], float xsum, float* out) {
+// Adds scale * centered + zero * xsum to out[0..32), for one group of a block, where centered
+// is sum_k (code - 8) * x. scales_zeros holds each row's pair as one 32-bit word
+// (scale | zero << 16).
+inline void finish_group(const c10::BFloat16* szg, const __m256 centered[4], float xsum,
+                         float* out) {
   const __m256 s = _mm256_set1_ps(xsum);
   for (int j = 0; j < 4; ++j) {
     __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(szg + 16 * j));
     __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
     __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pair, _mm256_set1_epi32(0xFFFF0000)));
-    __m256 d = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, dot[j]);
-    __m256 o = _mm256_fmadd_ps(scale, d, _mm256_loadu_ps(out + 8 * j));
+    __m256 o = _mm256_fmadd_ps(scale, centered[j], _mm256_loadu_ps(out + 8 * j));
     _mm256_storeu_ps(out + 8 * j, _mm256_fmadd_ps(zero, s, o));
   }
+}
+
+// sum_k code * x minus 8 * sum_k x: the codes' sum re-centred on code 8.
+inline void center(__m256 dot[4], float xsum) {
+  const __m256 s8 = _mm256_set1_ps(8.0f * xsum);
+  for (int j = 0; j < 4; ++j) dot[j] = _mm256_sub_ps(dot[j], s8);
 }
 
 inline void fma4(const __m256 w[4], __m256 x, __m256& a0, __m256& a1, __m256& a2, __m256& a3) {
@@ -84,17 +92,102 @@ void int4_block(const uint8_t* qb, const c10::BFloat16* sz, const float* x, cons
     }
     const c10::BFloat16* szg = sz + (g * N + block * kTile) * 2;
     if (kTwoRows) {
-      const __m256 dot0[4] = {a0, a1, a2, a3}, dot1[4] = {b0, b1, b2, b3};
+      __m256 dot0[4] = {a0, a1, a2, a3}, dot1[4] = {b0, b1, b2, b3};
+      center(dot0, xsum[g]);
+      center(dot1, xsum[groups + g]);
       finish_group(szg, dot0, xsum[g], out0);
       finish_group(szg, dot1, xsum[groups + g], out1);
     } else {
-      const __m256 dot[4] = {_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1),
-                             _mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3)};
+      __m256 dot[4] = {_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2),
+                       _mm256_add_ps(a3, b3)};
+      center(dot, xsum[g]);
       finish_group(szg, dot, xsum[g], out0);
     }
   }
   std::copy(out0, out0 + kTile, y + block * kTile);
   if (kTwoRows) std::copy(out1, out1 + kTile, y + N + block * kTile);
+}
+
+// Activations quantized to int8 per group (the weights' groups), as llama.cpp multiplies its
+// 4-bit formats: `dx` (groups,) scales and, for every 4 columns k..k+3, a 32-byte pattern
+// (x_k, x_k+2) x 8 | (x_k+1, x_k+3) x 8 that lines up with the interleaved weight bytes below.
+struct Q8Row {
+  std::vector<int8_t> pattern;  // (K/4, 32)
+  std::vector<float> dx;        // (groups,)
+  std::vector<int32_t> qsum;    // (groups,) sum of the int8 codes
+};
+
+Q8Row quantize_row(const float* x, int64_t K, int64_t group) {
+  Q8Row r{std::vector<int8_t>(K * 8), std::vector<float>(K / group),
+          std::vector<int32_t>(K / group, 0)};
+  std::vector<int8_t> q(K);
+  for (int64_t g = 0; g < K / group; ++g) {
+    float amax = 0.0f;
+    for (int64_t k = g * group; k < (g + 1) * group; ++k) amax = std::max(amax, std::abs(x[k]));
+    const float dx = amax > 0.0f ? amax / 127.0f : 1.0f;
+    r.dx[g] = dx;
+    for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+      q[k] = static_cast<int8_t>(std::nearbyint(x[k] / dx));
+      r.qsum[g] += q[k];
+    }
+  }
+  for (int64_t s = 0; s < K / 4; ++s) {
+    int8_t* p = r.pattern.data() + s * 32;
+    for (int i = 0; i < 8; ++i) {
+      p[2 * i] = q[4 * s], p[2 * i + 1] = q[4 * s + 2];
+      p[16 + 2 * i] = q[4 * s + 1], p[16 + 2 * i + 1] = q[4 * s + 3];
+    }
+  }
+  return r;
+}
+
+// Adds the int16 partial sums of 16 rows (two 128-bit lanes, each 8 rows) into 8 int32 rows.
+inline __m256i widen_lanes(__m256i acc16, __m256i acc32) {
+  __m256i lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc16));
+  __m256i hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc16, 1));
+  return _mm256_add_epi32(acc32, _mm256_add_epi32(lo, hi));
+}
+
+// One 32-row block times one int8-quantized activation row, with integer multiply-adds.
+// Four columns at a time: two 32-byte loads hold columns (k, k+1) and (k+2, k+3); interleaving
+// their bytes pairs two columns of the same row, so one maddubs multiplies and adds 32 codes.
+// Partial sums stay int16 for 8 steps (|sum| <= 8 * 2 * 15 * 127 < 32768), then widen.
+void int4_block_q8(const uint8_t* qb, const c10::BFloat16* sz, const Q8Row& xr,
+                   const float* xsum, int64_t K, int64_t N, int64_t group, int64_t block,
+                   float* y) {
+  alignas(32) float out[kTile] = {};
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  for (int64_t g = 0; g < K / group; ++g) {
+    __m256i r0 = _mm256_setzero_si256(), r1 = r0, r2 = r0, r3 = r0;  // rows 0-7 .. 24-31
+    for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 32) {
+      __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t k = k0; k < k0 + 32; k += 4) {
+        __m256i c01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + k * 16));
+        __m256i c23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + (k + 2) * 16));
+        __m256i u0 = _mm256_unpacklo_epi8(c01, c23);  // rows 0-7 (low nibbles), 16-23 (high)
+        __m256i u1 = _mm256_unpackhi_epi8(c01, c23);  // rows 8-15, 24-31
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.pattern.data() + k * 8));
+        a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(_mm256_and_si256(u0, mask), xv));
+        a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(_mm256_and_si256(u1, mask), xv));
+        a2 = _mm256_add_epi16(
+            a2, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(u0, 4), mask), xv));
+        a3 = _mm256_add_epi16(
+            a3, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(u1, 4), mask), xv));
+      }
+      r0 = widen_lanes(a0, r0), r1 = widen_lanes(a1, r1);
+      r2 = widen_lanes(a2, r2), r3 = widen_lanes(a3, r3);
+    }
+    // Centred on code 8 in integers, with the quantized activations' own sum: the codes average
+    // about 8, so centring with the exact sum of x would multiply x's rounding errors by 8.
+    const __m256i c = _mm256_set1_epi32(8 * xr.qsum[g]);
+    const __m256 dx = _mm256_set1_ps(xr.dx[g]);
+    const __m256 dot[4] = {_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(r0, c)), dx),
+                           _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(r1, c)), dx),
+                           _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(r2, c)), dx),
+                           _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(r3, c)), dx)};
+    finish_group(sz + (g * N + block * kTile) * 2, dot, xsum[g], out);
+  }
+  std::copy(out, out + kTile, y + block * kTile);
 }
 
 // Activation rows as float32. Done by hand: each ATen op costs microseconds, as much as a
@@ -130,7 +223,9 @@ torch::Tensor result(const std::vector<float>& y, int64_t M, int64_t N, const to
 }  // namespace
 
 // x (M, K) any float dtype; qweight uint8 (N, K/2); scales_zeros bf16 (K/group, N, 2).
-// Returns (M, N) in x's dtype.
+// Returns (M, N) in x's dtype. Float32 activations multiply exactly (float32 sums); 16-bit ones
+// are quantized to int8 per group and multiplied in integers, about twice as fast, with errors
+// well under those of 16-bit rounding and of the 4-bit weights themselves.
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& qweight,
                       const torch::Tensor& scales_zeros, int64_t group) {
   TORCH_CHECK(qweight.dtype() == torch::kUInt8 && qweight.is_contiguous() && qweight.dim() == 2,
@@ -138,7 +233,7 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& qweight,
   TORCH_CHECK(scales_zeros.dtype() == torch::kBFloat16 && scales_zeros.is_contiguous(),
               "scales_zeros must be contiguous bfloat16");
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
-  TORCH_CHECK(N % kTile == 0 && group % 2 == 0 && K % group == 0, "bad 4-bit shape");
+  TORCH_CHECK(N % kTile == 0 && group % 32 == 0 && K % group == 0, "bad 4-bit shape");
   TORCH_CHECK(scales_zeros.numel() == K / group * N * 2, "scales_zeros does not match qweight");
   const std::vector<float> xf = rows_as_float(x, K);
   const int64_t M = x.size(0), groups = K / group;
@@ -151,15 +246,26 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& qweight,
   const float* xp = xf.data();
   const float* sp = xsum.data();
   float* yp = y.data();
-  at::parallel_for(0, N / kTile, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const uint8_t* qb = q + b * K * 16;
-      int64_t m = 0;
-      for (; m + 2 <= M; m += 2)
-        int4_block<true>(qb, sz, xp + m * K, sp + m * groups, K, N, group, b, yp + m * N);
-      if (m < M) int4_block<false>(qb, sz, xp + m * K, sp + m * groups, K, N, group, b, yp + m * N);
-    }
-  });
+  if (x.scalar_type() == torch::kFloat32) {
+    at::parallel_for(0, N / kTile, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const uint8_t* qb = q + b * K * 16;
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2)
+          int4_block<true>(qb, sz, xp + m * K, sp + m * groups, K, N, group, b, yp + m * N);
+        if (m < M)
+          int4_block<false>(qb, sz, xp + m * K, sp + m * groups, K, N, group, b, yp + m * N);
+      }
+    });
+  } else {
+    std::vector<Q8Row> rows;
+    for (int64_t m = 0; m < M; ++m) rows.push_back(quantize_row(xp + m * K, K, group));
+    at::parallel_for(0, N / kTile, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        for (int64_t m = 0; m < M; ++m)
+          int4_block_q8(q + b * K * 16, sz, rows[m], sp + m * groups, K, N, group, b, yp + m * N);
+    });
+  }
   return result(y, M, N, x);
 }
 
