@@ -119,6 +119,10 @@ class Expert(nn.Module):
         self.w3 = Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A quantized w1 may run the whole expert in one kernel call (QuantLinear.swiglu).
+        fused = getattr(self.w1, "swiglu", None)
+        if fused is not None and (out := fused(self.w3, self.w2, x)) is not None:
+            return out
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 

@@ -6,9 +6,10 @@ A decode step multiplies each weight by one activation row. PyTorch's int4 CPU k
 multiplies 32 codes per integer instruction: 2-2.5x PyTorch's speed in 4 bits
 (benchmarks/bench_quant.py measures both), with an error well below that of the 4-bit weights.
 Float32 activations (a model loaded with dtype="fp32") take an exact float32 path instead.
-It is built with PyTorch's C++ extension
-machinery into TORCH_EXTENSIONS_DIR (by default ~/.cache/torch_extensions) the first time a
-quantized model runs on the CPU, which takes about a minute; later runs load the cached build.
+
+The module is built with PyTorch's C++ extension machinery into TORCH_EXTENSIONS_DIR (by
+default ~/.cache/torch_extensions) the first time a quantized model runs on the CPU, which
+takes about a minute; later runs load the cached build.
 
 Where it cannot be built or run (no C++ compiler, a CPU without AVX2 and FMA, or
 LOCALMIX_CPU_KERNELS=0 in the environment), `cpu_kernels()` returns None, `unavailable_reason()`

@@ -71,6 +71,36 @@ class QuantLinear(nn.Module):
         w = self.quantized(torch.float32).dequantize()
         return F.linear(x.float(), w).to(x.dtype)
 
+    def swiglu(self, up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """down(silu(self(x)) * up(x)) in one kernel call, or None where that does not apply.
+
+        A decode step runs each expert on one row; doing the three products and the gating in
+        one call saves the dispatches between them. Applies to 4-bit layers on the CPU with
+        localmix's kernels, for as many rows as the single-layer kernels take.
+        """
+        if not (
+            isinstance(up, QuantLinear)
+            and isinstance(down, QuantLinear)
+            and self.bits == up.bits == down.bits == 4
+            and self.group_size == up.group_size == down.group_size
+            and x.device.type == "cpu"
+            and x.shape[0] <= self.KERNEL_MAX_ROWS[4]
+        ):
+            return None
+        kernels = cpu_kernels()
+        if kernels is None:
+            return None
+        return kernels.int4_swiglu(
+            x,
+            self.qweight,
+            self.scales_zeros,
+            up.qweight,
+            up.scales_zeros,
+            down.qweight,
+            down.scales_zeros,
+            self.group_size,
+        )
+
 
 def swap_linears(model: nn.Module, choose: Callable[[str], int], group_size: int) -> list[str]:
     """Replace each nn.Linear whose name `choose` maps to 4 or 8 bits by a QuantLinear.
