@@ -217,11 +217,16 @@ def throughput(root: Path) -> None:
         write_checkpoint(sharded, MINI, mixtral_tokenizer(), seed=0, max_shard_bytes=500_000_000)
     size = sum(p.stat().st_size for p in sharded.glob("*.safetensors"))
     shards = len(list(sharded.glob("*.safetensors")))
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        t = time.perf_counter()
-        convert(sharded, Path(tmp) / "out", Settings(method="rtn"))
-        rate = size / (time.perf_counter() - t) / 1e6
-    print(f"   rtn: {rate:.0f} MB/s over {size / 1e9:.2f} GB in {shards} shards")
+    rates = []
+    for _ in range(2):  # the first pass may read the source from disk, the second from memory
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            t = time.perf_counter()
+            convert(sharded, Path(tmp) / "out", Settings(method="rtn"))
+            rates.append(size / (time.perf_counter() - t) / 1e6)
+    print(
+        f"   rtn: {rates[0]:.0f} MB/s, again {rates[1]:.0f} MB/s "
+        f"over {size / 1e9:.2f} GB in {shards} shards"
+    )
     small = root / "small-sharded"
     if not small.exists():
         cfg = dict(MINI, num_hidden_layers=1)
