@@ -42,21 +42,22 @@ def _switched_off() -> bool:
 
 
 @functools.cache
-def _build() -> tuple[ModuleType | None, str]:
+def _build(source: Path = SOURCE, name: str = BUILD_NAME) -> tuple[ModuleType | None, str]:
+    """(module, "") or (None, why not); built once per process."""
     if not _cpu_supports():
         return None, f"the CPU lacks AVX2 ({torch.backends.cpu.get_cpu_capability()})"
     from torch.utils import cpp_extension
 
-    build_dir = build_directory()
-    if not any(build_dir.glob(f"{BUILD_NAME}*.so")):
+    build_dir = build_directory(name)
+    if not any(build_dir.glob(f"{name}*.so")):
         print("localmix: building the CPU kernels (once, about a minute)...", file=sys.stderr)
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module = cpp_extension.load(
-                BUILD_NAME,
-                [str(SOURCE)],
+                name,
+                [str(source)],
                 extra_cflags=FLAGS,
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir),
@@ -68,12 +69,12 @@ def _build() -> tuple[ModuleType | None, str]:
     return module, ""
 
 
-def build_directory() -> Path:
+def build_directory(name: str = BUILD_NAME) -> Path:
     """Where the build lives: under TORCH_EXTENSIONS_DIR (or ~/.cache/torch_extensions), one
     folder per Python and PyTorch version so an upgrade rebuilds instead of loading a stale .so."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     version = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
-    return Path(root) / f"{BUILD_NAME}-{version}"
+    return Path(root) / f"{name}-{version}"
 
 
 def cpu_kernels() -> ModuleType | None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from localmix.cli.main import app
 from localmix.quant import QuantLinear, quantize_tensor
+from localmix.quant import kernels as kernels_module
 from localmix.quant.convert import ConvertError, Settings, convert
 from localmix.quant.formats import (
     DEFAULT_METHOD,
@@ -134,6 +135,20 @@ def test_own_cpu_kernels_compute_what_they_promise(group_size):
     assert (got - exact).norm() < 0.015 * exact.norm()
     with pytest.raises(RuntimeError, match="activations"):
         kernels.int4_mm(torch.randn(1, 100), q4.qweight, q4.scales_zeros, group_size)
+
+
+def test_kernels_that_cannot_be_built_say_why(tmp_path, monkeypatch):
+    """A failed build (no compiler, a broken toolchain) or a CPU without AVX2 gives no module
+    and a reason, never an exception; QuantLinear then runs PyTorch's kernels (tested above
+    with the kernels switched off). Separate build names keep the real build untouched."""
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("#error no compiler here\n")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    module, why = kernels_module._build(broken, "localmix_test_broken")
+    assert module is None and why.startswith("could not be built")
+    monkeypatch.setattr(kernels_module, "_cpu_supports", lambda: False)
+    module, why = kernels_module._build(kernels_module.SOURCE, "localmix_test_no_avx2")
+    assert module is None and "lacks AVX2" in why
 
 
 def quant_linear(w: torch.Tensor, bits: int = 4) -> QuantLinear:
