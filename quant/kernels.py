@@ -30,7 +30,7 @@ import torch
 SOURCE = Path(__file__).parent / "csrc" / "gemv_cpu.cpp"
 ENV_SWITCH = "LOCALMIX_CPU_KERNELS"
 BUILD_NAME = "localmix_gemv_cpu_v1"  # bump with any change to the source's interface
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
 
 def _cpu_supports() -> bool:
@@ -78,7 +78,7 @@ def build_directory(name: str = BUILD_NAME) -> Path:
 
 
 def cpu_kernels() -> ModuleType | None:
-    """The compiled kernel module (`int4_mm`, `int8_mm`), or None where it is unavailable."""
+    """The compiled module (`int4_mm`, `int4_swiglu`, `int8_mm`), or None where unavailable."""
     return None if _switched_off() else _build()[0]
 
 
