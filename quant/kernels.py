@@ -2,10 +2,11 @@
 
 A decode step multiplies each weight by one activation row. PyTorch's int4 CPU kernel unpacks
 4-bit codes at ~7 GB/s on an AVX2 machine, slower than reading the bf16 weight it replaces.
-`csrc/gemv_cpu.cpp` rounds 16-bit activations to int8 per group, as llama.cpp does, and
-multiplies 32 codes per integer instruction: 2-2.5x PyTorch's speed in 4 bits
-(benchmarks/bench_quant.py measures both), with an error well below that of the 4-bit weights.
-Float32 activations (a model loaded with dtype="fp32") take an exact float32 path instead.
+`csrc/gemv_cpu.cpp` rounds 16-bit activations to int8 (per weight group for 4-bit weights,
+per 32 columns for 8-bit ones), as llama.cpp does, and multiplies 32 codes per integer
+instruction: 2.5-3x PyTorch's speed in 4 bits (benchmarks/bench_quant.py measures both), with
+an error well below that of the quantized weights. Float32 activations (a model loaded with
+dtype="fp32") take an exact float32 path instead.
 
 The module is built with PyTorch's C++ extension machinery into TORCH_EXTENSIONS_DIR (by
 default ~/.cache/torch_extensions) the first time a quantized model runs on the CPU, which

@@ -82,7 +82,7 @@ def test_quant_linear_kernels_match_dequantized(bits, own_kernels, monkeypatch):
 
 
 def int8_activations(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x rounded as the 4-bit kernel rounds 16-bit activations: int8 codes per weight group,
+    """x rounded as the kernels round 16-bit activations: int8 codes per group of columns,
     scaled by the group's max |x| / 127 (float32 arithmetic, ties to even)."""
     groups = x.float().view(x.shape[0], -1, group_size)
     amax = groups.abs().amax(-1, keepdim=True)
@@ -106,14 +106,19 @@ def int4_reference(x: torch.Tensor, q, group_size: int) -> torch.Tensor:
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_own_cpu_kernels_compute_what_they_promise(group_size):
     """localmix's AVX2 kernels against float64 math: 1..5 rows (the one- and two-row float paths
-    and a remainder), bf16 activations (int8-rounded per group in the 4-bit kernel) and fp32
-    ones (exact), float32 summation and bf16 rounding of the result the only differences."""
+    and a remainder), bf16 activations (rounded to int8 per weight group in the 4-bit kernel,
+    per 32 columns in the 8-bit one) and fp32 ones (exact), float32 summation and bf16 rounding
+    of the result the only differences."""
     kernels = cpu_kernels()
     assert kernels is not None, unavailable_reason()  # CI machines have AVX2 and a compiler
     gen = torch.Generator().manual_seed(group_size)
     w = torch.randn(96, 384, generator=gen).bfloat16()
     q4, q8 = quantize_tensor(w, group_size=group_size), quantize_tensor(w, bits=8)
     w8 = dataclasses.replace(q8, dtype=torch.float32).dequantize().double()
+
+    def rounded(x, block):  # the 8-bit kernel rounds 16-bit activations per 32 columns
+        return x.double() if x.dtype == torch.float32 else int8_activations(x, block).double()
+
     for rows in (1, 2, 5):
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(rows, 384, generator=gen).to(dtype)
@@ -122,7 +127,7 @@ def test_own_cpu_kernels_compute_what_they_promise(group_size):
                     kernels.int4_mm(x, q4.qweight, q4.scales_zeros, group_size),
                     int4_reference(x, q4, group_size),
                 ),
-                (kernels.int8_mm(x, q8.qweight, q8.scales_zeros), x.double() @ w8.t()),
+                (kernels.int8_mm(x, q8.qweight, q8.scales_zeros), rounded(x, 32) @ w8.t()),
             ]:
                 assert got.dtype == dtype and got.shape == (rows, 96)
                 tol = 1e-5 if dtype == torch.float32 else 2**-8

@@ -190,6 +190,33 @@ void int4_block_q8(const uint8_t* qb, const c10::BFloat16* sz, const Q8Row& xr,
   std::copy(out, out + kTile, y + block * kTile);
 }
 
+// Activations rounded to int8 per block of 32 columns (llama.cpp's Q8_0), for 8-bit weights.
+struct Q8Blocks {
+  std::vector<int8_t> q;  // (K,)
+  std::vector<float> d;   // (K/32,) scales
+};
+
+Q8Blocks quantize_blocks(const float* x, int64_t K) {
+  Q8Blocks r{std::vector<int8_t>(K), std::vector<float>(K / 32)};
+  for (int64_t b = 0; b < K / 32; ++b) {
+    float amax = 0.0f;
+    for (int64_t k = 32 * b; k < 32 * b + 32; ++k) amax = std::max(amax, std::abs(x[k]));
+    const float d = amax > 0.0f ? amax / 127.0f : 1.0f;
+    r.d[b] = d;
+    for (int64_t k = 32 * b; k < 32 * b + 32; ++k)
+      r.q[k] = static_cast<int8_t>(std::nearbyint(x[k] / d));
+  }
+  return r;
+}
+
+// Eight int32 partial sums of 32 int8 x int8 products. maddubs takes one unsigned operand, so
+// the weight's sign moves onto the activation; |w| and |x| <= 127 keep its pair sums exact.
+inline __m256i dot32(const int8_t* w, __m256i xv) {
+  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
 // Activation rows as float32. Done by hand: each ATen op costs microseconds, as much as a
 // small matrix-vector product.
 std::vector<float> rows_as_float(const torch::Tensor& x, int64_t K) {
@@ -304,7 +331,8 @@ torch::Tensor int4_swiglu(const torch::Tensor& x, const torch::Tensor& q1,
   return result(int4_product(h, M, exact, q2, s2, group), M, q2.size(0), x);
 }
 
-// x (M, K); qweight int8 (N, K); scales bf16 (N,). Returns (M, N) in x's dtype.
+// x (M, K); qweight int8 (N, K); scales bf16 (N,). Returns (M, N) in x's dtype. As in int4_mm,
+// float32 activations multiply exactly and 16-bit ones are rounded to int8 (per 32 columns).
 torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& qweight,
                       const torch::Tensor& scales) {
   TORCH_CHECK(qweight.dtype() == torch::kInt8 && qweight.is_contiguous() && qweight.dim() == 2,
@@ -321,6 +349,33 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& qweight,
   const auto* s = scales.data_ptr<c10::BFloat16>();
   const float* xp = xf.data();
   float* yp = y.data();
+  if (x.scalar_type() != torch::kFloat32 && K % 32 == 0) {
+    // 16-bit activations: rounded to int8 per 32 columns, integer products, four rows at once.
+    std::vector<Q8Blocks> rows;
+    for (int64_t m = 0; m < M; ++m) rows.push_back(quantize_blocks(xp + m * K, K));
+    at::parallel_for(0, N / 4, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t n = 4 * begin; n < 4 * end; n += 4) {
+        for (int64_t m = 0; m < M; ++m) {
+          const Q8Blocks& xr = rows[m];
+          __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+          const int8_t* r0 = q + n * K;
+          for (int64_t k = 0; k < K; k += 32) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&xr.q[k]));
+            const __m256 d = _mm256_set1_ps(xr.d[k / 32]);
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(r0 + k, xv)), d, a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(r0 + K + k, xv)), d, a1);
+            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(r0 + 2 * K + k, xv)), d, a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(r0 + 3 * K + k, xv)), d, a3);
+          }
+          yp[m * N + n] = hsum(a0) * static_cast<float>(s[n]);
+          yp[m * N + n + 1] = hsum(a1) * static_cast<float>(s[n + 1]);
+          yp[m * N + n + 2] = hsum(a2) * static_cast<float>(s[n + 2]);
+          yp[m * N + n + 3] = hsum(a3) * static_cast<float>(s[n + 3]);
+        }
+      }
+    });
+    return result(y, M, N, x);
+  }
   // Four weight rows at a time, two accumulators each: eight independent FMA chains.
   at::parallel_for(0, N / 4, 4, [&](int64_t begin, int64_t end) {
     for (int64_t n = 4 * begin; n < 4 * end; n += 4) {
