@@ -237,6 +237,14 @@ def throughput(root: Path) -> None:
         convert(small, Path(tmp) / "out", Settings(method=DEFAULT_METHOD))
         rate = size / (time.perf_counter() - t) / 1e6
     print(f"   {DEFAULT_METHOD}: {rate:.0f} MB/s over {size / 1e9:.2f} GB")
+    # Mixtral's experts are 14336x4096, larger than any tensor of the mini model.
+    w = (torch.randn(14336, 4096, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    rates = []
+    for method in ("rtn", DEFAULT_METHOD):
+        t = time.perf_counter()
+        quantize_tensor(w, method=method)
+        rates.append(f"{method} {w.nbytes / (time.perf_counter() - t) / 1e6:.0f} MB/s")
+    print("   one Mixtral-shaped expert weight (14336x4096): " + ", ".join(rates))
 
 
 def main() -> None:
