@@ -16,6 +16,8 @@ from localmix.quant.convert import ConvertError, Settings, convert
 from localmix.quant.formats import (
     DEFAULT_METHOD,
     QuantError,
+    _codes,
+    _fit_groups,
     pack_int4,
     relative_error,
     unpack_int4,
@@ -140,6 +142,25 @@ def test_own_cpu_kernels_compute_what_they_promise(group_size):
     assert (got - exact).norm() < 0.015 * exact.norm()
     with pytest.raises(RuntimeError, match="activations"):
         kernels.int4_mm(torch.randn(1, 100), q4.qweight, q4.scales_zeros, group_size)
+
+
+@pytest.mark.parametrize("method", ["wmse", "mse"])
+def test_kernel_fit_is_the_python_fit(method, monkeypatch):
+    """The converter fits scales in C++ where localmix's kernels exist; the PyTorch version
+    stays as the reference and the fallback. Summation order may differ, so a rare group may
+    round to a different bf16 scale; the fit's quality may not."""
+    mats = minilm_matrices()[:8]
+    groups = torch.cat([w.float().reshape(-1, 64) for w in mats])
+    fast = _fit_groups(groups, method)
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    slow = _fit_groups(groups, method)
+    same = ((fast[0] == slow[0]) & (fast[1] == slow[1])).float().mean()
+    assert same > 0.999, same
+
+    def error(scale, zero):
+        return float(((_codes(groups, scale, zero) - 8) * scale + zero - groups).norm())
+
+    assert abs(error(*fast) - error(*slow)) < 1e-4 * error(*slow)
 
 
 def test_kernels_that_cannot_be_built_say_why(tmp_path, monkeypatch):

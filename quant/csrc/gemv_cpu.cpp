@@ -416,8 +416,113 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& qweight,
   return result(y, M, N, x);
 }
 
+// float32 -> bfloat16 -> float32, rounding to nearest even (as torch's .to(bfloat16)).
+inline __m256 round_bf16(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+  return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(0xFFFF0000)));
+}
+
+inline __m256 codes8(__m256 w, __m256 s, __m256 z) {  // code - 8, codes clamped to 0..15
+  const __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(w, z), s),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_min_ps(_mm256_max_ps(q, _mm256_set1_ps(-8.0f)), _mm256_set1_ps(7.0f));
+}
+
+// Eight groups at once, one per lane, each lane running the scalar algorithm of
+// formats._fit_groups; W holds the groups transposed, W[i] = element i of the 8 groups.
+void fit8(const __m256* W, int64_t gs, bool weighted, const std::vector<double>& clips,
+          int64_t steps, float* scale_out, float* zero_out) {
+  std::vector<__m256> Wt(gs), X(gs);
+  __m256 lo = W[0], hi = W[0], total = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t i = 0; i < gs; ++i) {
+    lo = _mm256_min_ps(lo, W[i]), hi = _mm256_max_ps(hi, W[i]);
+    Wt[i] = weighted ? _mm256_andnot_ps(sign, W[i]) : _mm256_set1_ps(1.0f);
+    total = _mm256_add_ps(total, Wt[i]);
+  }
+  total = _mm256_max_ps(total, _mm256_set1_ps(1e-30f));
+  const __m256 two = _mm256_set1_ps(2.0f), eight = _mm256_set1_ps(8.0f);
+  __m256 best_err = _mm256_setzero_ps(), best_s = best_err, best_z = best_err;
+  for (size_t c = 0; c < clips.size(); ++c) {
+    const __m256 mid = _mm256_div_ps(_mm256_add_ps(hi, lo), two);
+    const __m256 half = _mm256_mul_ps(_mm256_div_ps(_mm256_sub_ps(hi, lo), two),
+                                      _mm256_set1_ps(static_cast<float>(clips[c])));
+    __m256 s = _mm256_max_ps(_mm256_div_ps(_mm256_mul_ps(two, half), _mm256_set1_ps(15.0f)),
+                             _mm256_set1_ps(1e-10f));
+    __m256 z = _mm256_add_ps(_mm256_sub_ps(mid, half), _mm256_mul_ps(eight, s));
+    for (int64_t step = 0; step < steps; ++step) {
+      __m256 xm = _mm256_setzero_ps(), wm = xm;
+      for (int64_t i = 0; i < gs; ++i) {
+        X[i] = codes8(W[i], s, z);
+        xm = _mm256_fmadd_ps(Wt[i], X[i], xm), wm = _mm256_fmadd_ps(Wt[i], W[i], wm);
+      }
+      xm = _mm256_div_ps(xm, total), wm = _mm256_div_ps(wm, total);
+      __m256 var = _mm256_setzero_ps(), cov = var;
+      for (int64_t i = 0; i < gs; ++i) {
+        const __m256 dx = _mm256_sub_ps(X[i], xm);
+        var = _mm256_fmadd_ps(_mm256_mul_ps(Wt[i], dx), dx, var);
+        cov = _mm256_fmadd_ps(_mm256_mul_ps(Wt[i], dx), _mm256_sub_ps(W[i], wm), cov);
+      }
+      var = _mm256_div_ps(var, total), cov = _mm256_div_ps(cov, total);
+      const __m256 fitted = _mm256_div_ps(cov, _mm256_max_ps(var, _mm256_set1_ps(1e-12f)));
+      const __m256 positive = _mm256_cmp_ps(var, _mm256_setzero_ps(), _CMP_GT_OQ);
+      s = _mm256_blendv_ps(_mm256_set1_ps(1.0f), fitted, positive);
+      s = _mm256_max_ps(s, _mm256_set1_ps(1e-10f));
+      z = _mm256_sub_ps(wm, _mm256_mul_ps(s, xm));
+    }
+    s = round_bf16(s), z = round_bf16(z);
+    __m256 err = _mm256_setzero_ps();
+    for (int64_t i = 0; i < gs; ++i) {
+      const __m256 d = _mm256_sub_ps(_mm256_fmadd_ps(codes8(W[i], s, z), s, z), W[i]);
+      err = _mm256_fmadd_ps(_mm256_mul_ps(Wt[i], d), d, err);
+    }
+    const __m256 better =
+        c == 0 ? _mm256_castsi256_ps(_mm256_set1_epi32(-1)) : _mm256_cmp_ps(err, best_err, _CMP_LT_OQ);
+    best_err = _mm256_blendv_ps(best_err, err, better);
+    best_s = _mm256_blendv_ps(best_s, s, better);
+    best_z = _mm256_blendv_ps(best_z, z, better);
+  }
+  _mm256_storeu_ps(scale_out, best_s);
+  _mm256_storeu_ps(zero_out, best_z);
+}
+
+// The "mse" / "wmse" fit of quant/formats.py (_fit_groups): the same clip search and
+// least-squares steps in float32, scale and zero rounded to bfloat16, eight groups per AVX2
+// register. The PyTorch version streams every one of its ~60 passes through memory; here a
+// group stays in registers and L1 throughout. Returns (scale, zero), each (groups, 1) float32.
+std::vector<torch::Tensor> fit_groups(const torch::Tensor& groups, bool weighted,
+                                      const std::vector<double>& clips, int64_t steps) {
+  TORCH_CHECK(groups.dtype() == torch::kFloat32 && groups.dim() == 2 && groups.is_contiguous(),
+              "groups must be contiguous float32 (groups, group_size)");
+  TORCH_CHECK(!clips.empty(), "no clip ratios");
+  const int64_t G = groups.size(0), gs = groups.size(1);
+  torch::Tensor scale = torch::empty({G, 1}, groups.options());
+  torch::Tensor zero = torch::empty({G, 1}, groups.options());
+  const float* wp = groups.data_ptr<float>();
+  float* sp = scale.data_ptr<float>();
+  float* zp = zero.data_ptr<float>();
+  at::parallel_for(0, (G + 7) / 8, 32, [&](int64_t begin, int64_t end) {
+    std::vector<__m256> W(gs);
+    alignas(32) float lane[8], s8[8], z8[8];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t g0 = 8 * b, n = std::min<int64_t>(8, G - g0);
+      for (int64_t i = 0; i < gs; ++i) {  // a short last block repeats its first group
+        for (int l = 0; l < 8; ++l) lane[l] = wp[(g0 + (l < n ? l : 0)) * gs + i];
+        W[i] = _mm256_load_ps(lane);
+      }
+      fit8(W.data(), gs, weighted, clips, steps, s8, z8);
+      std::copy(s8, s8 + n, sp + g0);
+      std::copy(z8, z8 + n, zp + g0);
+    }
+  });
+  return {scale, zero};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "4-bit grouped weight times a few activation rows");
   m.def("int4_swiglu", &int4_swiglu, "a 4-bit SwiGLU expert, w2(silu(w1 x) * w3 x)");
+  m.def("fit_groups", &fit_groups, "scale and zero per group by the (weighted) mse fit");
   m.def("int8_mm", &int8_mm, "8-bit per-channel weight times a few activation rows");
 }
