@@ -4,13 +4,14 @@ A decode step multiplies each weight by one activation row. PyTorch's int4 CPU k
 4-bit codes at ~7 GB/s on an AVX2 machine, slower than reading the bf16 weight it replaces.
 `csrc/gemv_cpu.cpp` rounds 16-bit activations to int8 (per weight group for 4-bit weights,
 per 32 columns for 8-bit ones), as llama.cpp does, and multiplies 32 codes per integer
-instruction: 2.5-3x PyTorch's speed in 4 bits (benchmarks/bench_quant.py measures both), with
+instruction: 2-3x PyTorch's speed in 4 bits (benchmarks/bench_quant.py measures both), with
 an error well below that of the quantized weights. Float32 activations (a model loaded with
-dtype="fp32") take an exact float32 path instead.
+dtype="fp32") take an exact float32 path instead. The same module also runs the converter's
+scale fit (`formats._fit_groups`), eight groups per AVX2 register.
 
 The module is built with PyTorch's C++ extension machinery into TORCH_EXTENSIONS_DIR (by
-default ~/.cache/torch_extensions) the first time a quantized model runs on the CPU, which
-takes about a minute; later runs load the cached build.
+default ~/.cache/torch_extensions) the first time it is needed (a quantized model on the CPU,
+or a conversion), which takes about a minute; later runs load the cached build.
 
 Where it cannot be built or run (no C++ compiler, a CPU without AVX2 and FMA, or
 LOCALMIX_CPU_KERNELS=0 in the environment), `cpu_kernels()` returns None, `unavailable_reason()`
@@ -79,7 +80,7 @@ def build_directory(name: str = BUILD_NAME) -> Path:
 
 
 def cpu_kernels() -> ModuleType | None:
-    """The compiled module (`int4_mm`, `int4_swiglu`, `int8_mm`), or None where unavailable."""
+    """The compiled module (`int4_mm`, `int4_swiglu`, `int8_mm`, `fit_groups`), or None."""
     return None if _switched_off() else _build()[0]
 
 

@@ -1,4 +1,5 @@
-// Matrix-vector products over localmix's quantized weights, for a few activation rows (decode).
+// Matrix-vector products over localmix's quantized weights, for a few activation rows (decode),
+// and the converter's per-group scale fit (fit_groups, at the end).
 //
 // PyTorch's `_weight_int4pack_mm_for_cpu` reads the same 4-bit layout but runs at ~7 GB/s on an
 // AVX2 machine: a decode step is then bound by unpacking, not by memory. Here 16-bit
