@@ -167,8 +167,9 @@ def run(
     )
     if verbose and engine.plan is not None:
         err.print(f"[dim]{engine.plan}[/dim]")
-    if verbose and engine.kernels():
-        err.print(f"[dim]quantized matmuls: {engine.kernels()}[/dim]")
+    kernels = engine.kernels() if verbose else ""
+    if kernels:
+        err.print(f"[dim]quantized matmuls: {kernels}[/dim]")
     sampling = sampling_args(
         temperature=temperature,
         top_p=top_p,
