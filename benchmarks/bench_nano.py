@@ -5,8 +5,9 @@
 1. Quantization quality: held-out perplexity (localmix/data/nano/heldout.txt) for bf16 and for
    4-bit experts at groups 32/64/128 with each method (rtn, mse, wmse), and the KL divergence of
    each from the bf16 model's predictions; then the scatter of perplexity among quantizations
-   as good as rtn (its range scaled by 0.98 and 1.02), which says how much of a perplexity
-   difference of this size is noise.
+   as good as rtn (its range scaled by 0.98 and 1.02), and the default method's held-out loss
+   minus rtn's with its standard error: together they say how much of a perplexity difference
+   of this size is noise.
 2. Prefetch: precision and recall of predicting layer L+1's (and L+2's) experts by applying
    that layer's gate to layer L's input, over a greedy decode.
 3. Expert cache: hit rates of each policy (and the offline optimum) on nano's own routing.
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 from collections import defaultdict
@@ -25,11 +27,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from localmix.quant.convert import Settings, convert  # noqa: E402
-from localmix.quant.formats import _codes, _minmax_params, _round_params  # noqa: E402
+from localmix.quant.formats import (  # noqa: E402
+    DEFAULT_METHOD,
+    _codes,
+    _minmax_params,
+    _round_params,
+)
 
 import localmix  # noqa: E402
 from localmix.demo import nano_path  # noqa: E402
-from localmix.evaluate import kl_divergence, perplexity  # noqa: E402
+from localmix.evaluate import (  # noqa: E402
+    kl_divergence,
+    paired_difference,
+    perplexity,
+    token_losses,
+)
 from localmix.model import Expert, route  # noqa: E402
 from localmix.trace import replay  # noqa: E402
 
@@ -45,18 +57,27 @@ def quant_table(root: Path) -> None:
     ref = localmix.load(nano_path(), device="cpu")
     ids = heldout_ids(ref)
     methods = ("rtn", "mse", "wmse")
+    base = token_losses(ref, ids)
     print(f"1. held-out perplexity over {len(ids)} tokens, and KL divergence from bf16 (x 1e-3)")
-    print(f"   bf16       ppl {perplexity(ref, ids):8.3f}")
+    print(f"   bf16       ppl {math.exp(base.mean()):8.3f}")
+    versus_rtn = []
     for g in (32, 64, 128):
-        cells = []
+        cells, losses = [], {}
         for method in methods:
             dst = root / f"nano-q4-g{g}-{method}"
             shutil.rmtree(dst, ignore_errors=True)
             convert(nano_path(), dst, Settings(group_size=g, method=method))
             engine = localmix.load(dst, device="cpu")
-            ppl, kl = perplexity(engine, ids), kl_divergence(engine, ref, ids)
-            cells.append(f"{method:<4} {ppl:7.3f} KL {kl * 1e3:5.3f}")
+            losses[method] = token_losses(engine, ids)
+            kl = kl_divergence(engine, ref, ids)
+            cells.append(f"{method:<4} {math.exp(losses[method].mean()):7.3f} KL {kl * 1e3:5.3f}")
         print(f"   4-bit g{g:<4}" + "   ".join(cells))
+        diff, err = paired_difference(losses[DEFAULT_METHOD], losses["rtn"])
+        versus_rtn.append(f"g{g} {diff * 1e3:+.3f} +- {err * 1e3:.3f}")
+    print(
+        f"   {DEFAULT_METHOD} - rtn, mean held-out loss (x 1e-3 nats, +- one standard error over "
+        "256-token chunks): " + ", ".join(versus_rtn)
+    )
     # How much of a perplexity difference is noise: round-to-nearest over ranges widened or
     # narrowed by 2% are quantizations as good as rtn, yet their perplexities scatter.
     print("   rtn with min..max scaled by 0.98 / 1.02, g64: ", end="")
