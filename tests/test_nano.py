@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 
 import localmix
 from localmix.demo import nano_path
-from localmix.evaluate import perplexity
+from localmix.evaluate import paired_difference, perplexity, token_losses
 
 pytestmark = pytest.mark.skipif(
     not (nano_path() / "model.safetensors").exists(), reason="nano weights not in this checkout"
 )
 
-HELDOUT_PPL_BOUND = 40.0  # the shipped weights: 32.8 on this slice, 29.9 on all held-out text
+HELDOUT_PPL_BOUND = 30.0  # the shipped weights: 25.5 on this slice, 21.2 on all held-out text
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +34,14 @@ def test_nano_loads_offline_and_is_demo(nano):
 
 
 def test_seeded_greedy_output_is_deterministic(nano):
-    a = nano.complete("def read_config(path):", temperature=0, max_tokens=40)
+    a = nano.complete("def read_config(path):\n", temperature=0, max_tokens=40)
     nano.reset()
-    b = nano.complete("def read_config(path):", temperature=0, max_tokens=40)
+    b = nano.complete("def read_config(path):\n", temperature=0, max_tokens=40)
     assert a.token_ids == b.token_ids and a.generated_tokens == 40
     words = ("return", "self", "class", "if", "import", "def", "(", "=", '"""', "\n    ")
     assert sum(w in a.text for w in words) >= 3, a.text  # Python, not noise
-    c = nano.complete("def read_config(path):", temperature=0.8, seed=1, max_tokens=40)
-    d = nano.complete("def read_config(path):", temperature=0.8, seed=1, max_tokens=40)
+    c = nano.complete("def read_config(path):\n", temperature=0.8, seed=1, max_tokens=40)
+    d = nano.complete("def read_config(path):\n", temperature=0.8, seed=1, max_tokens=40)
     assert c.token_ids == d.token_ids
 
 
@@ -48,5 +50,22 @@ def test_heldout_perplexity_is_below_bound(nano):
     ids = nano.tokenizer.encode(text, bos=True)[8000:12097]  # past the codec tables up front
     ppl = perplexity(nano, ids)
     assert ppl < HELDOUT_PPL_BOUND, ppl
+    losses = token_losses(nano, ids)
+    assert len(losses) == len(ids) - 1
+    assert math.isclose(math.exp(float(losses.mean())), ppl, rel_tol=1e-9)
     report = json.loads((nano_path() / "training.json").read_text())
     assert report["val_ppl"] < HELDOUT_PPL_BOUND
+
+
+def test_paired_difference_takes_its_error_over_blocks():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(1024, generator=gen, dtype=torch.float64)
+    assert paired_difference(a, a) == (0.0, 0.0)
+    # A difference constant within each 256-token block: its error is that of 4 block means.
+    steps = torch.tensor([0.1, 0.3, 0.2, 0.6], dtype=torch.float64).repeat_interleave(256)
+    diff, err = paired_difference(a + steps, a)
+    assert math.isclose(diff, 0.3) and math.isclose(err, float(steps[::256].std()) / 2)
+    with pytest.raises(ValueError, match="different texts"):
+        paired_difference(a, a[:-1])
+    with pytest.raises(ValueError, match="at least"):
+        paired_difference(a[:300], a[:300])
