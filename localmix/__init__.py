@@ -76,7 +76,7 @@ def load(
     from .loader import load_transformer, read_manifest
     from .quant.kernels import cpu_kernels
     from .store import resolve
-    from .tokenizer import Tokenizer
+    from .tokenizer import Tokenizer, conversation_format
 
     name, path = resolve(model)
     manifest = read_manifest(path)  # refuses an unfinished quantization before anything else
@@ -102,6 +102,7 @@ def load(
         context=context,
         sinks=sinks,
         defaults=defaults,
+        template=conversation_format(path, tokenizer),
     )
     if offloading:
         engine.offload_experts(device_memory, expert_slots, policy, prefetch)

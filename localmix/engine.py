@@ -18,7 +18,7 @@ from .model import Transformer
 from .quant.kernels import describe as describe_cpu_kernels
 from .quant.linear import QuantLinear
 from .sampling import SamplingOptions, StopMatcher, make_sampler
-from .tokenizer import ChatTemplate, Tokenizer
+from .tokenizer import ChatTemplate, ConversationFormat, Tokenizer
 
 DEFAULT_CONTEXT = 4096
 PREFILL_CHUNK = 512
@@ -86,11 +86,12 @@ class Engine:
         context: int | None = None,
         sinks: int = 0,
         defaults: SamplingOptions | None = None,
+        template: ConversationFormat | None = None,
     ) -> None:
         self.model, self.tokenizer, self.name, self.path = model, tokenizer, name, path
         self.config: ModelConfig = model.cfg
         self.device, self.dtype = device, dtype
-        self.template = ChatTemplate(tokenizer)
+        self.template = template or ChatTemplate(tokenizer)
         self.defaults = defaults or SamplingOptions()
         window = self.config.sliding_window or self.config.max_position_embeddings
         self.context = min(context or DEFAULT_CONTEXT, window)

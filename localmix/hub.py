@@ -24,6 +24,7 @@ WANTED = (
     "*.safetensors",
     "model.safetensors.index.json",
     "tokenizer.model",
+    "tokenizer_config.json",  # small; without a chat_template it marks a base model
 )
 REFUSED = ("*.bin", "*.pt", "*.pth", "*.gguf", "*.ckpt", "*.pkl")
 CHUNK = 1 << 16

@@ -1,7 +1,9 @@
-"""SentencePiece tokenizer, streaming detokenizer, and the Mixtral-Instruct (v1) chat template."""
+"""SentencePiece tokenizer, streaming detokenizer, and the conversation formats: the
+Mixtral-Instruct (v1) chat template, and plain continuation for base models."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,13 +81,24 @@ class StreamDecoder:
         return self._release(self.tok.decode(self.ids[self.prefix :]))
 
 
-class ChatTemplate:
-    """Mixtral-Instruct v1: `<s>[INST] user [/INST] reply</s>[INST] user [/INST]`.
+def split_conversation(
+    messages: Sequence[dict[str, str]],
+) -> tuple[str, list[dict[str, str]]]:
+    """(system prompt, the other turns) of a conversation that must end with a user turn."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    turns = [m for m in messages if m["role"] != "system"]
+    if not turns or turns[-1]["role"] != "user":
+        raise ValueError("a conversation to reply to must end with a user message")
+    for m in turns:
+        if m["role"] not in ("user", "assistant"):
+            raise ValueError(f"unknown role '{m['role']}' (use system, user or assistant)")
+    return system, turns
 
-    Matches mistral-common's v1 encoder token for token: each message is encoded on its own,
-    a system prompt is put before the first user message (separated by a blank line), and an
-    assistant reply ends with EOS. Consecutive user messages are joined by a blank line.
-    """
+
+class ConversationFormat:
+    """How a conversation becomes the token ids a model replies to."""
+
+    chat_format = True  # replies are chat answers (Markdown), not continuations
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tok = tokenizer
@@ -101,10 +114,23 @@ class ChatTemplate:
         conversation continues from what is already in the KV cache even where re-encoding the
         text would split it differently.
         """
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        turns = [m for m in messages if m["role"] != "system"]
-        if not turns or turns[-1]["role"] != "user":
-            raise ValueError("a conversation to reply to must end with a user message")
+        raise NotImplementedError
+
+
+class ChatTemplate(ConversationFormat):
+    """Mixtral-Instruct v1: `<s>[INST] user [/INST] reply</s>[INST] user [/INST]`.
+
+    Matches mistral-common's v1 encoder token for token: each message is encoded on its own,
+    a system prompt is put before the first user message (separated by a blank line), and an
+    assistant reply ends with EOS. Consecutive user messages are joined by a blank line.
+    """
+
+    def encode(
+        self,
+        messages: Sequence[dict[str, str]],
+        reply_ids: dict[str, list[int]] | None = None,
+    ) -> list[int]:
+        system, turns = split_conversation(messages)
         ids = [self.tok.bos_id]
         first_user = True
         pending: list[str] = []
@@ -113,8 +139,6 @@ class ChatTemplate:
             if role == "user":
                 pending.append(content)
                 continue
-            if role != "assistant":
-                raise ValueError(f"unknown role '{role}' (use system, user or assistant)")
             if pending:
                 ids += self._user(pending, system if first_user else "")
                 first_user, pending = False, []
@@ -128,3 +152,42 @@ class ChatTemplate:
         if system:
             content = system + "\n\n" + content
         return self.tok.encode(f"[INST] {content} [/INST]")
+
+
+class CompletionTemplate(ConversationFormat):
+    """For base models, which were never taught a chat format (nano among them): the
+    conversation is one text that the model continues. BOS, the system prompt and a blank line
+    if there is one, then every turn's text in order with nothing between them, so a user who
+    types `def parse(path):\n` gets the function's body, and a second message carries on
+    after the first reply.
+    """
+
+    chat_format = False  # replies are continuations (code, prose), shown as they are
+
+    def encode(
+        self,
+        messages: Sequence[dict[str, str]],
+        reply_ids: dict[str, list[int]] | None = None,
+    ) -> list[int]:
+        system, turns = split_conversation(messages)
+        ids = [self.tok.bos_id] + (self.tok.encode(system + "\n\n") if system else [])
+        for m in turns:
+            known = (reply_ids or {}).get(m["content"]) if m["role"] == "assistant" else None
+            ids += known if known is not None else self.tok.encode(m["content"])
+        return ids
+
+
+def conversation_format(model_dir: Path | None, tokenizer: Tokenizer) -> ConversationFormat:
+    """The model's conversation format: Mixtral-Instruct's chat template, unless the model's
+    `tokenizer_config.json` exists and names no `chat_template` (the Hugging Face convention
+    for a base model), in which case plain continuation."""
+    path = model_dir / "tokenizer_config.json" if model_dir is not None else None
+    if path is None or not path.exists():
+        return ChatTemplate(tokenizer)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise TokenizerError(f"{path}: not readable as JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{path}: expected a JSON object")
+    return ChatTemplate(tokenizer) if config.get("chat_template") else CompletionTemplate(tokenizer)

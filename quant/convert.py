@@ -34,7 +34,12 @@ MANIFEST = "localmix.json"
 PROGRESS = ".localmix-progress.json"
 INDEX = "model.safetensors.index.json"
 LAYOUT = "int4-cpu-tiled32"  # see quant.formats.pack_int4
-COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.model")
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+)
 EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts\.\d+)\.(w[123])\.weight$")
 ATTN_RE = re.compile(r"^model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
 HEAD_RE = re.compile(r"^lm_head\.weight$")

@@ -66,6 +66,16 @@ MODEL = dict(
 )
 
 
+TOKENIZER_CONFIG = dict(
+    tokenizer_class="LlamaTokenizer",
+    bos_token="<s>",
+    eos_token="</s>",
+    unk_token="<unk>",
+    add_bos_token=True,
+    add_eos_token=False,
+)
+
+
 def corpus_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
@@ -263,6 +273,8 @@ def main() -> None:
     for extra in ("generation_config.json",):
         (args.out / extra).unlink(missing_ok=True)
     (args.out / "tokenizer.model").write_bytes(tok_bytes)
+    # No chat_template: nano is a base model, so chat front ends continue its text.
+    (args.out / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=1) + "\n")
     write_heldout(args.out, val_files)
     report = {
         "train_loss": train_loss,

@@ -45,6 +45,16 @@ def test_seeded_greedy_output_is_deterministic(nano):
     assert c.token_ids == d.token_ids
 
 
+def test_nano_is_a_base_model_that_chat_continues(nano):
+    """nano never saw a chat template: chat and `run` without --raw continue the text."""
+    assert not nano.template.chat_format
+    prompt = "def read_config(path):\n"
+    plain = nano.complete(prompt, temperature=0, max_tokens=12)
+    nano.reset()
+    events = list(nano.chat([{"role": "user", "content": prompt}], temperature=0, max_tokens=12))
+    assert [e.token_id for e in events if hasattr(e, "token_id")] == plain.token_ids
+
+
 def test_heldout_perplexity_is_below_bound(nano):
     text = (nano_path() / "heldout.txt").read_text()
     ids = nano.tokenizer.encode(text, bos=True)[8000:12097]  # past the codec tables up front

@@ -9,6 +9,7 @@ import pytest
 from localmix.cli.main import app
 from typer.testing import CliRunner
 
+import localmix
 from localmix.demo import DEMO_CONFIG, demo_tokenizer_path, write_checkpoint
 from tests.hub_server import FakeHub, HubState, Repo, etag, repo_from_dir
 
@@ -21,6 +22,7 @@ def model_files(tmp_path_factory) -> Path:
     write_checkpoint(path, DEMO_CONFIG, demo_tokenizer_path(), seed=3, max_shard_bytes=5_000_000)
     (path / "pytorch_model.bin").write_bytes(b"pickle that must never be fetched")
     (path / "README.md").write_text("# tiny\n")
+    (path / "tokenizer_config.json").write_text('{"add_bos_token": true}')  # a base model's
     return path
 
 
@@ -52,12 +54,15 @@ def test_pull_then_run(hub, tmp_path):
     got = sorted(p.name for p in snapshot.iterdir())
     assert "pytorch_model.bin" not in got and "README.md" not in got
     assert "tokenizer.model" in got and "model.safetensors.index.json" in got
+    assert "tokenizer_config.json" in got  # it says whether the model is a chat model
     for name in got:
         assert (snapshot / name).read_bytes() == files[name]
     fetched = [p for m, p, _ in hub.state.requests if m == "GET" and "/resolve/" in p]
     assert not any(p.endswith(".bin") for p in fetched)
     r = runner.invoke(app, ["list"])
     assert "org/tiny" in r.stdout and "q4 g64 (rtn)" in r.stdout
+    # the quantized copy keeps the file, so the base model is continued, not given [INST]
+    assert not localmix.load("org/tiny", device="cpu").template.chat_format
     r = runner.invoke(app, ["run", "org/tiny", "hello", "--max-tokens", "4"])
     assert r.exit_code == 0, r.output
     # a second pull downloads nothing again

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -9,7 +10,7 @@ import pytest
 
 from localmix.demo import demo_tokenizer_path
 from localmix.errors import TokenizerError
-from localmix.tokenizer import ChatTemplate, Tokenizer
+from localmix.tokenizer import ChatTemplate, CompletionTemplate, Tokenizer, conversation_format
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,41 @@ def test_chat_template_reuses_generated_ids(mixtral_tok):
 def test_chat_must_end_with_user(mixtral_tok):
     with pytest.raises(ValueError):
         ChatTemplate(mixtral_tok).encode([{"role": "assistant", "content": "x"}])
+
+
+def test_completion_format_is_the_conversation_as_one_text(mixtral_tok):
+    template = CompletionTemplate(mixtral_tok)
+    enc = mixtral_tok.encode
+    conv = [
+        {"role": "system", "content": "# utils.py"},
+        {"role": "user", "content": "def add(a, b):\n"},
+        {"role": "assistant", "content": "    return a + b\n"},
+        {"role": "user", "content": "def sub(a, b):\n"},
+    ]
+    body = enc("def add(a, b):\n") + enc("    return a + b\n") + enc("def sub(a, b):\n")
+    assert template.encode(conv) == [mixtral_tok.bos_id] + enc("# utils.py\n\n") + body
+    odd = [99, 100, 101]  # the ids the model generated for the reply are reused as they are
+    ids = template.encode(conv, {"    return a + b\n": odd})
+    assert ids[ids.index(99) : ids.index(99) + 3] == odd and mixtral_tok.eos_id not in ids
+    one = [{"role": "user", "content": "def f(x):\n"}]  # one message: what --raw would run
+    assert template.encode(one) == mixtral_tok.encode("def f(x):\n", bos=True)
+    with pytest.raises(ValueError, match="end with a user"):
+        template.encode(conv[:3])
+    with pytest.raises(ValueError, match="unknown role"):
+        template.encode([{"role": "tool", "content": "x"}, *one])
+
+
+def test_conversation_format_follows_tokenizer_config(tmp_path, mixtral_tok):
+    assert isinstance(conversation_format(tmp_path, mixtral_tok), ChatTemplate)  # no file
+    assert isinstance(conversation_format(None, mixtral_tok), ChatTemplate)
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": "{% for m in messages %}...{% endfor %}"}))
+    assert conversation_format(tmp_path, mixtral_tok).chat_format
+    config.write_text(json.dumps({"add_bos_token": True}))  # a base model's
+    assert isinstance(conversation_format(tmp_path, mixtral_tok), CompletionTemplate)
+    config.write_text("{not json")
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: not readable as JSON"):
+        conversation_format(tmp_path, mixtral_tok)
 
 
 def test_missing_or_bad_tokenizer(tmp_path):

@@ -9,6 +9,7 @@ from localmix.tui.app import LocalmixApp, PromptArea
 
 import localmix
 from localmix.conversations import list_conversations
+from localmix.tokenizer import ChatTemplate
 
 
 @pytest.fixture
@@ -42,6 +43,26 @@ async def test_send_message_and_see_reply(engine):
         assert app.last is not None and app.last.generated_tokens == 24
         saved = list_conversations()
         assert len(saved) == 1 and saved[0].messages == app.conv.messages
+
+
+async def test_base_model_reply_keeps_its_lines(engine):
+    assert not engine.template.chat_format  # demo is nano, a base model: replies are code
+    app = LocalmixApp(engine, blink=False)
+    async with app.run_test(size=(130, 40)) as pilot:
+        await send(pilot, "def read_config")
+        reply, text = app.query("ChatMessage").last(), app.conv.messages[1]["content"]
+        assert "\n" in text and not reply.query("Markdown")
+        # Markdown would join the lines into one paragraph; shown as text, each keeps its row.
+        assert reply.query_one(".plain").size.height >= text.strip("\n").count("\n") + 1
+
+
+async def test_chat_model_reply_is_markdown(engine):
+    engine.template = ChatTemplate(engine.tokenizer)
+    app = LocalmixApp(engine, blink=False)
+    async with app.run_test(size=(130, 40)) as pilot:
+        await send(pilot, "hello")
+        assert app.query("ChatMessage").last().query("Markdown")
+        assert not app.query(".plain")
 
 
 async def test_escape_stops_the_reply(engine):

@@ -92,19 +92,26 @@ class Heatmap(Static):
 
 
 class ChatMessage(Vertical):
-    """One message in the chat log."""
+    """One message in the chat log: Markdown for a chat model, the text as it is (line breaks and
+    indentation kept) for a base model, whose replies continue code or prose."""
 
-    def __init__(self, role: str, content: str) -> None:
+    def __init__(self, role: str, content: str, *, markdown: bool = True) -> None:
         super().__init__(classes=f"message {role}")
-        self.role, self.content = role, content
+        self.role, self.content, self.markdown = role, content, markdown
         self.border_title = "you" if role == "user" else "localmix"
 
     def compose(self) -> ComposeResult:
-        yield Markdown(printable(self.content))
+        if self.markdown:
+            yield Markdown(printable(self.content))
+        else:
+            yield Static(Text(printable(self.content)), classes="plain")
 
     async def set_content(self, content: str) -> None:
         self.content = content
-        await self.query_one(Markdown).update(printable(content))
+        if self.markdown:
+            await self.query_one(Markdown).update(printable(content))
+        else:
+            self.query_one(".plain", Static).update(Text(printable(content)))
 
 
 class LocalmixApp(App):
@@ -206,7 +213,7 @@ class LocalmixApp(App):
     async def show_conversation(self) -> None:
         log = self.query_one("#log", VerticalScroll)
         await log.remove_children()
-        await log.mount_all([ChatMessage(m["role"], m["content"]) for m in self.conv.messages])
+        await log.mount_all([self.message(m["role"], m["content"]) for m in self.conv.messages])
         log.scroll_end(animate=False)
         self.query_one("#set-system", Input).value = self.conv.system
         for key in ("temperature", "top_p", "max_tokens"):
@@ -259,12 +266,15 @@ class LocalmixApp(App):
         self.conv.messages.append({"role": "user", "content": event.text})
         self.conv.save()
         log = self.query_one("#log", VerticalScroll)
-        reply = ChatMessage("assistant", "…")
-        await log.mount_all([ChatMessage("user", event.text), reply])
+        reply = self.message("assistant", "…")
+        await log.mount_all([self.message("user", event.text), reply])
         log.scroll_end(animate=False)
         self.generating = True
         self.stop_flag.clear()
         self.generate(reply)
+
+    def message(self, role: str, content: str) -> ChatMessage:
+        return ChatMessage(role, content, markdown=self.engine.template.chat_format)
 
     def action_stop(self) -> None:
         if self.generating:
