@@ -12,6 +12,9 @@ import sentencepiece as spm
 from .errors import TokenizerError
 
 REPLACEMENT = "\ufffd"
+# Encoded before text that continues other text, then dropped (see Tokenizer.encode_continuation):
+# the second where the first merges with the text (as "<unk>" does with ">b").
+CONTINUATION_MARKERS = ("<unk>", "§")
 MAX_UTF8_BYTES = 4
 
 
@@ -33,10 +36,25 @@ class Tokenizer:
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
         self.vocab_size: int = self.sp.vocab_size()
+        self._markers = [(m, self.sp.EncodeAsIds(m)) for m in CONTINUATION_MARKERS]
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.sp.EncodeAsIds(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` where it follows other text. SentencePiece starts every encoding with a
+        space (its dummy prefix), which mid-text is a stray character: "    x" after a line
+        would come back with five spaces. As transformers' LlamaTokenizer does, `text` is
+        encoded after a marker whose ids are then dropped; where every marker's pieces merged
+        with the text's, the plain encoding is used instead."""
+        if not text:
+            return []
+        for marker, marker_ids in self._markers:
+            ids = self.sp.EncodeAsIds(marker + text)
+            if ids[: len(marker_ids)] == marker_ids:
+                return ids[len(marker_ids) :]
+        return self.sp.EncodeAsIds(text)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; ids past the vocabulary (a model's padded rows) decode to nothing."""
@@ -170,10 +188,15 @@ class CompletionTemplate(ConversationFormat):
         reply_ids: dict[str, list[int]] | None = None,
     ) -> list[int]:
         system, turns = split_conversation(messages)
-        ids = [self.tok.bos_id] + (self.tok.encode(system + "\n\n") if system else [])
-        for m in turns:
-            known = (reply_ids or {}).get(m["content"]) if m["role"] == "assistant" else None
-            ids += known if known is not None else self.tok.encode(m["content"])
+        ids = [self.tok.bos_id]
+        texts = ([system + "\n\n"] if system else []) + [m["content"] for m in turns]
+        roles = (["system"] if system else []) + [m["role"] for m in turns]
+        for i, (role, text) in enumerate(zip(roles, texts, strict=True)):
+            known = (reply_ids or {}).get(text) if role == "assistant" else None
+            if known is not None:
+                ids += known
+            else:  # the first text starts the document, as a prompt to `generate` does
+                ids += self.tok.encode(text) if i == 0 else self.tok.encode_continuation(text)
         return ids
 
 

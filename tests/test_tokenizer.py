@@ -130,8 +130,11 @@ def test_completion_format_is_the_conversation_as_one_text(mixtral_tok):
         {"role": "assistant", "content": "    return a + b\n"},
         {"role": "user", "content": "def sub(a, b):\n"},
     ]
-    body = enc("def add(a, b):\n") + enc("    return a + b\n") + enc("def sub(a, b):\n")
+    cont = mixtral_tok.encode_continuation  # no stray space where one text follows another
+    body = cont("def add(a, b):\n") + cont("    return a + b\n") + cont("def sub(a, b):\n")
     assert template.encode(conv) == [mixtral_tok.bos_id] + enc("# utils.py\n\n") + body
+    text = "# utils.py\n\ndef add(a, b):\n    return a + b\ndef sub(a, b):\n"
+    assert mixtral_tok.decode(template.encode(conv)) == text
     odd = [99, 100, 101]  # the ids the model generated for the reply are reused as they are
     ids = template.encode(conv, {"    return a + b\n": odd})
     assert ids[ids.index(99) : ids.index(99) + 3] == odd and mixtral_tok.eos_id not in ids
@@ -141,6 +144,20 @@ def test_completion_format_is_the_conversation_as_one_text(mixtral_tok):
         template.encode(conv[:3])
     with pytest.raises(ValueError, match="unknown role"):
         template.encode([{"role": "tool", "content": "x"}, *one])
+
+
+@pytest.mark.parametrize("which", ["mixtral", "demo"])
+def test_encode_continuation_adds_no_space(which, mixtral_tok):
+    tok = mixtral_tok if which == "mixtral" else Tokenizer(demo_tokenizer_path())
+    rng = random.Random(11)
+    for text in ["    return 1\n", "def g():", "\n\nx", " a", ">b", ""] + [
+        random_text(rng) for _ in range(200)
+    ]:
+        ids = tok.encode_continuation(text)
+        # as if encoded with the text before it (which a tokenizer may normalise)
+        assert tok.decode(tok.encode("a") + ids) == tok.decode(tok.encode("a" + text)), repr(text)
+    if which == "mixtral":  # the dummy prefix: encoded plainly, mid-text "    x" gains a space
+        assert tok.decode(tok.encode("a") + tok.encode("    x")) == "a     x"
 
 
 def test_conversation_format_follows_tokenizer_config(tmp_path, mixtral_tok):
