@@ -15,10 +15,10 @@ Three ways to choose scale and zero, none needing calibration data:
   squared error after rounding scale and zero to 16 bits. Lowest Frobenius error of the three.
 - "wmse" (default): the same search on the squared error weighted by each weight's magnitude.
   A trained network's large weights carry more of its output than their share of the
-  Frobenius error says: plain "mse" trades them for the many small ones, and on nano its
-  lower weight error buys little or no drift from the unquantized model's predictions over
-  "rtn". Weighting by |w| keeps most of the error reduction (still below HQQ's on MiniLM)
-  and gives the smallest KL divergence of the three at every group size
+  Frobenius error says: plain "mse" trades them for the many small ones, and on nano it
+  drifts from the unquantized model's predictions only a little less than "rtn", for all its
+  lower weight error. Weighting by |w| keeps most of the error reduction (still below HQQ's
+  on MiniLM) and gives the smallest KL divergence of the three at every group size
   (benchmarks/bench_quant.py, benchmarks/bench_nano.py).
 """
 

@@ -8,8 +8,9 @@ byte fallback, 4096 pieces, trained on the training files. Model: Mixtral with 6
 experts, top-2, the router's load-balancing loss, and a sliding window (128) shorter than the
 training context (256), trained with transformers (a dev dependency; the runtime never needs
 it) under torch.compile: 1,650 steps of 16 x 256 tokens, about 58 minutes on two cores. Writes
-the Hugging Face layout (bf16 safetensors, config.json, tokenizer.model) and prints training
-and held-out loss and perplexity. Seeded: the same machine and versions give the same model.
+the Hugging Face layout (bf16 safetensors, config.json, tokenizer.model, and a
+tokenizer_config.json without a chat template: nano is a base model) and prints training and
+held-out loss and perplexity. Seeded: the same machine and versions give the same model.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def evaluate(model, data: torch.Tensor, batches: int | None = None) -> float:
 
 
 class Forward:
-    """The model's forward under torch.compile (about 15% faster here), falling back to the
+    """The model's forward under torch.compile (about 13% faster here), falling back to the
     eager model if compiling fails (no C++ compiler, an unsupported platform)."""
 
     def __init__(self, model, compile: bool) -> None:
@@ -191,7 +192,7 @@ def main() -> None:
     ap.add_argument(
         "--no-compile",
         action="store_true",
-        help="train the eager model (torch.compile needs a C++ compiler; it is ~15%% faster)",
+        help="train the eager model (torch.compile needs a C++ compiler; it is ~13%% faster)",
     )
     ap.add_argument(
         "--heldout-only",
