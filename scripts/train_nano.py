@@ -182,6 +182,23 @@ class Forward:
             return self.fn(**kwargs)
 
 
+def balance_loss(out, cfg, balance: str) -> torch.Tensor:
+    """The router's load-balancing loss (Switch Transformer's, 2.0 when top-2 routing is even).
+
+    "pooled" is transformers' Mixtral loss, which the shipped nano was trained with: it adds up
+    every layer's routing before comparing experts, so it balances each expert index over all
+    layers together and lets single layers send half their tokens to one expert (nano's do).
+    "per-layer" averages the loss of each layer on its own.
+    """
+    if balance == "pooled":
+        return out.aux_loss
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    k, n = cfg.num_experts_per_tok, cfg.num_local_experts
+    losses = [load_balancing_loss_func((g,), n, k) for g in out.router_logits]
+    return torch.stack(losses).mean()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -189,6 +206,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--balance",
+        choices=("pooled", "per-layer"),
+        default="pooled",
+        help="load-balancing loss over all layers' routing together (the shipped nano's) or "
+        "per layer (balances every layer; for the next retraining)",
+    )
     ap.add_argument(
         "--no-compile",
         action="store_true",
@@ -247,7 +271,8 @@ def main() -> None:
         y = torch.stack([train[s + 1 : s + CONTEXT + 1] for s in starts])
         out = forward(input_ids=x)
         lm = torch.nn.functional.cross_entropy(out.logits.reshape(-1, VOCAB), y.reshape(-1))
-        loss = lm + cfg.router_aux_loss_coef * out.aux_loss
+        aux = balance_loss(out, cfg, args.balance)
+        loss = lm + cfg.router_aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -258,7 +283,7 @@ def main() -> None:
             el = time.time() - t_start
             print(
                 f"step {step:5d}  loss {running:.3f}  ppl {math.exp(running):7.2f}  "
-                f"aux {out.aux_loss.item():.3f}  {seen / el:,.0f} tok/s  {el / 60:.1f} min",
+                f"aux {aux.item():.3f}  {seen / el:,.0f} tok/s  {el / 60:.1f} min",
                 flush=True,
             )
     train_loss = evaluate(model, train[: len(val) * 2], batches=20)
@@ -283,6 +308,7 @@ def main() -> None:
         "val_ppl": math.exp(val_loss),
         "steps": args.steps,
         "batch": args.batch,
+        "balance": args.balance,
         "context": CONTEXT,
         "tokens_seen": seen,
         "python": sys.version.split()[0],
