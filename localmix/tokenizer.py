@@ -132,6 +132,12 @@ class ConversationFormat:
         conversation continues from what is already in the KV cache even where re-encoding the
         text would split it differently.
         """
+        system, turns = split_conversation(messages)
+        return self._encode(system, turns, reply_ids or {})
+
+    def _encode(
+        self, system: str, turns: list[dict[str, str]], reply_ids: dict[str, list[int]]
+    ) -> list[int]:
         raise NotImplementedError
 
 
@@ -143,12 +149,9 @@ class ChatTemplate(ConversationFormat):
     assistant reply ends with EOS. Consecutive user messages are joined by a blank line.
     """
 
-    def encode(
-        self,
-        messages: Sequence[dict[str, str]],
-        reply_ids: dict[str, list[int]] | None = None,
+    def _encode(
+        self, system: str, turns: list[dict[str, str]], reply_ids: dict[str, list[int]]
     ) -> list[int]:
-        system, turns = split_conversation(messages)
         ids = [self.tok.bos_id]
         first_user = True
         pending: list[str] = []
@@ -160,7 +163,7 @@ class ChatTemplate(ConversationFormat):
             if pending:
                 ids += self._user(pending, system if first_user else "")
                 first_user, pending = False, []
-            known = (reply_ids or {}).get(content)
+            known = reply_ids.get(content)
             ids += (known if known is not None else self.tok.encode(content)) + [self.tok.eos_id]
         ids += self._user(pending, system if first_user else "")
         return ids
@@ -182,17 +185,14 @@ class CompletionTemplate(ConversationFormat):
 
     chat_format = False  # replies are continuations (code, prose), shown as they are
 
-    def encode(
-        self,
-        messages: Sequence[dict[str, str]],
-        reply_ids: dict[str, list[int]] | None = None,
+    def _encode(
+        self, system: str, turns: list[dict[str, str]], reply_ids: dict[str, list[int]]
     ) -> list[int]:
-        system, turns = split_conversation(messages)
         ids = [self.tok.bos_id]
-        texts = ([system + "\n\n"] if system else []) + [m["content"] for m in turns]
-        roles = (["system"] if system else []) + [m["role"] for m in turns]
-        for i, (role, text) in enumerate(zip(roles, texts, strict=True)):
-            known = (reply_ids or {}).get(text) if role == "assistant" else None
+        parts = [("system", system + "\n\n")] if system else []
+        parts += [(m["role"], m["content"]) for m in turns]
+        for i, (role, text) in enumerate(parts):
+            known = reply_ids.get(text) if role == "assistant" else None
             if known is not None:
                 ids += known
             else:  # the first text starts the document, as a prompt to `generate` does
