@@ -14,7 +14,7 @@ import torch
 import localmix
 from localmix.config import ModelConfig
 from localmix.errors import CheckpointError, ConfigError, ModelNotFoundError
-from tests.conftest import save_reference, tiny_mixtral_config
+from tests.helpers import save_reference, tiny_mixtral_config
 
 BASE = {
     "model_type": "mixtral",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +13,7 @@ from typer.testing import CliRunner
 import localmix
 from localmix.errors import MemoryBudgetError
 from localmix.trace import read_trace, replay
-from tests.conftest import save_reference, tiny_mixtral_config
-
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "humaneval_2_routing.jsonl"
+from tests.helpers import TRACE, save_reference, tiny_mixtral_config
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from localmix.quant.kernels import ENV_SWITCH, cpu_kernels, unavailable_reason
 from safetensors.torch import load_file
 
 import localmix
-from tests.conftest import save_reference, tiny_mixtral_config
+from tests.helpers import save_reference, tiny_mixtral_config
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import localmix
-from tests.conftest import save_reference, tiny_mixtral_config
+from tests.helpers import save_reference, tiny_mixtral_config
 
 SHAPES = {
     # name: (config overrides, max_shard_size)
