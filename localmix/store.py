@@ -55,11 +55,16 @@ def model_format(path: Path) -> str:
 
     manifest = path / "localmix.json"
     if manifest.exists():
-        q = json.loads(manifest.read_text()).get("quantization", {})
-        return f"q{q.get('bits', '?')} g{q.get('group_size', '?')} ({q.get('method', '?')})"
+        try:
+            q = json.loads(manifest.read_bytes().decode("utf-8"))["quantization"]
+            return f"q{q['bits']} g{q['group_size']} ({q['method']})"
+        except (OSError, ValueError, RecursionError, LookupError, TypeError):
+            return "unreadable (localmix.json)"
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
+        return "unknown"
+    if not isinstance(raw, dict):
         return "unknown"
     return str(raw.get("torch_dtype") or raw.get("dtype") or "unknown")
 
