@@ -29,11 +29,14 @@ from safetensors import SafetensorError, safe_open
 from .formats import DEFAULT_METHOD, QuantError, quantize_tensor
 from .safetensors_write import write_file
 
-FORMAT_VERSION = 1
+# 2: quantized tensors padded so that any shape can be stored (quant.formats); a version-1
+# model is a version-2 model whose shapes needed no padding, and is read as it is.
+FORMAT_VERSION = 2
 MANIFEST = "localmix.json"
 PROGRESS = ".localmix-progress.json"
 INDEX = "model.safetensors.index.json"
-LAYOUT = "int4-cpu-tiled32"  # see quant.formats.pack_int4
+LAYOUT = "localmix-tiled32-padded"  # see quant.formats; the same bytes on every machine
+SHAPES_KEY = "localmix.shapes"  # shard metadata: logical (out, in) of each quantized tensor
 COPIED_FILES = (
     "config.json",
     "generation_config.json",
@@ -231,6 +234,7 @@ def convert(
             continue
         tensors: dict[str, torch.Tensor] = {}
         errors: dict[str, float] = {}
+        shapes: dict[str, list[int]] = {}
         for key in keys:
             names = (
                 [f"{key}.{w}.weight" for w in ("w1", "w3", "w2")]
@@ -248,12 +252,18 @@ def convert(
                     tensors[f"{base}.qweight"] = q.qweight
                     tensors[f"{base}.scales_zeros"] = q.scales_zeros
                     errors[name] = q.error
+                    shapes[base] = list(q.shape)
                 else:
                     tensors[name] = w.contiguous()
         source_hash = sha256(src / shard)
         tmp = dst / f".{out_name}.tmp"
         try:
-            write_file(tmp, tensors, {"format": "pt", "localmix": str(FORMAT_VERSION)})
+            metadata = {
+                "format": "pt",
+                "localmix": str(FORMAT_VERSION),
+                SHAPES_KEY: json.dumps(shapes, sort_keys=True),
+            }
+            write_file(tmp, tensors, metadata)
             os.replace(tmp, dst / out_name)
         except OSError as e:
             tmp.unlink(missing_ok=True)

@@ -1,12 +1,31 @@
-"""Grouped 4-bit and per-channel 8-bit weight quantization, and the packed layouts on disk.
+"""Grouped 4-bit and per-channel 8-bit weight quantization, and localmix's layout on disk.
 
 4-bit: asymmetric, groups of `group_size` along the input dimension, a 16-bit scale and zero per
 group. A weight is `(code - 8) * scale + zero` with codes 0..15: `zero` is the value of the middle
-code, the form PyTorch's int4 kernels take, so the stored tensors feed them without conversion.
-Bits per weight: 4 + 32 / group_size (4.5 at group 64).
+code. Bits per weight: 4 + 32 / group_size (4.5 at group 64).
 
 8-bit: symmetric per output channel, `code * scale` with codes -127..127 (8 + 16 / in_features
 bits per weight).
+
+The stored layout (format version 2) is localmix's own and the same on every machine: it does
+not depend on the CPU, the PyTorch version or the build. A kernel that wants another layout
+(PyTorch's CPU int4 kernel packs differently on AVX2 and AVX-512 CPUs, its CUDA kernel
+differently again) gets it at load, in memory, from that kernel's own packing function
+(`quant.linear`); bytes on disk are never fed to such a kernel.
+
+- Padding: a weight (out, in) is stored as (out_p, in_p): out_p rounds `out` up to a multiple
+  of 32 rows; in_p rounds `in` up to a multiple of the group size (4-bit) or of 32 (8-bit).
+  Padded rows dequantize to exactly 0 (4-bit: code 8, scale and zero 0; 8-bit: code and scale
+  0); padded 4-bit columns repeat the row's last weight (so the group's range is its own) and
+  padded 8-bit columns are 0. Products pad the activation with zeros, so padding adds nothing
+  to a result. The logical shape travels beside the tensors (`QuantizedTensor.shape`, and the
+  metadata of the shard that holds them). Any shape can be quantized.
+- 4-bit `qweight`: uint8 (out_p, in_p / 2). Rows go in tiles of 32; tile t is in_p columns of
+  16 bytes each, and byte (t, k, i) holds row 32t+i's code for column k in its low nibble and
+  row 32t+i+16's in its high nibble. The 32 codes of one column of a tile are 16 adjacent bytes,
+  what a SIMD register unpacks in one go (`pack_int4`, `unpack_int4`).
+- 4-bit `scales_zeros`: bfloat16 (in_p / group_size, out_p, 2), scale then zero.
+- 8-bit `qweight`: int8 (out_p, in_p) row-major; `scales_zeros`: bfloat16 (out_p,).
 
 Three ways to choose scale and zero, none needing calibration data:
 - "rtn": round to nearest over each group's min..max.
@@ -15,10 +34,8 @@ Three ways to choose scale and zero, none needing calibration data:
   squared error after rounding scale and zero to 16 bits. Lowest Frobenius error of the three.
 - "wmse" (default): the same search on the squared error weighted by each weight's magnitude.
   A trained network's large weights carry more of its output than their share of the
-  Frobenius error says: plain "mse" trades them for the many small ones, and on nano it
-  drifts from the unquantized model's predictions only a little less than "rtn", for all its
-  lower weight error. Weighting by |w| keeps most of the error reduction (still below HQQ's
-  on MiniLM) and gives the smallest KL divergence of the three at every group size
+  Frobenius error says: plain "mse" trades them for the many small ones. Weighting by |w| keeps
+  most of the error reduction and drifts least from the unquantized model's predictions
   (benchmarks/bench_quant.py, benchmarks/bench_nano.py).
 """
 
@@ -34,8 +51,9 @@ from .kernels import cpu_kernels
 METHODS = ("wmse", "mse", "rtn")
 DEFAULT_METHOD = "wmse"
 GROUP_SIZES = (32, 64, 128)
-TILE_ROWS = 32  # the CPU int4 kernel interleaves rows in blocks of 32
-PARAM_DTYPE = torch.bfloat16  # scales and zeros, as the int4 kernels take them
+TILE_ROWS = 32  # stored rows come in tiles of 32 (see the module docstring)
+INT8_COLUMNS = 32  # 8-bit rows are padded to a multiple of 32 columns
+PARAM_DTYPE = torch.bfloat16  # scales and zeros
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 LSQ_STEPS = 3
 # Groups quantized at a time. The fit makes dozens of passes over its temporaries; kept to a few
@@ -49,10 +67,12 @@ class QuantError(ValueError):
 
 @dataclass
 class QuantizedTensor:
-    """A quantized weight matrix (out_features, in_features) and what dequantizes it.
+    """A quantized weight matrix of logical shape `shape` (out, in) and what dequantizes it.
 
-    bits 4: `qweight` uint8 (out, in/2) in the CPU int4 kernel's tiled layout, `scales_zeros`
-    (in/group, out, 2) bfloat16. bits 8: `qweight` int8 (out, in), `scales_zeros` (out,) bf16.
+    The tensors are stored padded to `padded_shape(*shape, bits, group_size)`, in the layout the
+    module docstring describes: bits 4, `qweight` uint8 (out_p, in_p/2) and `scales_zeros`
+    (in_p/group, out_p, 2) bfloat16; bits 8, `qweight` int8 (out_p, in_p) and `scales_zeros`
+    (out_p,) bfloat16.
     """
 
     qweight: torch.Tensor
@@ -73,23 +93,36 @@ class QuantizedTensor:
         return 8 * self.nbytes / (self.shape[0] * self.shape[1])
 
     def dequantize(self) -> torch.Tensor:
-        """The weight these codes stand for, in the original shape and dtype."""
-        if self.bits == 8:
-            w = self.qweight.float() * self.scales_zeros.float()[:, None]
-            return w.to(self.dtype)
-        codes = unpack_int4(self.qweight).float()  # (out, in)
+        """The weight these codes stand for, in the logical shape and the original dtype."""
         n, k = self.shape
-        scale = self.scales_zeros[..., 0].float().t()  # (out, groups)
+        if self.bits == 8:
+            w = self.qweight.float() * self.scales_zeros.float()[:, None]  # (out_p, in_p)
+            return w[:n, :k].to(self.dtype)
+        codes = unpack_int4(self.qweight).float()  # (out_p, in_p)
+        n_p, k_p = codes.shape
+        scale = self.scales_zeros[..., 0].float().t()  # (out_p, groups)
         zero = self.scales_zeros[..., 1].float().t()
-        w = (codes.view(n, -1, self.group_size) - 8) * scale[..., None] + zero[..., None]
-        return w.reshape(n, k).to(self.dtype)
+        w = (codes.view(n_p, -1, self.group_size) - 8) * scale[..., None] + zero[..., None]
+        return w.reshape(n_p, k_p)[:n, :k].to(self.dtype)
+
+
+def padded_shape(
+    out_features: int, in_features: int, bits: int, group_size: int
+) -> tuple[int, int]:
+    """The stored (rows, columns) of a weight of logical shape (out_features, in_features)."""
+    columns = group_size if bits == 4 else INT8_COLUMNS
+    return _round_up(out_features, TILE_ROWS), _round_up(in_features, columns)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Codes (out, in) in 0..15 -> uint8 (out, in/2) in the CPU int4 kernel's layout.
+    """Codes (out, in) in 0..15, out a multiple of 32 -> uint8 (out, in/2) in localmix's layout.
 
-    Rows go in blocks of 32; in a block, byte (k, i) holds row i's code for column k in its low
-    nibble and row i+16's in its high nibble (what `_convert_weight_to_int4pack_for_cpu` writes).
+    Rows go in tiles of 32; in a tile, byte (k, i) holds row i's code for column k in its low
+    nibble and row i+16's in its high nibble.
     """
     n, k = codes.shape
     c = codes.to(torch.uint8).view(n // TILE_ROWS, 2, TILE_ROWS // 2, k)
@@ -172,51 +205,66 @@ def _fit_groups(w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tenso
 def quantize_tensor(
     w: torch.Tensor, bits: int = 4, group_size: int = 64, method: str = DEFAULT_METHOD
 ) -> QuantizedTensor:
-    """Quantize a 2-D weight (out_features, in_features).
+    """Quantize a 2-D weight (out_features, in_features) of any shape.
 
-    bits=4: grouped along in_features (`group_size` 32, 64 or 128); out_features must be a
-    multiple of 32. bits=8: per output channel (`group_size` is ignored).
+    bits=4: grouped along in_features (`group_size` 32, 64 or 128). bits=8: per output channel
+    (`group_size` is ignored). The result is stored padded (see `padded_shape`).
     """
-    if w.ndim != 2:
-        raise QuantError(f"can only quantize 2-D weights, got shape {list(w.shape)}")
+    if w.ndim != 2 or 0 in w.shape:
+        raise QuantError(f"can only quantize non-empty 2-D weights, got shape {list(w.shape)}")
     if method not in METHODS:
         raise QuantError(f"unknown method '{method}'; use one of {', '.join(METHODS)}")
-    n, k = w.shape
     if bits == 8:
-        wf = w.detach().float()
-        scale = (wf.abs().amax(-1) / 127).clamp(min=1e-10).to(PARAM_DTYPE)
-        codes = torch.clamp(torch.round(wf / scale.float()[:, None]), -127, 127)
-        diff = torch.linalg.norm(codes * scale.float()[:, None] - wf)
-        error = float(diff / torch.linalg.norm(wf).clamp(min=1e-30))
-        return QuantizedTensor(codes.to(torch.int8), scale, (n, k), w.dtype, 8, 0, "rtn", error)
+        return _quantize_int8(w)
     if bits != 4:
         raise QuantError(f"bits must be 4 or 8, not {bits}")
     if group_size not in GROUP_SIZES:
         raise QuantError(f"group size must be one of {GROUP_SIZES}, not {group_size}")
-    if k % group_size or n % TILE_ROWS:
-        raise QuantError(
-            f"shape {list(w.shape)}: in_features must be a multiple of the group size "
-            f"({group_size}) and out_features of {TILE_ROWS}"
-        )
+    n, k = w.shape
+    n_p, k_p = padded_shape(n, k, 4, group_size)
     # In chunks of whole 32-row tiles, about FIT_CHUNK groups each: the fit's temporaries stay
     # in cache, and a large tensor is never held in float32 whole.
-    rows = max(TILE_ROWS, FIT_CHUNK * group_size // k // TILE_ROWS * TILE_ROWS)
+    rows = max(TILE_ROWS, FIT_CHUNK * group_size // k_p // TILE_ROWS * TILE_ROWS)
     packed, params, err2, norm2 = [], [], 0.0, 0.0
-    for r in range(0, n, rows):
-        chunk = w[r : r + rows].detach().float()
-        m = chunk.shape[0]
-        groups = chunk.reshape(m * k // group_size, group_size)
+    for r in range(0, n_p, rows):
+        m = min(rows, n_p - r)  # rows of this chunk, padding included (a multiple of 32)
+        chunk = w[r : r + m].detach().float()
+        real = chunk.shape[0]
+        if k_p > k:  # each row's last value repeated: the fit's range stays the row's own
+            chunk = torch.cat([chunk, chunk[:, -1:].expand(real, k_p - k)], dim=1)
+        if m > real:
+            chunk = torch.cat([chunk, chunk.new_zeros(m - real, k_p)])
+        groups = chunk.view(m * k_p // group_size, group_size)
         scale, zero = _fit_groups(groups, method)  # (groups, 1) each
         codes = _codes(groups, scale, zero)
-        err2 += float((((codes - 8) * scale + zero - groups) ** 2).sum())
-        norm2 += float((groups**2).sum())
-        packed.append(pack_int4(codes.to(torch.uint8).view(m, k)))
+        if m > real:  # padded rows: code 8 with scale and zero 0, exactly 0
+            codes.view(m, k_p)[real:] = 8
+            scale.view(m, -1)[real:] = 0
+            zero.view(m, -1)[real:] = 0
+        deq = ((codes - 8) * scale + zero).view(m, k_p)[:real, :k]
+        err2 += float(((deq - chunk[:real, :k]) ** 2).sum())
+        norm2 += float((chunk[:real, :k] ** 2).sum())
+        packed.append(pack_int4(codes.to(torch.uint8).view(m, k_p)))
         params.append(torch.stack([scale.view(m, -1).t(), zero.view(m, -1).t()], dim=-1))
-    scales_zeros = torch.cat(params, dim=1).to(PARAM_DTYPE)  # (groups per row, out, 2)
+    scales_zeros = torch.cat(params, dim=1).to(PARAM_DTYPE)  # (groups per row, out_p, 2)
     error = math.sqrt(err2 / max(norm2, 1e-60))
     return QuantizedTensor(
         torch.cat(packed), scales_zeros.contiguous(), (n, k), w.dtype, 4, group_size, method, error
     )
+
+
+def _quantize_int8(w: torch.Tensor) -> QuantizedTensor:
+    """Symmetric per-channel 8 bits, zero-padded to `padded_shape`."""
+    n, k = w.shape
+    n_p, k_p = padded_shape(n, k, 8, 0)
+    wf = torch.zeros(n_p, k_p)
+    wf[:n, :k] = w.detach().float()
+    scale = (wf.abs().amax(-1) / 127).clamp(min=1e-10).to(PARAM_DTYPE)
+    scale[n:] = 0
+    codes = torch.clamp(torch.round(wf / scale.float().clamp(min=1e-10)[:, None]), -127, 127)
+    diff = torch.linalg.norm(codes * scale.float()[:, None] - wf)
+    error = float(diff / torch.linalg.norm(wf).clamp(min=1e-30))
+    return QuantizedTensor(codes.to(torch.int8), scale, (n, k), w.dtype, 8, 0, "rtn", error)
 
 
 def relative_error(w: torch.Tensor, q: QuantizedTensor) -> float:

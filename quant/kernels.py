@@ -13,9 +13,12 @@ The module is built with PyTorch's C++ extension machinery into TORCH_EXTENSIONS
 default ~/.cache/torch_extensions) the first time it is needed (a quantized model on the CPU,
 or a conversion), which takes about a minute; later runs load the cached build.
 
-Where it cannot be built or run (no C++ compiler, a CPU without AVX2 and FMA, or
-LOCALMIX_CPU_KERNELS=0 in the environment), `cpu_kernels()` returns None, `unavailable_reason()`
-says why, and the caller uses PyTorch's kernels: slower, never wrong.
+The kernels need AVX2 and FMA. Whether this CPU has them is read from the CPU itself when the
+kernels are first asked for (the build's flags say nothing about the machine that loads it);
+on a CPU without them the module is never loaded. Where the kernels cannot be built or run (no
+C++ compiler, a CPU without AVX2 and FMA, or LOCALMIX_CPU_KERNELS=0 in the environment),
+`cpu_kernels()` returns None, `unavailable_reason()` says why, and the caller uses PyTorch's
+kernels, fed a layout packed on this machine by PyTorch's own function: slower, never wrong.
 """
 
 from __future__ import annotations
@@ -35,8 +38,32 @@ BUILD_NAME = "localmix_gemv_cpu_v1"  # bump with any change to the source's inte
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
 
-def _cpu_supports() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+NEEDED_FEATURES = ("avx2", "fma")
+REPORTED_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+
+
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """The instruction-set extensions this CPU and OS offer (Linux: /proc/cpuinfo's flags,
+    which the kernel clears for extensions whose register state it does not save).
+
+    Elsewhere, what PyTorch's own run-time dispatch found: AVX2 (which implies FMA on every CPU
+    that has it) or AVX-512, else nothing.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    capability = torch.backends.cpu.get_cpu_capability()
+    implied = {"AVX2": {"avx2", "fma"}, "AVX512": {"avx2", "fma", "avx512f", "avx512bw"}}
+    return frozenset(implied.get(capability, set()))
+
+
+def _missing_features() -> list[str]:
+    return [f for f in NEEDED_FEATURES if f not in cpu_features()]
 
 
 def _switched_off() -> bool:
@@ -45,9 +72,8 @@ def _switched_off() -> bool:
 
 @functools.cache
 def _build(source: Path = SOURCE, name: str = BUILD_NAME) -> tuple[ModuleType | None, str]:
-    """(module, "") or (None, why not); built once per process."""
-    if not _cpu_supports():
-        return None, f"the CPU lacks AVX2 ({torch.backends.cpu.get_cpu_capability()})"
+    """(module, "") or (None, why not); built once per process. Never called on a CPU that
+    lacks the features the kernels need (`cpu_kernels` checks first)."""
     from torch.utils import cpp_extension
 
     build_dir = build_directory(name)
@@ -81,16 +107,26 @@ def build_directory(name: str = BUILD_NAME) -> Path:
 
 def cpu_kernels() -> ModuleType | None:
     """The compiled module (`int4_mm`, `int4_swiglu`, `int8_mm`, `fit_groups`), or None."""
-    return None if _switched_off() else _build()[0]
+    return None if _switched_off() or _missing_features() else _build()[0]
 
 
 def unavailable_reason() -> str:
     """Why `cpu_kernels()` is None ("" when the kernels are in use)."""
-    return f"turned off by {ENV_SWITCH}=0" if _switched_off() else _build()[1]
+    if _switched_off():
+        return f"turned off by {ENV_SWITCH}=0"
+    if missing := _missing_features():
+        return f"the CPU lacks {' and '.join(f.upper() for f in missing)}"
+    return _build()[1]
 
 
 def describe() -> str:
-    """One line for reports: which kernels quantized CPU matmuls run on."""
+    """One line for reports: which kernels quantized CPU products run on, and the CPU features
+    they were chosen for."""
+    features = " ".join(f for f in REPORTED_FEATURES if f in cpu_features()) or "none of note"
+    cpu = f"CPU: {features}; PyTorch dispatch {torch.backends.cpu.get_cpu_capability()}"
     if cpu_kernels() is not None:
-        return "localmix AVX2 kernels"
-    return f"PyTorch kernels (localmix's own: {unavailable_reason()})"
+        return f"localmix AVX2+FMA kernels ({cpu})"
+    return (
+        f"PyTorch int4/int8 kernels, weights packed for this CPU at load "
+        f"(localmix's own: {unavailable_reason()}; {cpu})"
+    )

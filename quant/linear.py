@@ -8,20 +8,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import QuantizedTensor
+from .formats import QuantizedTensor, padded_shape, unpack_int4
 from .kernels import cpu_kernels
 
 
 class QuantLinear(nn.Module):
     """A linear layer over a quantized weight; swapped in for nn.Linear by the loader.
 
-    Buffers `qweight` and `scales_zeros` hold the packed weight (see `quant.formats`). Up to
-    KERNEL_MAX_ROWS[bits] activation rows run a matrix-vector kernel straight on the packed
-    weight: localmix's own AVX2 kernels on the CPU (`quant.kernels`), else PyTorch's int4/int8
-    kernels where they take the activation dtype (bf16 on the CPU). Their cost grows with the
-    rows, so a longer prefill chunk dequantizes once and runs one float32 matmul instead. On a
-    2-core AVX2 machine that wins from about 150 rows on in 4 bits, and from about 20 in 8 bits,
-    whose dequantization is a single multiply.
+    Buffers `qweight` and `scales_zeros` hold the weight in localmix's stored layout, padded to
+    `padded_shape` (see `quant.formats`). Up to KERNEL_MAX_ROWS[bits] activation rows run a
+    matrix-vector kernel: localmix's own CPU kernels straight on the stored layout
+    (`quant.kernels`), else PyTorch's int4/int8 kernels on a copy that PyTorch's own packing
+    function made on this machine (its layout differs between CPUs), kept until the weight
+    changes. Their cost grows with the rows, so a longer prefill chunk dequantizes once and runs
+    one float32 matmul instead. On a 2-core AVX2 machine that wins from about 150 rows on in
+    4 bits, and from about 20 in 8 bits, whose dequantization is a single multiply.
     """
 
     KERNEL_MAX_ROWS = {4: 128, 8: 16}
@@ -32,13 +33,15 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
+        self.padded = padded_shape(out_features, in_features, bits, group_size)
+        n_p, k_p = self.padded
         if bits == 4:
-            qshape, qdtype = (out_features, in_features // 2), torch.uint8
-            sshape = (in_features // group_size, out_features, 2)
+            qshape, qdtype, sshape = (n_p, k_p // 2), torch.uint8, (k_p // group_size, n_p, 2)
         else:
-            qshape, qdtype, sshape = (out_features, in_features), torch.int8, (out_features,)
+            qshape, qdtype, sshape = (n_p, k_p), torch.int8, (n_p,)
         self.register_buffer("qweight", torch.empty(qshape, dtype=qdtype))
         self.register_buffer("scales_zeros", torch.empty(sshape, dtype=torch.bfloat16))
+        self._torch_packed: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
@@ -56,33 +59,65 @@ class QuantLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xp = self._pad(x)
         if x.device.type == "cpu" and x.shape[0] <= self.KERNEL_MAX_ROWS[self.bits]:
-            kernels = cpu_kernels()
-            if kernels is not None:
-                if self.bits == 4:
-                    return kernels.int4_mm(x, self.qweight, self.scales_zeros, self.group_size)
-                return kernels.int8_mm(x, self.qweight, self.scales_zeros)
-            if x.dtype == torch.bfloat16:
-                if self.bits == 4:
-                    return torch.ops.aten._weight_int4pack_mm_for_cpu(
-                        x, self.qweight, self.group_size, self.scales_zeros
-                    )
-                return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales_zeros)
-        w = self.quantized(torch.float32).dequantize()
-        return F.linear(x.float(), w).to(x.dtype)
+            y = self._cpu_product(xp)
+        else:
+            w = self.quantized(torch.float32).dequantize()
+            return F.linear(x.float(), w).to(x.dtype)
+        return y if y.shape[-1] == self.out_features else y[:, : self.out_features]
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """x with zero columns up to the stored width (a no-op for most shapes)."""
+        extra = self.padded[1] - self.in_features
+        return F.pad(x, (0, extra)) if extra else x
+
+    def _cpu_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x (rows, in_p) times the padded weight: (rows, out_p) in x's dtype."""
+        kernels = cpu_kernels()
+        if kernels is not None:
+            if self.bits == 4:
+                return kernels.int4_mm(x, self.qweight, self.scales_zeros, self.group_size)
+            return kernels.int8_mm(x, self.qweight, self.scales_zeros)
+        weight, params = self._torch_layout(x.dtype)
+        if self.bits == 4:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, self.group_size, params)
+        return torch.ops.aten._weight_int8pack_mm(x, weight, params)
+
+    def _torch_layout(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight as PyTorch's CPU kernels take it, packed by PyTorch on this machine, and
+        the scales in the activation dtype. Made on first use and again whenever the buffers
+        change (an expert cache slot refilled in place bumps their version counter)."""
+        key = (
+            self.qweight.data_ptr(),
+            self.qweight._version,
+            self.scales_zeros._version,
+            dtype,
+        )
+        if self._torch_packed is None or self._torch_packed[0] != key:
+            if self.bits == 4:
+                codes = unpack_int4(self.qweight).to(torch.int32)  # (out_p, in_p)
+                weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            else:
+                weight = self.qweight
+            self._torch_packed = (key, weight, self.scales_zeros.to(dtype))
+        return self._torch_packed[1], self._torch_packed[2]
 
     def swiglu(self, up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """down(silu(self(x)) * up(x)) in one kernel call, or None where that does not apply.
 
         A decode step runs each expert on one row; doing the three products and the gating in
         one call saves the dispatches between them. Applies to 4-bit layers on the CPU with
-        localmix's kernels, for as many rows as the single-layer kernels take.
+        localmix's kernels, for as many rows as the single-layer kernels take, where the padded
+        shapes chain (the hidden width padded alike as w1's rows and w2's columns).
         """
         if not (
             isinstance(up, QuantLinear)
             and isinstance(down, QuantLinear)
             and self.bits == up.bits == down.bits == 4
             and self.group_size == up.group_size == down.group_size
+            and self.padded == up.padded
+            and down.padded[1] == self.padded[0]
             and x.device.type == "cpu"
             and x.shape[0] <= self.KERNEL_MAX_ROWS[4]
         ):
@@ -90,8 +125,8 @@ class QuantLinear(nn.Module):
         kernels = cpu_kernels()
         if kernels is None:
             return None
-        return kernels.int4_swiglu(
-            x,
+        y = kernels.int4_swiglu(
+            self._pad(x),
             self.qweight,
             self.scales_zeros,
             up.qweight,
@@ -100,6 +135,7 @@ class QuantLinear(nn.Module):
             down.scales_zeros,
             self.group_size,
         )
+        return y if y.shape[-1] == down.out_features else y[:, : down.out_features]
 
 
 def swap_linears(model: nn.Module, choose: Callable[[str], int], group_size: int) -> list[str]:

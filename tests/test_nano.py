@@ -79,3 +79,23 @@ def test_paired_difference_takes_its_error_over_blocks():
         paired_difference(a, a[:-1])
     with pytest.raises(ValueError, match="at least"):
         paired_difference(a[:300], a[:300])
+
+
+def test_quantized_nano_is_as_good_on_pytorchs_kernels(tmp_path, monkeypatch):
+    """nano quantized by `localmix quantize`, scored on held-out text with localmix's kernels
+    and with PyTorch's (LOCALMIX_CPU_KERNELS=0, weights packed for this CPU at load): within 1%.
+    Chunks of 64 tokens keep every quantized product on a kernel path."""
+    from localmix.cli.main import app
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, ["quantize", "demo", str(tmp_path / "nano-q4")])
+    assert r.exit_code == 0, r.output
+    q = localmix.load(tmp_path / "nano-q4", device="cpu")
+    text = (nano_path() / "heldout.txt").read_text()
+    ids = q.tokenizer.encode(text, bos=True)[8000:9025]
+    ours = perplexity(q, ids, chunk=64)
+    monkeypatch.setenv("LOCALMIX_CPU_KERNELS", "0")
+    assert q.kernels().startswith("PyTorch")
+    theirs = perplexity(q, ids, chunk=64)
+    assert ours < 40  # about 31: 64-token chunks see less context than the 256 above
+    assert abs(theirs / ours - 1) < 0.01, (ours, theirs)

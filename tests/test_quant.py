@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,17 +15,18 @@ import torch
 from localmix.cli.main import app
 from localmix.quant import QuantLinear, quantize_tensor
 from localmix.quant import kernels as kernels_module
-from localmix.quant.convert import ConvertError, Settings, convert
+from localmix.quant.convert import SHAPES_KEY, ConvertError, Settings, convert
 from localmix.quant.formats import (
     DEFAULT_METHOD,
     QuantError,
     _codes,
     _fit_groups,
     pack_int4,
+    padded_shape,
     relative_error,
     unpack_int4,
 )
-from localmix.quant.kernels import ENV_SWITCH, cpu_kernels, unavailable_reason
+from localmix.quant.kernels import ENV_SWITCH, cpu_features, cpu_kernels, unavailable_reason
 from safetensors.torch import load_file
 
 import localmix
@@ -50,37 +54,105 @@ def test_bits_per_weight():
     assert quantize_tensor(w, bits=8).bits_per_weight == 8 + 16 / 512
 
 
-def test_pack_layout_is_the_kernels():
-    codes = torch.randint(0, 16, (64, 256), dtype=torch.int32)
-    assert torch.equal(
-        pack_int4(codes), torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    )
-    assert torch.equal(unpack_int4(pack_int4(codes)).int(), codes)
+def test_stored_layout_is_the_documented_one():
+    """The 4-bit layout written on disk, spelled out (quant.formats' docstring): the same bytes
+    on every machine, whatever layout a kernel there prefers."""
+    codes = torch.randint(0, 16, (64, 256), dtype=torch.uint8, generator=torch.Generator())
+    packed = pack_int4(codes)
+    assert packed.shape == (64, 128) and packed.dtype == torch.uint8
+    tiles = packed.view(2, 256, 16)  # (tile, column, byte)
+    for t, k, i in [(0, 0, 0), (1, 5, 15), (0, 255, 7), (1, 128, 3)]:
+        assert (
+            int(tiles[t, k, i]) == int(codes[32 * t + i, k]) | int(codes[32 * t + i + 16, k]) << 4
+        )
+    assert torch.equal(unpack_int4(packed), codes)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(30, 100), (33, 200), (305, 384), (64, 70)])
+def test_any_shape_is_stored_padded(bits, shape):
+    n, k = shape
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n)).bfloat16()
+    q = quantize_tensor(w, bits=bits, group_size=64)
+    n_p, k_p = padded_shape(n, k, bits, 64)
+    assert n_p % 32 == 0 and k_p % (64 if bits == 4 else 32) == 0 and n_p >= n and k_p >= k
+    assert q.shape == (n, k) and q.qweight.shape == (n_p, k_p // 2 if bits == 4 else k_p)
+    assert q.dequantize().shape == (n, k)
+    exact = dataclasses.replace(q, dtype=torch.float32)  # no rounding of the result to bf16
+    assert q.error == pytest.approx(relative_error(w, exact), rel=1e-3)  # on real entries only
+    assert q.error < (0.12 if bits == 4 else 0.01)
+    if bits == 4:  # padded rows are exactly zero
+        padded = dataclasses.replace(q, shape=(n_p, k_p)).dequantize()
+        assert not padded[n:].any()
 
 
 def test_bad_shapes_and_settings():
-    with pytest.raises(QuantError, match="multiple"):
-        quantize_tensor(torch.randn(64, 100))
+    with pytest.raises(QuantError, match="non-empty 2-D"):
+        quantize_tensor(torch.randn(0, 64))
     with pytest.raises(QuantError, match="group size"):
         quantize_tensor(torch.randn(64, 256), group_size=48)
     with pytest.raises(QuantError, match="method"):
         quantize_tensor(torch.randn(64, 256), method="gptq")
 
 
+def quant_layer(w: torch.Tensor, bits: int, group_size: int = 64) -> QuantLinear:
+    q = quantize_tensor(w, bits=bits, group_size=group_size)
+    layer = QuantLinear(w.shape[1], w.shape[0], bits=bits, group_size=group_size)
+    layer.qweight, layer.scales_zeros = q.qweight, q.scales_zeros
+    return layer
+
+
+def check_against_dequantized(layer: QuantLinear) -> None:
+    """Every path of `layer` (1 and a few rows on the kernels, 200 on the dequantize path;
+    float32, bfloat16 and float16 activations) against the product with its dequantized weight."""
+    gen = torch.Generator().manual_seed(layer.out_features)
+    ref_w = layer.quantized(torch.float32).dequantize()
+    for rows in (1, 3, 40, 200):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(rows, layer.in_features, generator=gen).to(dtype)
+            expected = x.float() @ ref_w.t()
+            got = layer(x)
+            assert got.dtype == dtype and got.shape == (rows, layer.out_features)
+            err = float((got.float() - expected).abs().max() / expected.abs().max())
+            assert err < (1e-5 if dtype == torch.float32 else 0.02), (rows, dtype, err)
+
+
 @pytest.mark.parametrize("own_kernels", ["1", "0"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quant_linear_kernels_match_dequantized(bits, own_kernels, monkeypatch):
-    monkeypatch.setenv(ENV_SWITCH, own_kernels)  # localmix's kernels, or PyTorch's
-    w = torch.randn(128, 256).bfloat16()
-    q = quantize_tensor(w, bits=bits)
-    layer = QuantLinear(256, 128, bits=bits)
-    layer.qweight, layer.scales_zeros = q.qweight, q.scales_zeros
-    ref_w = q.dequantize().float()
-    for rows in (1, 3, 40, 200):  # kernel paths and the dequantize path
-        x = torch.randn(rows, 256).bfloat16()
-        expected = x.float() @ ref_w.t()
-        got = layer(x).float()
-        assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+@pytest.mark.parametrize("shape", [(128, 256), (100, 200)])
+def test_quant_linear_kernels_match_dequantized(bits, own_kernels, shape, monkeypatch):
+    """localmix's kernels, or PyTorch's on a layout PyTorch packed on this machine."""
+    monkeypatch.setenv(ENV_SWITCH, own_kernels)
+    check_against_dequantized(quant_layer(torch.randn(*shape).bfloat16(), bits))
+
+
+PYTORCH_KERNELS_CHECK = """
+import torch
+from tests.test_quant import check_against_dequantized, quant_layer
+print(torch.backends.cpu.get_cpu_capability())
+for bits in (4, 8):
+    for shape in ((96, 256), (100, 200)):
+        check_against_dequantized(quant_layer(torch.randn(*shape).bfloat16(), bits))
+"""
+
+
+def test_pytorch_kernels_right_under_every_dispatch_this_cpu_has(tmp_path):
+    """PyTorch's CPU int4 kernel wants a different layout under each of its dispatch levels
+    (scalar, AVX2, AVX-512). ATEN_CPU_CAPABILITY picks the level in a fresh process, so each
+    one this CPU can run is checked here, whichever CPU runs the suite."""
+    levels = ["default", "avx2"] + (["avx512"] if "avx512bw" in cpu_features() else [])
+    root = Path(__file__).resolve().parents[1]
+    for level in levels:
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=level, **{ENV_SWITCH: "0"})
+        r = subprocess.run(
+            [sys.executable, "-c", PYTORCH_KERNELS_CHECK],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, (level, r.stderr[-3000:])
+        assert r.stdout.split()[0] == level.upper(), r.stdout
 
 
 def int8_activations(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -172,9 +244,19 @@ def test_kernels_that_cannot_be_built_say_why(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     module, why = kernels_module._build(broken, "localmix_test_broken")
     assert module is None and why.startswith("could not be built")
-    monkeypatch.setattr(kernels_module, "_cpu_supports", lambda: False)
-    module, why = kernels_module._build(kernels_module.SOURCE, "localmix_test_no_avx2")
-    assert module is None and "lacks AVX2" in why
+
+
+def test_kernels_are_chosen_by_the_cpu_that_runs_them(monkeypatch):
+    """The features are read from the CPU at run time: on one without AVX2 and FMA the built
+    module is not used (loading it could execute instructions the CPU lacks), the reason says
+    what is missing, and products stay right on PyTorch's kernels."""
+    assert cpu_kernels() is not None
+    assert "avx2" in kernels_module.describe() and "fma" in kernels_module.describe()
+    monkeypatch.setattr(kernels_module, "cpu_features", lambda: frozenset({"sse2", "avx"}))
+    assert cpu_kernels() is None
+    assert unavailable_reason() == "the CPU lacks AVX2 and FMA"
+    assert kernels_module.describe().startswith("PyTorch int4/int8 kernels")
+    check_against_dequantized(quant_layer(torch.randn(64, 128).bfloat16(), 4))
 
 
 def quant_linear(w: torch.Tensor, bits: int = 4) -> QuantLinear:
@@ -244,7 +326,7 @@ def tree(path: Path) -> dict[str, bytes]:
 
 def test_converted_model_loads_and_stays_close(source, tmp_path):
     manifest = convert(source, tmp_path / "q")
-    assert manifest["format_version"] == 1 and manifest["quantization"]["group_size"] == 64
+    assert manifest["format_version"] == 2 and manifest["quantization"]["group_size"] == 64
     assert set(manifest["source"]["files"]) == {p.name for p in source.glob("*.safetensors")}
     assert all(len(f["sha256"]) == 64 for f in manifest["source"]["files"].values())
     assert 0 < manifest["error_summary"]["expert_mean_relative_error"] < 0.12
@@ -289,14 +371,58 @@ def test_converted_model_loads_and_stays_close(source, tmp_path):
 def test_own_kernels_and_pytorchs_give_the_same_logits(source, tmp_path, monkeypatch):
     convert(source, tmp_path / "q", Settings(attn="int8", method="rtn"))
     q = localmix.load(tmp_path / "q", device="cpu", dtype="bf16")
-    assert q.kernels() == "localmix AVX2 kernels"
+    assert q.kernels().startswith("localmix AVX2+FMA kernels")
     assert localmix.load(source, device="cpu").kernels() == ""  # nothing quantized
     ids = list(range(3, 11))  # 8 rows: every quantized matmul takes a kernel path
     ours = q.logits(ids).float()
     monkeypatch.setenv(ENV_SWITCH, "0")
-    assert q.kernels().startswith("PyTorch kernels")
+    assert q.kernels().startswith("PyTorch int4/int8 kernels")
     theirs = q.logits(ids).float()
     assert (ours - theirs).abs().max() < 0.03 * theirs.abs().max()
+
+
+def test_a_model_of_any_shape_converts_and_runs(tmp_path, monkeypatch):
+    """Widths that are multiples of neither 32 nor the group size (hidden 72, experts of 100, a
+    vocabulary of 2000 rows under an 8-bit head): stored padded, run unpadded, and as close to
+    the unquantized model as an aligned one."""
+    src = tmp_path / "odd"
+    config = tiny_mixtral_config(hidden_size=72, intermediate_size=100, num_attention_heads=4)
+    save_reference(src, config, dtype=torch.bfloat16)
+    manifest = convert(src, tmp_path / "q", Settings(attn="int8", head="int8"))
+    assert manifest["format_version"] == 2
+    from localmix.safetensors_io import read_header
+
+    infos, meta = read_header(next((tmp_path / "q").glob("model-*.safetensors")))
+    shapes = json.loads(meta[SHAPES_KEY])
+    assert shapes["model.layers.0.block_sparse_moe.experts.0.w2"] == [72, 100]
+    assert infos["model.layers.0.block_sparse_moe.experts.0.w2.qweight"].shape == (96, 64)
+    assert shapes["lm_head"] == [2000, 72]
+    assert infos["lm_head.qweight"].shape == (2016, 96)
+    q = localmix.load(tmp_path / "q", device="cpu")
+    ref = localmix.load(src, device="cpu")
+    ids = list(range(3, 40))
+    for own in ("1", "0"):
+        monkeypatch.setenv(ENV_SWITCH, own)
+        lq, lr = q.logits(ids), ref.logits(ids)
+        assert lq.shape == lr.shape == (len(ids), 2000)
+        kl = torch.nn.functional.kl_div(
+            lq.log_softmax(-1), lr.log_softmax(-1), log_target=True, reduction="batchmean"
+        )
+        assert kl < 0.05, (own, kl)
+
+
+def test_version_1_models_load_as_they_are(source, tmp_path):
+    """Version 1 stored the same layout without padding (every shape it took was aligned), so a
+    model quantized by an older localmix loads unchanged and computes the same logits."""
+    convert(source, tmp_path / "q", Settings(method="rtn"))
+    ids = list(range(3, 20))
+    now = localmix.load(tmp_path / "q", device="cpu").logits(ids)
+    manifest_path = tmp_path / "q" / "localmix.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format_version"] = 1
+    manifest["quantization"]["layout"] = "int4-cpu-tiled32"
+    manifest_path.write_text(json.dumps(manifest))
+    assert torch.equal(localmix.load(tmp_path / "q", device="cpu").logits(ids), now)
 
 
 def test_int8_attention_option(source, tmp_path):
