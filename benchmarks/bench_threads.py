@@ -1,0 +1,83 @@
+"""Decode speed on an idle machine and on one where another program keeps a core busy.
+
+    python -m benchmarks.bench_threads [--model demo] [--runs 5] [--tokens 96]
+
+For each thread count (1, and one per physical core) and each OpenMP wait policy (ACTIVE:
+idle threads spin, OpenMP's default; PASSIVE: they sleep, localmix's default from the command
+line), a fresh process decodes `--tokens` tokens greedily `--runs` times; the same again while a
+competing process spins on one core. Prints the median and the spread of decode tokens/s, and
+each setting's ratio to localmix's default in the same condition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from localmix.threads import default_threads
+
+DECODE = """
+import json, sys, torch, localmix
+torch.set_num_threads(int(sys.argv[1]))
+engine = localmix.load(sys.argv[2], device="cpu")
+rates = []
+for _ in range(int(sys.argv[3])):
+    engine.reset()
+    s = engine.complete("def main():\\n", temperature=0, max_tokens=int(sys.argv[4]))
+    rates.append(s.decode_tokens_per_s)
+print(json.dumps(rates))
+"""
+
+SPIN = "import time\nend = time.time() + 3600\nwhile time.time() < end:\n    pass\n"
+
+
+def decode_rates(threads: int, policy: str, args: argparse.Namespace) -> list[float]:
+    env = dict(os.environ, OMP_WAIT_POLICY=policy)
+    out = subprocess.run(
+        [sys.executable, "-c", DECODE, str(threads), args.model, str(args.runs), str(args.tokens)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=96)
+    args = ap.parse_args()
+    cores = default_threads()
+    settings = [(t, p) for t in sorted({1, cores}) for p in ("PASSIVE", "ACTIVE")]
+    print(f"{args.model}: decode tokens/s, median (min-max) of {args.runs} runs of {args.tokens}")
+    for condition in ("idle", "one core busy"):
+        competitor = None
+        if condition != "idle":
+            competitor = subprocess.Popen([sys.executable, "-c", SPIN])
+            time.sleep(0.5)
+        try:
+            results = {s: decode_rates(*s, args) for s in settings}
+        finally:
+            if competitor is not None:
+                competitor.kill()
+                competitor.wait()
+        base = statistics.median(results[cores, "PASSIVE"])
+        print(f"  {condition}:")
+        for (threads, policy), rates in results.items():
+            med = statistics.median(rates)
+            mark = "  <- default" if (threads, policy) == (cores, "PASSIVE") else ""
+            print(
+                f"    {threads} thread{'s' if threads > 1 else ' '} {policy:<7} {med:7.1f} "
+                f"({min(rates):.0f}-{max(rates):.0f})  {med / base:.2f}x{mark}"
+            )
+
+
+if __name__ == "__main__":
+    main()
