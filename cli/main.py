@@ -236,10 +236,12 @@ def list_cmd() -> None:
 def show(model: Annotated[str, typer.Argument(help="model name or path")]) -> None:
     """Architecture, parameters, format and files of a model."""
     from localmix.config import ModelConfig
+    from localmix.loader import check_config
     from localmix.store import model_format, resolve
 
     name, path = resolve(model)
     cfg = ModelConfig.from_file(path)
+    check_config(cfg, path)
     counts = cfg.param_counts()
     out = Console(highlight=False)
     out.print(f"[bold]{name}[/bold]  ({path})")
@@ -304,12 +306,9 @@ def machine_plan(cfg, path: Path) -> str:
 @friendly_errors
 def rm(model: Annotated[str, typer.Argument(help="model name in the store")]) -> None:
     """Delete a model from the store."""
-    from localmix.store import models_dir, store_name
+    from localmix.store import remove
 
-    path = models_dir() / store_name(model)
-    if not path.is_dir():
-        raise fail(f"no model '{model}' in the store ({models_dir()}); see `localmix list`")
-    shutil.rmtree(path)
+    remove(model)
     err.print(f"deleted {model}")
 
 

@@ -90,7 +90,7 @@ def load(
     net = load_transformer(path, cfg, dt, host if offloading else dev, manifest)
     if manifest is not None and dev.type == "cpu":
         cpu_kernels()  # built once, here rather than in the middle of the first reply
-    tokenizer = Tokenizer(path / "tokenizer.model")
+    tokenizer = Tokenizer(path / "tokenizer.model", vocab_size=cfg.vocab_size)
     defaults = SamplingOptions().updated(**options)
     engine = Engine(
         net,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .quant.files import read_json
+from .quant.formats import QuantError
 
 SUPPORTED_MODEL_TYPES = ("mixtral", "mistral")
 
@@ -84,7 +86,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Validate a parsed config; `source` names the file in error messages."""
+        """The gate for a parsed config: every field typed and in range, or a ConfigError that
+        names the field and `source` (the file)."""
         model_type = raw.get("model_type")
         if model_type is None:
             raise ConfigError(f"{source}: missing field 'model_type'")
@@ -93,57 +96,61 @@ class ModelConfig:
                 f"{source}: unknown model_type '{model_type}'; localmix runs "
                 + " and ".join(SUPPORTED_MODEL_TYPES)
             )
-
-        def need(name: str) -> Any:
-            if raw.get(name) is None:
-                raise ConfigError(f"{source}: missing field '{name}' (needed for {model_type})")
-            return raw[name]
-
+        field_ = Fields(raw, source, model_type)
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: field 'rope_parameters' must be an object")
         rope_theta = raw.get("rope_theta")
-        if rope_theta is None:
-            rope_theta = (raw.get("rope_parameters") or {}).get("rope_theta")
-        if rope_theta is None:
+        if rope_theta is None and rope.get("rope_theta") is not None:
+            rope_theta = field_.number("rope_theta", value=rope["rope_theta"])
+        elif rope_theta is None:
             raise ConfigError(
                 f"{source}: missing field 'rope_theta' (nor 'rope_parameters.rope_theta')"
             )
-        rope_type = (raw.get("rope_parameters") or raw.get("rope_scaling") or {}).get("rope_type")
-        if rope_type not in (None, "default"):
-            raise ConfigError(f"{source}: field 'rope_type' = '{rope_type}' is not supported")
+        else:
+            rope_theta = field_.number("rope_theta")
+        if rope.get("rope_type") not in (None, "default"):
+            raise ConfigError(
+                f"{source}: field 'rope_type' = '{rope['rope_type']}' is not supported"
+            )
 
-        hidden = int(need("hidden_size"))
-        heads = int(need("num_attention_heads"))
-        head_dim = raw.get("head_dim") or hidden // heads
+        hidden = field_.count("hidden_size")
+        heads = field_.count("num_attention_heads")
         if raw.get("head_dim") is None and hidden % heads:
             raise ConfigError(f"{source}: hidden_size is not a multiple of num_attention_heads")
+        head_dim = field_.count("head_dim", default=hidden // heads)
         window = raw.get("sliding_window")
-        if window is not None and (not isinstance(window, int) or window <= 0):
+        if window is not None and (
+            not isinstance(window, int) or isinstance(window, bool) or window <= 0
+        ):
             raise ConfigError(f"{source}: field 'sliding_window' must be null or a positive int")
         moe = {}
         if model_type == "mixtral":
             moe = {
-                "num_local_experts": int(need("num_local_experts")),
-                "num_experts_per_tok": int(need("num_experts_per_tok")),
+                "num_local_experts": field_.count("num_local_experts"),
+                "num_experts_per_tok": field_.count("num_experts_per_tok"),
             }
+        vocab = field_.count("vocab_size")
         eos = raw.get("eos_token_id", 2)
         if isinstance(eos, list):
             eos = eos[0] if eos else None
         known = {f.name for f in fields(cls)} | {"rope_parameters", "rope_scaling"}
         return cls(
             model_type=model_type,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_hidden_layers=int(need("num_hidden_layers")),
+            intermediate_size=field_.count("intermediate_size"),
+            num_hidden_layers=field_.count("num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(rope_theta),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+            num_key_value_heads=field_.count("num_key_value_heads", default=heads),
+            head_dim=head_dim,
+            rms_norm_eps=field_.number("rms_norm_eps", default=1e-5),
+            rope_theta=rope_theta,
+            max_position_embeddings=field_.count("max_position_embeddings", default=32768),
             sliding_window=window,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            bos_token_id=raw.get("bos_token_id", 1),
-            eos_token_id=eos,
+            tie_word_embeddings=field_.flag("tie_word_embeddings"),
+            bos_token_id=field_.token_id("bos_token_id", raw.get("bos_token_id", 1), vocab),
+            eos_token_id=field_.token_id("eos_token_id", eos, vocab),
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
             extra={k: v for k, v in raw.items() if k not in known},
             **moe,
@@ -158,9 +165,68 @@ class ModelConfig:
         if not path.exists():
             raise ConfigError(f"{path}: no config.json here; is this a model directory?")
         try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+            raw = read_json(path)
+        except QuantError as e:
+            raise ConfigError(str(e)) from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(raw, source=str(path))
+
+
+class Fields:
+    """Reads typed fields of a raw config; every refusal names the field and the file."""
+
+    def __init__(self, raw: dict[str, Any], source: str, model_type: str) -> None:
+        self.raw, self.source, self.model_type = raw, source, model_type
+
+    def _get(self, name: str, default: Any) -> Any:
+        value = self.raw.get(name)
+        if value is None:
+            if default is None:
+                raise ConfigError(
+                    f"{self.source}: missing field '{name}' (needed for {self.model_type})"
+                )
+            return default
+        return value
+
+    def count(self, name: str, default: int | None = None) -> int:
+        """A positive whole number (`64` or `64.0`, not `"64"`, `true` or `0`)."""
+        value = self._get(name, default)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(
+                f"{self.source}: field '{name}' must be a positive integer, not {value!r}"
+            )
+        return value
+
+    def number(self, name: str, default: float | None = None, value: Any = None) -> float:
+        """A positive finite number."""
+        value = self._get(name, default) if value is None else value
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise ConfigError(
+                f"{self.source}: field '{name}' must be a positive number, not {value!r}"
+            )
+        return float(value)
+
+    def flag(self, name: str) -> bool:
+        value = self.raw.get(name, False)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.source}: field '{name}' must be true or false, not {value!r}")
+        return value
+
+    def token_id(self, name: str, value: Any, vocab: int) -> int | None:
+        """A token id inside the vocabulary, or None."""
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab:
+            raise ConfigError(
+                f"{self.source}: field '{name}' must be a token id below vocab_size ({vocab}), "
+                f"not {value!r}"
+            )
+        return value

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DiskSpaceError, HubError
+from .quant.files import exclusive, is_plain_name
+from .quant.formats import QuantError
 
 WANTED = (
     "config.json",
@@ -31,6 +34,9 @@ CHUNK = 1 << 16
 QUANTIZED_RATIO = 0.35  # quantized output / 16-bit weights, with margin
 
 Progress = Callable[[str, int, int], None]  # (file, bytes done, file size)
+REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+ETAG = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # a git blob's sha1 or an LFS file's sha256
 
 
 @dataclass(frozen=True)
@@ -40,11 +46,18 @@ class RemoteFile:
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
-    """`org/name[@revision]` -> (repo id, revision)."""
+    """`org/name[@revision]` -> (repo id, revision), both checked: they become names of
+    directories and files in the cache and the store."""
     repo, _, revision = ref.partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(
+        REPO_PART.fullmatch(p) and ".." not in p and "--" not in p for p in parts
+    ):
         raise HubError(f"'{ref}' is not a Hub repository id; write it as org/name[@revision]")
-    return repo, revision or "main"
+    revision = revision or "main"
+    if not is_plain_name(revision.replace("/", "--")) or ".." in revision:
+        raise HubError(f"'{ref}': '{revision}' is not a revision (a branch, tag or commit)")
+    return repo, revision
 
 
 def endpoint() -> str:
@@ -71,7 +84,7 @@ def repo_folder(repo: str) -> Path:
 
 def wanted(name: str) -> bool:
     base = name.rsplit("/", 1)[-1]
-    if "/" in name or any(fnmatch.fnmatch(base, p) for p in REFUSED):
+    if not is_plain_name(name) or any(fnmatch.fnmatch(base, p) for p in REFUSED):
         return False
     return any(fnmatch.fnmatch(base, p) for p in WANTED)
 
@@ -110,14 +123,23 @@ def list_files(repo: str, revision: str) -> tuple[str, list[RemoteFile]]:
     api = HfApi(endpoint=endpoint(), token=token())
     try:
         commit = api.repo_info(repo, revision=revision).sha
+        if not isinstance(commit, str) or not COMMIT.fullmatch(commit):
+            raise HubError(f"the Hub sent {commit!r} as the commit of {repo}; not a commit id")
         tree = list(api.list_repo_tree(repo, revision=commit, recursive=True))
+    except HubError:
+        raise
     except Exception as e:  # every failure of the client becomes one clear line
         raise explain(e, repo) from e
-    files = [
-        RemoteFile(f.path, int(f.size or 0))
-        for f in tree
-        if getattr(f, "size", None) is not None and wanted(f.path)
-    ]
+    files = []
+    for f in tree:
+        path, size = getattr(f, "path", None), getattr(f, "size", None)
+        if size is None or not isinstance(path, str) or not wanted(path):
+            continue
+        if not is_plain_name(path) or not isinstance(size, int) or size < 0:
+            raise HubError(
+                f"the Hub listed a file {path!r} of size {size!r} in {repo}; refusing it"
+            )
+        files.append(RemoteFile(path, size))
     if not any(f.name.endswith(".safetensors") for f in files):
         unsafe = [f.path for f in tree if any(fnmatch.fnmatch(f.path, p) for p in REFUSED)]
         more = " (only pickle weights, which localmix never loads)" if unsafe else ""
@@ -151,11 +173,18 @@ def check_space(
             )
 
 
-def download_file(repo: str, commit: str, name: str, progress: Progress | None = None) -> Path:
-    """One file into the cache, continuing a partial download; returns its snapshot path."""
+def download_file(
+    repo: str, commit: str, name: str, size: int, progress: Progress | None = None
+) -> Path:
+    """One file (of `size` bytes, as listed) into the cache, continuing a partial download;
+    returns its snapshot path. The commit, the name and the ETag the Hub sends are checked
+    before they become paths."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session
 
+    if not COMMIT.fullmatch(commit) or not is_plain_name(name):
+        raise HubError(f"refusing to store {name!r} of commit {commit!r}: not a safe file name")
+    listed = size
     folder = repo_folder(repo)
     link = folder / "snapshots" / commit / name
     url = hf_hub_url(repo, name, revision=commit, endpoint=endpoint())
@@ -166,6 +195,12 @@ def download_file(repo: str, commit: str, name: str, progress: Progress | None =
     etag, size = meta.etag, meta.size
     if not etag:
         raise HubError(f"the Hub sent no ETag for {name}; cannot cache it safely")
+    if not isinstance(etag, str) or not ETAG.fullmatch(etag):
+        raise HubError(
+            f"the Hub sent {etag!r} as the ETag of {name}; not a hex digest, refusing it"
+        )
+    if size != listed:
+        raise HubError(f"{name}: the Hub listed {listed} bytes but sends {size!r}; refusing it")
     blob = folder / "blobs" / etag
     if link.exists() and blob.exists() and blob.stat().st_size == size:
         if progress:
@@ -194,8 +229,10 @@ def download_file(repo: str, commit: str, name: str, progress: Progress | None =
                     done = start if mode == "ab" else 0
                     with open(partial, mode) as f:
                         for chunk in response.iter_bytes(CHUNK):
-                            f.write(chunk)
                             done += len(chunk)
+                            if done > size:
+                                raise HubError(f"{name}: the Hub sent more than {size} bytes")
+                            f.write(chunk)
                             if progress:
                                 progress(name, done, size)
         except HubError:
@@ -223,13 +260,22 @@ def download_file(repo: str, commit: str, name: str, progress: Progress | None =
 
 
 def pull(ref: str, store: Path, quantize: bool, progress: Progress | None = None) -> Path:
-    """Download what a model needs; returns its snapshot directory."""
+    """Download what a model needs; returns its snapshot directory. Writes only inside the
+    repository's folder of the cache (and its lock, under `.locks`); a second pull of the same
+    repository waits for the first, then finds its files there."""
     repo, revision = parse_ref(ref)
     commit, files = list_files(repo, revision)
     check_space(files, commit, repo, store, quantize)
-    for f in files:
-        download_file(repo, commit, f.name, progress)
-    refs = repo_folder(repo) / "refs"
-    refs.mkdir(parents=True, exist_ok=True)
-    (refs / revision.replace("/", "--")).write_text(commit)
+    lock = cache_dir() / ".locks" / repo_folder(repo).name
+    try:
+        with exclusive(
+            lock, lambda: progress and progress(f"waiting for another pull of {repo}", 0, 0)
+        ):
+            for f in files:
+                download_file(repo, commit, f.name, f.size, progress)
+            refs = repo_folder(repo) / "refs"
+            refs.mkdir(parents=True, exist_ok=True)
+            (refs / revision.replace("/", "--")).write_text(commit)
+    except QuantError as e:  # the lock could not be taken
+        raise HubError(str(e)) from e
     return repo_folder(repo) / "snapshots" / commit

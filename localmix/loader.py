@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 
 import torch
@@ -10,26 +10,30 @@ import torch
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import Rotary, Transformer
-from .quant.convert import FORMAT_VERSION, MANIFEST, PROGRESS, Settings, plan_bits
+from .quant.convert import MANIFEST, PROGRESS, Settings, check_manifest, plan_bits
+from .quant.files import read_index, read_json
+from .quant.formats import QuantError
 from .quant.linear import swap_linears
 from .safetensors_io import SafetensorsFile
 
-INDEX_NAME = "model.safetensors.index.json"
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.")
+IGNORED_RE = re.compile(r"\.rotary_emb\.inv_freq$")  # a buffer older checkpoints saved
 
 
 def checkpoint_files(model_dir: Path) -> dict[str, str]:
-    """Map each tensor name to the safetensors file that should hold it (from the index).
+    """Map each tensor name to the safetensors file that should hold it (from the index, whose
+    file names are checked to stay in `model_dir`).
 
     Without an index, every tensor of `model.safetensors` (or of each `*.safetensors`) counts.
     """
-    index = model_dir / INDEX_NAME
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: unreadable index ({e})") from e
-        return dict(weight_map)
+    try:
+        index = read_index(model_dir)
+    except QuantError as e:
+        raise CheckpointError(str(e)) from e
+    if index is not None:
+        return index
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         unsafe = [p.name for p in model_dir.iterdir() if p.suffix in UNSAFE_SUFFIXES]
@@ -51,14 +55,8 @@ def local_name(hf_name: str) -> str:
     return hf_name.removeprefix("model.")
 
 
-def open_checkpoint(
-    model_dir: Path, expected: dict[str, tuple[torch.Size, torch.dtype]]
-) -> dict[str, torch.Tensor]:
-    """Check every expected tensor exists with the right shape; return them memory-mapped.
-
-    `expected` maps local names to (shape, dtype). Errors name the file and the tensor.
-    """
-    weight_map = checkpoint_files(model_dir)
+def open_shards(model_dir: Path, weight_map: dict[str, str]) -> dict[str, SafetensorsFile]:
+    """Each shard the weight map names, its header checked."""
     files: dict[str, SafetensorsFile] = {}
     for hf_name, fname in sorted(weight_map.items(), key=lambda kv: kv[1]):
         if fname in files:
@@ -70,9 +68,65 @@ def open_checkpoint(
                 "download the model again"
             )
         files[fname] = SafetensorsFile(path)
+    return files
+
+
+def check_config(cfg: ModelConfig, model_dir: Path) -> None:
+    """The config's sizes against the checkpoint's headers, before anything is built: as many
+    layers (and experts per layer) as the files hold, and an embedding of the config's
+    vocabulary and hidden size. (Every other shape is checked as the tensors are opened.)"""
+    weight_map = checkpoint_files(model_dir)
+    layers = {int(m.group(1)) for n in weight_map if (m := LAYER_RE.match(n))}
+    if not _numbered(layers, cfg.num_hidden_layers):
+        raise CheckpointError(
+            f"{model_dir}: config.json asks for {cfg.num_hidden_layers} layers, the checkpoint "
+            f"holds {_count(layers)}"
+        )
+    if cfg.is_moe:
+        experts = {int(m.group(2)) for n in weight_map if (m := EXPERT_RE.match(n))}
+        if not _numbered(experts, cfg.num_local_experts):
+            raise CheckpointError(
+                f"{model_dir}: config.json asks for {cfg.num_local_experts} experts per layer, "
+                f"the checkpoint holds {_count(experts)}"
+            )
+    embed = "model.embed_tokens.weight"
+    if embed not in weight_map:
+        raise CheckpointError(f"{model_dir}: tensor '{embed}' is missing")
+    info = open_shards(model_dir, {embed: weight_map[embed]})[weight_map[embed]].infos.get(embed)
+    want = (cfg.vocab_size, cfg.hidden_size)
+    if info is None or info.shape != want:
+        got = "missing" if info is None else f"of shape {list(info.shape)}"
+        raise CheckpointError(
+            f"{model_dir / weight_map[embed]}: tensor '{embed}' is {got}; config.json asks for "
+            f"{list(want)} (vocab_size, hidden_size)"
+        )
+
+
+def _numbered(indices: set[int], n: int) -> bool:
+    """Whether `indices` are 0 .. n-1 (without building a range of a config's size)."""
+    return len(indices) == n and min(indices, default=0) == 0 and max(indices, default=-1) == n - 1
+
+
+def _count(indices: set[int]) -> str:
+    if _numbered(indices, len(indices)):
+        return str(len(indices))
+    return f"numbers {sorted(indices)[:8]}{'...' if len(indices) > 8 else ''}"
+
+
+def open_checkpoint(
+    model_dir: Path, expected: dict[str, tuple[torch.Size, torch.dtype]], tied: bool = False
+) -> dict[str, torch.Tensor]:
+    """Check every expected tensor exists with the right shape, and that the checkpoint holds
+    no other; return them memory-mapped.
+
+    `expected` maps local names to (shape, dtype); `tied`: the output head is the embedding,
+    so a stored `lm_head.weight` is a copy that goes unused. Errors name the file and the tensor.
+    """
+    weight_map = checkpoint_files(model_dir)
+    files = open_shards(model_dir, weight_map)
     tensors: dict[str, torch.Tensor] = {}
     by_local = {local_name(n): n for n in weight_map}
-    for name, (shape, _) in expected.items():
+    for name, (shape, dtype) in expected.items():
         hf_name = by_local.get(name)
         if hf_name is None:
             raise CheckpointError(f"{model_dir}: tensor 'model.{name}' (or '{name}') is missing")
@@ -85,12 +139,31 @@ def open_checkpoint(
                 f"{f.path}: tensor '{hf_name}' has shape {list(info.shape)}, "
                 f"the config asks for {list(shape)}"
             )
+        if info.dtype.is_floating_point != dtype.is_floating_point or (
+            not dtype.is_floating_point and info.dtype != dtype
+        ):
+            raise CheckpointError(
+                f"{f.path}: tensor '{hf_name}' holds {info.dtype}, localmix expects {dtype}"
+            )
         tensors[name] = f.get(hf_name)
+    used = {by_local[name] for name in expected}
+    unused = [
+        n
+        for n in weight_map
+        if n not in used and not IGNORED_RE.search(n) and not (tied and n == "lm_head.weight")
+    ]
+    if unused:
+        raise CheckpointError(
+            f"{model_dir}: the checkpoint holds tensors this config does not use "
+            f"({', '.join(sorted(unused)[:3])}{', ...' if len(unused) > 3 else ''}); "
+            "config.json does not describe these weights"
+        )
     return tensors
 
 
 def read_manifest(model_dir: Path) -> dict | None:
-    """The quantized checkpoint's manifest, or None for a plain Hugging Face checkpoint."""
+    """The gate for a quantized checkpoint's manifest: its values checked (see
+    `check_manifest`), or None for a plain Hugging Face checkpoint."""
     path = model_dir / MANIFEST
     if not path.exists():
         if (model_dir / PROGRESS).exists():
@@ -100,18 +173,9 @@ def read_manifest(model_dir: Path) -> dict | None:
             )
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable manifest ({e})") from e
-    version = manifest.get("format_version")
-    if manifest.get("format") != "localmix" or not isinstance(version, int):
-        raise CheckpointError(f"{path}: not a localmix manifest")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format version {version} is newer than this localmix reads "
-            f"({FORMAT_VERSION}); upgrade localmix"
-        )
-    return manifest
+        return check_manifest(read_json(path), path)
+    except QuantError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def quantize_modules(model: Transformer, quantization: dict) -> None:
@@ -142,6 +206,7 @@ def load_transformer(
     In the checkpoint's own dtype on the CPU, weights stay views of the file mapping, so the
     model is never materialised twice.
     """
+    check_config(cfg, model_dir)
     with torch.device("meta"):
         model = Transformer(cfg)
     if manifest is not None:
@@ -153,7 +218,7 @@ def load_transformer(
     floats = {
         k for k, v in state.items() if v.is_floating_point() and not k.endswith("scales_zeros")
     }
-    tensors = open_checkpoint(model_dir, expected)
+    tensors = open_checkpoint(model_dir, expected, tied=cfg.tie_word_embeddings)
     if cfg.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
     tensors = {

@@ -50,10 +50,12 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and check a safetensors header: returns tensor infos and the metadata dict.
+    """The gate for a safetensors file: its header parsed into checked tensor infos and the
+    metadata dict, or a CheckpointError that names the file and what is wrong.
 
-    A file shorter than its header promises (an interrupted download) is refused here, before
-    any tensor is read.
+    Every tensor has a known dtype, a shape of non-negative ints, and offsets that hold exactly
+    its bytes, inside the file, overlapping no other tensor's. A file shorter than its header
+    promises (an interrupted download) is refused here, before any tensor is read.
     """
     try:
         size = path.stat().st_size
@@ -67,33 +69,60 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                     f"{path}: corrupt or truncated safetensors header (header of {n} bytes, "
                     f"file of {size}); delete the file and download it again"
                 )
-            raw = json.loads(f.read(n))
+            raw = json.loads(f.read(n).decode("utf-8"))
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: file not found") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    except RecursionError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header (nested too deep)") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     meta = raw.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header ('__metadata__')")
     base = 8 + n
-    infos = {}
-    for name, d in raw.items():
-        try:
-            dtype = DTYPES[d["dtype"]]
-            start, end = d["data_offsets"]
-            shape = tuple(int(s) for s in d["shape"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry") from e
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - start != numel * dtype.itemsize or start < 0:
-            raise CheckpointError(f"{path}: tensor '{name}' has inconsistent offsets")
-        if base + end > size:
-            raise CheckpointError(
-                f"{path}: truncated: tensor '{name}' ends at byte {base + end} but the file has "
-                f"{size} bytes; delete the file and download it again"
-            )
-        infos[name] = TensorInfo(name, dtype, shape, base + start, base + end)
+    infos = {name: _tensor_info(path, name, entry, base, size) for name, entry in raw.items()}
+    end = base
+    for info in sorted(infos.values(), key=lambda i: (i.start, i.end)):
+        if info.start < end and info.nbytes:
+            raise CheckpointError(f"{path}: tensor '{info.name}' overlaps another tensor's bytes")
+        end = max(end, info.end)
     return infos, meta
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_info(path: Path, name: str, entry: object, base: int, size: int) -> TensorInfo:
+    """One header entry, checked; `base` is where the data starts, `size` the file's size."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(f"{path}: tensor '{name}' has an unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise CheckpointError(f"{path}: tensor '{name}' has a malformed shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        raise CheckpointError(f"{path}: tensor '{name}' has malformed offsets {offsets!r}")
+    start, end = offsets
+    numel = 1
+    for s in shape:
+        numel *= s
+    if end < start or end - start != numel * DTYPES[dtype].itemsize:
+        raise CheckpointError(
+            f"{path}: tensor '{name}' has inconsistent offsets ({end - start} bytes for "
+            f"{dtype} of shape {shape})"
+        )
+    if base + end > size:
+        raise CheckpointError(
+            f"{path}: truncated: tensor '{name}' ends at byte {base + end} but the file has "
+            f"{size} bytes; delete the file and download it again"
+        )
+    return TensorInfo(name, DTYPES[dtype], tuple(shape), base + start, base + end)
 
 
 class SafetensorsFile:

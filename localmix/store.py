@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from .errors import LocalmixError, ModelNotFoundError
+from .quant.files import is_plain_name, read_json
+from .quant.formats import QuantError
 
 BUILTIN = ("demo", "nano")  # demo is nano, the model shipped in the package
 
@@ -23,6 +26,34 @@ def store_name(repo_id: str) -> str:
     return repo_id.replace("/", "--")
 
 
+def entry(name: str) -> Path:
+    """The store entry a user-given model name stands for: exactly one entry directly inside
+    the store (`org/name` or `org--name`). Names that could reach anything else (empty, `.`,
+    `..`, absolute, with `\\` or more than one `/`, hidden) are refused. The entry may not exist."""
+    text = str(name)
+    folder = store_name(text)
+    if text.count("/") > 1 or not is_plain_name(folder) or folder.startswith("."):
+        raise ModelNotFoundError(
+            f"'{text}' is not a model name of the store; `localmix list` shows the names"
+        )
+    return models_dir() / folder
+
+
+def remove(name: str) -> Path:
+    """Delete a model from the store: its directory, or only the link where the entry is a
+    symbolic link. Nothing outside the entry is touched. Returns the path removed."""
+    path = entry(name)
+    if path.is_symlink():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+    else:
+        raise ModelNotFoundError(
+            f"no model '{name}' in the store ({models_dir()}); see `localmix list`"
+        )
+    return path
+
+
 def resolve(model: str | os.PathLike) -> tuple[str, Path]:
     """Find a model: a directory path, a store name, a pulled Hub id, or a built-in name."""
     text = str(model)
@@ -31,15 +62,18 @@ def resolve(model: str | os.PathLike) -> tuple[str, Path]:
 
         return text, builtin_model(models_dir())
     path = Path(text).expanduser()
-    if path.is_dir():
+    if text and path.is_dir():
         return path.name, path
-    entry = models_dir() / store_name(text)
-    if entry.is_dir():
-        return text, entry
+    try:
+        found = entry(text)
+    except ModelNotFoundError:
+        found = None
+    if found is not None and found.is_dir():
+        return text, found
     raise ModelNotFoundError(
         f"no model '{text}': not a directory, nor in the store ({models_dir()}). "
         f"Pull it with `localmix pull {text}`, or try `demo`."
-        if "/" in text
+        if text.count("/") == 1
         else f"no model '{text}': not a directory, nor in the store ({models_dir()}); "
         "`localmix list` shows what is there, and `demo` always works"
     )
@@ -51,22 +85,20 @@ def dir_size(path: Path) -> int:
 
 def model_format(path: Path) -> str:
     """A short description of how a model directory stores its weights."""
-    import json
+    from .loader import read_manifest
 
-    manifest = path / "localmix.json"
-    if manifest.exists():
+    if (path / "localmix.json").exists():
         try:
-            q = json.loads(manifest.read_bytes().decode("utf-8"))["quantization"]
-            return f"q{q['bits']} g{q['group_size']} ({q['method']})"
-        except (OSError, ValueError, RecursionError, LookupError, TypeError):
+            q = read_manifest(path)["quantization"]
+        except LocalmixError:
             return "unreadable (localmix.json)"
+        return f"q{q['bits']} g{q['group_size']} ({q['method']})"
     try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+        raw = read_json(path / "config.json")
+    except QuantError:
         return "unknown"
-    if not isinstance(raw, dict):
-        return "unknown"
-    return str(raw.get("torch_dtype") or raw.get("dtype") or "unknown")
+    dtype = (raw.get("torch_dtype") or raw.get("dtype")) if isinstance(raw, dict) else None
+    return dtype if isinstance(dtype, str) else "unknown"
 
 
 def list_models() -> list[dict[str, object]]:

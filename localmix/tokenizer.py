@@ -19,9 +19,13 @@ MAX_UTF8_BYTES = 4
 
 
 class Tokenizer:
-    """A SentencePiece model; BOS and EOS ids come from the model file."""
+    """A SentencePiece model; BOS and EOS ids come from the model file.
 
-    def __init__(self, path: str | Path) -> None:
+    `vocab_size`, the model's: a tokenizer with more pieces than the model has embeddings, or
+    without BOS and EOS, is refused here rather than failing in the middle of a reply.
+    """
+
+    def __init__(self, path: str | Path, vocab_size: int | None = None) -> None:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.model"
@@ -36,6 +40,16 @@ class Tokenizer:
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
         self.vocab_size: int = self.sp.vocab_size()
+        if vocab_size is not None and self.vocab_size > vocab_size:
+            raise TokenizerError(
+                f"{path}: {self.vocab_size} pieces, more than the model's vocabulary "
+                f"({vocab_size}); this tokenizer belongs to another model"
+            )
+        if not 0 <= self.bos_id < self.vocab_size or not 0 <= self.eos_id < self.vocab_size:
+            raise TokenizerError(
+                f"{path}: the tokenizer has no beginning- or end-of-text token (BOS/EOS), "
+                "which localmix needs to start and stop a reply"
+            )
         self._markers = [(m, self.sp.EncodeAsIds(m)) for m in CONTINUATION_MARKERS]
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
@@ -209,7 +223,7 @@ def conversation_format(model_dir: Path | None, tokenizer: Tokenizer) -> Convers
         return ChatTemplate(tokenizer)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise TokenizerError(f"{path}: not readable as JSON ({exc})") from exc
     if not isinstance(config, dict):
         raise TokenizerError(f"{path}: expected a JSON object")

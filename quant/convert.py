@@ -6,27 +6,41 @@ shard), writes one output shard per source shard with each expert's quantized te
 format version, the settings, the source files' sizes and hashes, and per-tensor errors.
 
 Atomic and resumable: a shard is written under a temporary name and renamed when complete, and
-its hash recorded in `.localmix-progress.json`; a rerun skips shards whose hash still matches.
-The manifest, written last, marks the output complete. The source is only ever read.
+its hash and the hashes of the source shards it was made from are recorded in
+`.localmix-progress.json`; a rerun skips shards whose output and sources are unchanged, and
+redoes the others (a source changed in place, with the same sizes, is quantized again). The
+manifest, written last, marks the output complete. The source is only ever read; one conversion
+at a time writes into a destination (a lock file in it).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .formats import DEFAULT_METHOD, QuantError, quantize_tensor
+from .files import (
+    INDEX,
+    LOCK,
+    exclusive,
+    is_plain_name,
+    read_index,
+    read_json,
+    write_atomic,
+    write_json,
+)
+from .formats import DEFAULT_METHOD, GROUP_SIZES, METHODS, QuantError, quantize_tensor
 from .safetensors_write import write_file
 
 # 2: quantized tensors padded so that any shape can be stored (quant.formats); a version-1
@@ -34,7 +48,6 @@ from .safetensors_write import write_file
 FORMAT_VERSION = 2
 MANIFEST = "localmix.json"
 PROGRESS = ".localmix-progress.json"
-INDEX = "model.safetensors.index.json"
 LAYOUT = "localmix-tiled32-padded"  # see quant.formats; the same bytes on every machine
 SHAPES_KEY = "localmix.shapes"  # shard metadata: logical (out, in) of each quantized tensor
 COPIED_FILES = (
@@ -98,12 +111,11 @@ def sha256(path: Path, chunk: int = 1 << 24) -> str:
 
 
 def source_weight_map(src: Path) -> dict[str, str]:
-    index = src / INDEX
-    if index.exists():
-        try:
-            return dict(json.loads(index.read_text())["weight_map"])
-        except (OSError, ValueError, KeyError) as e:
-            raise ConvertError(f"{index}: unreadable index ({e})") from e
+    """Tensor name -> source shard: the index's (checked by `read_index`), or else every tensor
+    of every `*.safetensors` in `src`."""
+    index = read_index(src)
+    if index is not None:
+        return index
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise ConvertError(f"{src}: no *.safetensors files to convert")
@@ -119,12 +131,13 @@ def open_source(path: Path):
         raise ConvertError(f"{path}: missing source shard; download the model again")
     try:
         return safe_open(str(path), framework="pt")
-    except SafetensorError as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise ConvertError(f"{path}: corrupt or truncated safetensors file ({e})") from e
 
 
 def fingerprint(src: Path, shards: list[str], settings: Settings) -> dict:
-    """What identifies a conversion: the source's config and files, and the settings."""
+    """What identifies a conversion: the source's config, file names and sizes, and the
+    settings. The shards' content is checked on top of it, shard by shard (`SourceDigests`)."""
     config = (src / "config.json").read_bytes() if (src / "config.json").exists() else b""
     return {
         "config_sha256": hashlib.sha256(config).hexdigest(),
@@ -133,18 +146,202 @@ def fingerprint(src: Path, shards: list[str], settings: Settings) -> dict:
     }
 
 
+class SourceDigests:
+    """The sha256 of each source shard, computed at most once a run, and kept with the identity
+    of the file it was taken of (device, inode, size, modification and change times): a shard
+    whose identity is unchanged since holds the same bytes, any other is hashed again."""
+
+    def __init__(self, src: Path, known: dict[str, dict]) -> None:
+        self.src = src
+        self.known = dict(known)  # shard -> {"sha256", "identity"}, from earlier runs too
+
+    def identity(self, shard: str) -> list[int]:
+        s = os.stat(self.src / shard)
+        return [s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns]
+
+    def digest(self, shard: str) -> dict:
+        """{"sha256", "identity"} of the shard as it is now."""
+        now = self.identity(shard)
+        known = self.known.get(shard)
+        if known and known["identity"] == now:
+            return known
+        entry = {"sha256": sha256(self.src / shard), "identity": now}
+        if self.identity(shard) != now:
+            raise ConvertError(
+                f"{self.src / shard} changed while it was read; run the same command again"
+            )
+        self.known[shard] = entry
+        return entry
+
+    def match(self, reads: dict[str, str]) -> bool:
+        """Whether each source shard holds the bytes it held when an output was made of it
+        (`reads`: shard -> sha256)."""
+        return all(self.digest(s)["sha256"] == h for s, h in reads.items())
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
+def _file_record(value: object) -> bool:
+    return (
+        isinstance(value, dict) and _is_int(value.get("size")) and _is_sha256(value.get("sha256"))
+    )
+
+
+def _str_map(value: object, check: Callable[[object], bool]) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and check(v) for k, v in value.items()
+    )
+
+
+def check_settings(settings: Settings) -> Settings:
+    """Settings the converter and the loader can use, or a ConvertError saying which is off."""
+    if not _is_int(settings.group_size) or settings.group_size not in GROUP_SIZES:
+        raise ConvertError(
+            f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, "
+            f"not {settings.group_size!r}"
+        )
+    if settings.method not in METHODS:
+        raise ConvertError(f"unknown method {settings.method!r}; use one of {', '.join(METHODS)}")
+    for what, value in (("attention", settings.attn), ("output head", settings.head)):
+        if value not in ("bf16", "int8"):
+            raise ConvertError(f"{what} weights are bf16 or int8, not {value!r}")
+    return settings
+
+
+def _valid_shard_record(entry: object) -> bool:
+    return (
+        isinstance(entry, dict)
+        and _is_sha256(entry.get("sha256"))
+        and _is_int(entry.get("size"))
+        and _str_map(entry.get("reads"), _is_sha256)
+        and all(is_plain_name(s) for s in entry["reads"])
+        and _str_map(entry.get("errors"), _is_number)
+        and isinstance(entry.get("tensors"), list)
+        and all(isinstance(t, str) for t in entry["tensors"])
+    )
+
+
+def _valid_source_record(entry: object) -> bool:
+    identity = entry.get("identity") if isinstance(entry, dict) else None
+    return (
+        _is_sha256(entry.get("sha256") if isinstance(entry, dict) else None)
+        and isinstance(identity, list)
+        and len(identity) == 5
+        and all(_is_int(i) for i in identity)
+    )
+
+
+def check_progress(record: dict, out_names: list[str], shards: list[str]) -> dict:
+    """An earlier run's progress record for this conversion, keeping only well-formed entries
+    of this conversion's shards: anything else is done again."""
+    done = record.get("shards") if isinstance(record.get("shards"), dict) else {}
+    sources = record.get("sources") if isinstance(record.get("sources"), dict) else {}
+    return {
+        "fingerprint": record["fingerprint"],
+        "sources": {s: e for s, e in sources.items() if s in shards and _valid_source_record(e)},
+        "shards": {
+            n: e
+            for n, e in done.items()
+            if n in out_names and _valid_shard_record(e) and set(e["reads"]) <= set(shards)
+        },
+        "complete": record.get("complete") is True,
+    }
+
+
+def check_manifest(raw: object, path: Path) -> dict:
+    """The gate for a `localmix.json`: its values checked and typed, or a ConvertError that
+    names the file and what is wrong."""
+    if not isinstance(raw, dict) or raw.get("format") != "localmix":
+        raise ConvertError(f"{path}: not a localmix manifest")
+
+    def bad(field: str) -> ConvertError:
+        return ConvertError(f"{path}: corrupt manifest (field '{field}'); quantize the model again")
+
+    version = raw.get("format_version")
+    if not _is_int(version) or version < 1:
+        raise bad("format_version")
+    if version > FORMAT_VERSION:
+        raise ConvertError(
+            f"{path}: format version {version} is newer than this localmix reads "
+            f"({FORMAT_VERSION}); upgrade localmix"
+        )
+    q = raw.get("quantization")
+    if not isinstance(q, dict) or q.get("bits") != 4 or not isinstance(q.get("layout"), str):
+        raise bad("quantization")
+    try:
+        settings = check_settings(
+            Settings(
+                q.get("group_size"),
+                q.get("method"),
+                q.get("attn", "bf16"),
+                q.get("lm_head", "bf16"),
+            )
+        )
+    except ConvertError as e:
+        raise ConvertError(f"{path}: corrupt manifest ({e})") from e
+    summary = raw.get("error_summary")
+    if not (
+        isinstance(summary, dict)
+        and _is_number(summary.get("expert_mean_relative_error"))
+        and _is_number(summary.get("expert_worst_relative_error"))
+        and _is_int(summary.get("tensors"))
+    ):
+        raise bad("error_summary")
+    source = raw.get("source", {"path": "", "files": {}})
+    if not (
+        isinstance(source, dict)
+        and isinstance(source.get("path"), str)
+        and _str_map(source.get("files"), _file_record)
+    ):
+        raise bad("source")
+    checks = {
+        "fingerprint": lambda v: isinstance(v, dict),
+        "shards": lambda v: _str_map(v, _file_record) and all(is_plain_name(n) for n in v),
+        "errors": lambda v: _str_map(v, _is_number),
+        "created": lambda v: isinstance(v, str),
+    }
+    defaults = {"fingerprint": {}, "shards": {}, "errors": {}, "created": ""}
+    out = {"format": "localmix", "format_version": version}
+    for field, check in checks.items():
+        value = raw.get(field, defaults[field])
+        if not check(value):
+            raise bad(field)
+        out[field] = value
+    return {
+        **out,
+        "quantization": {**settings.to_dict(), "layout": q["layout"]},
+        "source": source,
+        "error_summary": summary,
+    }
+
+
 def check_destination(dst: Path, fp: dict) -> dict:
-    """Progress of an earlier run for the same conversion, or {}; refuse a foreign directory."""
-    if not dst.exists() or not any(dst.iterdir()):
+    """The record of an earlier run of the same conversion, or {}; refuses a directory that
+    holds anything else."""
+    if not dst.exists():
+        return {}
+    if not dst.is_dir():
+        raise ConvertError(f"{dst} is not a directory; choose another destination")
+    if all(p.name == LOCK for p in dst.iterdir()):
         return {}
     for marker in (PROGRESS, MANIFEST):
         path = dst / marker
         if path.exists():
             try:
-                record = json.loads(path.read_text())
-            except ValueError:
+                record = read_json(path)
+            except QuantError:
                 continue
-            if record.get("fingerprint") == fp:
+            if isinstance(record, dict) and record.get("fingerprint") == fp:
                 return record
             raise ConvertError(
                 f"{dst} holds a different model or settings; choose another destination "
@@ -153,12 +350,6 @@ def check_destination(dst: Path, fp: dict) -> dict:
     raise ConvertError(
         f"{dst} is not empty and is not a localmix conversion; refusing to write there"
     )
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def check_free_space(dst: Path, needed: int) -> None:
@@ -181,26 +372,54 @@ def convert(
 ) -> dict:
     """Quantize the checkpoint in `src` into `dst`; returns the manifest.
 
-    `progress(done_bytes, total_bytes, what)` is called as source bytes are processed.
+    `progress(done_bytes, total_bytes, what)` is called as source bytes are processed. Only
+    `dst` is written; a second conversion into it waits for the first to finish.
     """
     src, dst = Path(src), Path(dst)
+    check_settings(settings)
     if src.resolve() == dst.resolve():
         raise ConvertError("the destination must differ from the source")
     if not (src / "config.json").exists():
         raise ConvertError(f"{src}: no config.json; is this a model directory?")
+    if (src / MANIFEST).exists():
+        raise ConvertError(f"{src} is already a quantized model; convert its source instead")
     weight_map = source_weight_map(src)
     shards = sorted(set(weight_map.values()))
     for s in shards:
         open_source(src / s)  # a missing or truncated shard fails here, before any writing
     fp = fingerprint(src, shards, settings)
-    record = check_destination(dst, fp)
-    if record.get("complete"):
-        return json.loads((dst / MANIFEST).read_text())
     total = sum((src / s).stat().st_size for s in shards)
-    check_free_space(dst, int(total * OUTPUT_RATIO))
-    dst.mkdir(parents=True, exist_ok=True)
+    if not check_destination(dst, fp).get("complete"):  # refuse before writing anything
+        check_free_space(dst, int(total * OUTPUT_RATIO))
+
+    def waiting() -> None:
+        if progress:
+            progress(0, total, f"waiting for another conversion into {dst}")
+
+    with exclusive(dst, waiting):
+        return _convert_locked(src, dst, settings, weight_map, shards, fp, total, progress)
+
+
+def _convert_locked(src, dst, settings, weight_map, shards, fp, total, progress) -> dict:
+    n_out = len(shards)
+    out_names = {s: f"model-{i + 1:05d}-of-{n_out:05d}.safetensors" for i, s in enumerate(shards)}
+    record = check_destination(dst, fp)
+    record = check_progress(record, list(out_names.values()), shards) if record else {}
+    digests = SourceDigests(src, record.get("sources", {}))
     done = record.get("shards", {})
-    record = {"fingerprint": fp, "shards": done}
+    if (
+        record.get("complete")
+        and set(done) == set(out_names.values())
+        and all(digests.match(d["reads"]) for d in done.values())
+    ):
+        try:
+            return check_manifest(read_json(dst / MANIFEST), dst / MANIFEST)
+        except QuantError:
+            pass  # written again below
+    (dst / MANIFEST).unlink(missing_ok=True)  # not loadable while shards change
+    for stale in dst.glob(".*.tmp"):  # left by a run that was killed
+        stale.unlink()
+    record = {"fingerprint": fp, "sources": digests.known, "shards": done}
     write_json(dst / PROGRESS, record)
 
     # Each expert goes with the shard that holds its w1, so its three matrices stay together.
@@ -208,26 +427,43 @@ def convert(
     for name, shard in weight_map.items():
         m = EXPERT_RE.match(name)
         if m:
-            owner[m.group(1)] = weight_map[f"{m.group(1)}.w1.weight"]
+            first = f"{m.group(1)}.w1.weight"
+            if first not in weight_map:
+                raise ConvertError(f"{src}: expert weight '{name}' has no '{first}' beside it")
+            owner[m.group(1)] = weight_map[first]
         else:
             owner[name] = shard
     handles = {}
 
     def tensor(name: str) -> torch.Tensor:
-        shard = weight_map[name]
+        shard = weight_map.get(name)
+        if shard is None:
+            raise ConvertError(f"{src}: tensor '{name}' is missing from the checkpoint")
         if shard not in handles:
             handles[shard] = open_source(src / shard)
-        return handles[shard].get_tensor(name)
+        try:
+            w = handles[shard].get_tensor(name)
+        except SafetensorError as e:
+            raise ConvertError(f"{src / shard}: cannot read tensor '{name}' ({e})") from e
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            raise ConvertError(
+                f"{src / shard}: tensor '{name}' holds NaN or infinite values; the checkpoint "
+                "is broken, refusing to quantize it"
+            )
+        return w
 
-    n_out = len(shards)
-    out_names = {s: f"model-{i + 1:05d}-of-{n_out:05d}.safetensors" for i, s in enumerate(shards)}
     processed = 0
     for shard in shards:
         out_name = out_names[shard]
         keys = sorted(k for k, s in owner.items() if s == shard)
         shard_bytes = (src / shard).stat().st_size
         previous = done.get(out_name)
-        if previous and (dst / out_name).exists() and sha256(dst / out_name) == previous["sha256"]:
+        if (
+            previous
+            and digests.match(previous["reads"])
+            and (dst / out_name).is_file()
+            and sha256(dst / out_name) == previous["sha256"]
+        ):
             processed += shard_bytes
             if progress:
                 progress(processed, total, f"{out_name} (already done)")
@@ -235,50 +471,45 @@ def convert(
         tensors: dict[str, torch.Tensor] = {}
         errors: dict[str, float] = {}
         shapes: dict[str, list[int]] = {}
-        for key in keys:
-            names = (
+        names = [
+            n
+            for key in keys
+            for n in (
                 [f"{key}.{w}.weight" for w in ("w1", "w3", "w2")]
                 if key not in weight_map
                 else [key]
             )
-            for name in names:
-                w = tensor(name)
-                bits = plan_bits(name, settings)
-                if bits:
-                    q = quantize_tensor(
-                        w, bits=bits, group_size=settings.group_size, method=settings.method
-                    )
-                    base = name.removesuffix(".weight")
-                    tensors[f"{base}.qweight"] = q.qweight
-                    tensors[f"{base}.scales_zeros"] = q.scales_zeros
-                    errors[name] = q.error
-                    shapes[base] = list(q.shape)
-                else:
-                    tensors[name] = w.contiguous()
-        source_hash = sha256(src / shard)
-        tmp = dst / f".{out_name}.tmp"
-        try:
-            metadata = {
-                "format": "pt",
-                "localmix": str(FORMAT_VERSION),
-                SHAPES_KEY: json.dumps(shapes, sort_keys=True),
-            }
-            write_file(tmp, tensors, metadata)
-            os.replace(tmp, dst / out_name)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            if e.errno == errno.ENOSPC:
-                raise ConvertError(
-                    f"disk full while writing {dst / out_name}; free some space and run the "
-                    "same command again: finished shards are kept"
-                ) from e
-            raise
+        ]
+        reads = sorted({weight_map.get(n, shard) for n in names} | {shard})
+        before = {s: digests.identity(s) for s in reads}  # the files must not change meanwhile
+        for name in names:
+            w = tensor(name)
+            bits = plan_bits(name, settings)
+            if bits:
+                q = quantize_tensor(
+                    w, bits=bits, group_size=settings.group_size, method=settings.method
+                )
+                base = name.removesuffix(".weight")
+                tensors[f"{base}.qweight"] = q.qweight
+                tensors[f"{base}.scales_zeros"] = q.scales_zeros
+                errors[name] = q.error
+                shapes[base] = list(q.shape)
+            else:
+                tensors[name] = w.contiguous()
+        read = {s: digests.digest(s) for s in reads}  # hashed while still in the page cache
+        if any(read[s]["identity"] != before[s] for s in reads):
+            raise ConvertError(f"{src} changed while it was read; run the same command again")
+        metadata = {
+            "format": "pt",
+            "localmix": str(FORMAT_VERSION),
+            SHAPES_KEY: json.dumps(shapes, sort_keys=True),
+        }
+        write_atomic(dst / out_name, partial(write_file, tensors=tensors, metadata=metadata))
         done[out_name] = {
             "sha256": sha256(dst / out_name),
             "size": (dst / out_name).stat().st_size,
             "source": shard,
-            "source_sha256": source_hash,
-            "source_size": shard_bytes,
+            "reads": {s: read[s]["sha256"] for s in reads},
             "errors": errors,
             "tensors": sorted(tensors),
         }
@@ -289,7 +520,7 @@ def convert(
 
     for name in COPIED_FILES:
         if (src / name).exists():
-            shutil.copyfile(src / name, dst / name)
+            write_atomic(dst / name, partial(shutil.copyfile, src / name))
     errors = {k: v for d in done.values() for k, v in d["errors"].items()}
     expert_errors = [v for k, v in errors.items() if EXPERT_RE.match(k)]
     manifest = {
@@ -300,8 +531,9 @@ def convert(
         "source": {
             "path": str(src),
             "files": {
-                d["source"]: {"size": d["source_size"], "sha256": d["source_sha256"]}
-                for d in done.values()
+                s: {"size": d["identity"][2], "sha256": d["sha256"]}
+                for s, d in sorted(digests.known.items())
+                if s in shards
             },
         },
         "shards": {n: {"size": d["size"], "sha256": d["sha256"]} for n, d in sorted(done.items())},
