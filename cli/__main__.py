@@ -1,5 +1,5 @@
 """`python -m localmix.cli` runs the command line."""
 
-from localmix.cli.main import app
+from localmix.cli import main
 
-app(prog_name="localmix")
+main()

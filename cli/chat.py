@@ -5,34 +5,25 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from localmix.cli.render import print_stats
+from localmix.cli.render import os_error_line, prefill_progress, print_stats
 from rich.console import Console
 
-from localmix.conversations import Conversation, new_name
+from localmix.conversations import Conversation, check_name, conversation_path, new_name
 from localmix.engine import Engine
-from localmix.sampling import SamplingOptions
+from localmix.errors import LocalmixError
+from localmix.sampling import SETTABLE, SamplingOptions
 
-HELP = """commands:
+HELP = f"""commands:
   /help              this list
   /system TEXT       set the system prompt (empty: remove it)
-  /set NAME VALUE    a sampling option: temperature, top_p, top_k, min_p,
-                     repetition_penalty, seed, max_tokens
+  /set NAME VALUE    a sampling option: {", ".join(SETTABLE[:4])},
+                     {", ".join(SETTABLE[4:])}
   /clear             start over (the current chat stays saved)
   /stats             speed and cache figures of the last reply
-  /save NAME         save the conversation under NAME
+  /save NAME         save the conversation under NAME (/save NAME --force replaces another)
   /load NAME         continue a saved conversation
   /bye               leave (Ctrl+D also leaves)
 input between \"\"\" lines spans several lines; Ctrl+C stops a reply and keeps the chat"""
-
-SETTABLE = {
-    "temperature": float,
-    "top_p": float,
-    "top_k": int,
-    "min_p": float,
-    "repetition_penalty": float,
-    "seed": int,
-    "max_tokens": int,
-}
 
 
 class ChatSession:
@@ -42,6 +33,7 @@ class ChatSession:
         self.engine, self.out, self.err = engine, out, err
         self.conv = Conversation(name=new_name(), model=engine.name, settings=settings)
         self.last = None
+        self.save_problem: str | None = None  # the last autosave's error, said once
 
     def read(self, ask: Callable[[str], str]) -> str:
         line = ask(">>> ")
@@ -52,8 +44,23 @@ class ChatSession:
             lines.append(line)
         return "\n".join(lines)
 
+    def autosave(self) -> None:
+        """Save as the chat goes; a failure is said once (until saving works again), and the
+        chat goes on with everything still in memory."""
+        try:
+            self.conv.save()
+        except LocalmixError as e:
+            if str(e) != self.save_problem:
+                self.err.print(f"[yellow]not saved:[/yellow] {e}", soft_wrap=True)
+            self.save_problem = str(e)
+        else:
+            if self.save_problem is not None:
+                self.err.print(f"[dim]saved again as {self.conv.name}[/dim]")
+            self.save_problem = None
+
     def command(self, line: str) -> bool:
-        """Run a slash command; False when the session should end."""
+        """Run a slash command; False when the session should end. A LocalmixError leaves the
+        session as it was."""
         name, _, arg = line[1:].partition(" ")
         arg = arg.strip()
         if name in ("bye", "exit", "quit"):
@@ -63,20 +70,15 @@ class ChatSession:
         elif name == "system":
             self.conv.system = arg
             self.out.print("system prompt set" if arg else "system prompt removed")
-            self.conv.save()
+            self.autosave()
         elif name == "set":
             key, _, value = arg.partition(" ")
-            if key not in SETTABLE or not value:
+            if key not in SETTABLE or not value.strip():
                 self.err.print(f"usage: /set NAME VALUE, NAME one of {', '.join(SETTABLE)}")
                 return True
-            try:
-                SamplingOptions().updated(**{key: SETTABLE[key](value)})
-                self.conv.settings[key] = SETTABLE[key](value)
-            except ValueError as e:
-                self.err.print(f"cannot set {key}: {e}")
-                return True
+            self.conv.settings[key] = SamplingOptions.parse(key, value.strip())
             self.out.print(f"{key} = {self.conv.settings[key]}")
-            self.conv.save()
+            self.autosave()
         elif name == "clear":
             self.conv = Conversation(
                 name=new_name(),
@@ -92,26 +94,58 @@ class ChatSession:
             else:
                 print_stats(self.last, self.err)
         elif name == "save":
-            if not arg:
-                self.err.print("usage: /save NAME")
-                return True
-            self.conv.name = arg
-            self.out.print(f"saved as {arg} ({self.conv.save()})")
+            self.save_as(arg)
         elif name == "load":
-            self.conv = Conversation.load(arg)
+            self.conv = Conversation.load(arg)  # checked whole: a bad file is refused here
             self.out.print(f"loaded {arg}: {len(self.conv.messages)} messages")
         else:
             self.err.print(f"unknown command /{name}; /help lists them")
         return True
 
-    def reply(self, text: str) -> None:
-        """Send a user message and stream the reply; Ctrl+C keeps what was written."""
-        self.conv.messages.append({"role": "user", "content": text})
-        pieces: list[str] = []
-        events = None
+    def save_as(self, arg: str) -> None:
+        """/save NAME [--force]: never replaces another conversation unless told to."""
+        words = arg.split()
+        force = "--force" in words
+        names = [w for w in words if w != "--force"]
+        if len(names) != 1:
+            self.err.print("usage: /save NAME  (or /save NAME --force to replace another)")
+            return
+        name = names[0]
+        check_name(name)
+        if name != self.conv.name and conversation_path(name).exists() and not force:
+            raise LocalmixError(
+                f"a conversation named '{name}' is already saved; `/save {name} --force` "
+                "replaces it"
+            )
+        previous = self.conv.name
+        self.conv.name = name
         try:
-            self.conv.save()
-            events = self.engine.chat(self.conv.for_engine(), **self.conv.settings)
+            path = self.conv.save()
+        except LocalmixError:
+            self.conv.name = previous
+            raise
+        self.save_problem = None
+        self.out.print(f"saved as {name} ({path})")
+
+    def reply(self, text: str) -> None:
+        """Send a user message and stream the reply. Ctrl+C stops the reply and keeps what was
+        written, even when a second Ctrl+C comes while it stops."""
+        self.conv.messages.append({"role": "user", "content": text})
+        self.autosave()
+        pieces: list[str] = []
+        try:
+            self.stream(pieces)
+        except KeyboardInterrupt:
+            self.err.print("[dim](reply stopped)[/dim]")
+        finally:
+            self.conv.messages.append({"role": "assistant", "content": "".join(pieces)})
+        self.autosave()
+
+    def stream(self, pieces: list[str]) -> None:
+        """Write the reply as it comes, collecting its text in `pieces`."""
+        progress = prefill_progress(self.err) if self.err.is_terminal else None
+        events = self.engine.chat(self.conv.for_engine(), progress=progress, **self.conv.settings)
+        try:
             for event in events:
                 if hasattr(event, "token_id"):
                     pieces.append(event.text)
@@ -119,14 +153,9 @@ class ChatSession:
                     self.out.file.flush()
                 else:
                     self.last = event
-        except KeyboardInterrupt:
-            if events is not None:
-                events.close()
+        finally:
+            events.close()
             self.out.file.write("\n")
-            self.err.print("[dim](reply stopped)[/dim]")
-        self.out.file.write("\n")
-        self.conv.messages.append({"role": "assistant", "content": "".join(pieces)})
-        self.conv.save()
 
 
 def repl(
@@ -138,7 +167,12 @@ def repl(
     load: str | None,
     ask: Callable[[str], str] = input,
 ) -> None:
-    """Read, reply, repeat until /bye or Ctrl+D."""
+    """Read, reply, repeat until /bye or Ctrl+D.
+
+    The session's error barrier: an error a user can cause (a bad name or file, a setting out
+    of range, a disk that refuses the save) is said in one line and the session goes on with
+    nothing typed lost; a bug in localmix still shows its traceback.
+    """
     session = ChatSession(engine, out, err, settings)
     if load:
         session.conv = Conversation.load(load)
@@ -157,13 +191,21 @@ def repl(
             continue
         if not line.strip():
             continue
-        if line.startswith("/"):
-            try:
+        try:
+            if line.startswith("/"):
                 if not session.command(line.strip()):
                     break
-            except Exception as e:  # a bad /load name etc. must not end the session
-                err.print(f"[red]error:[/red] {e}")
-            continue
-        session.reply(line)
-    err.print(f"[dim]conversation saved as {session.conv.name}[/dim]")
+            else:
+                session.reply(line)
+        except KeyboardInterrupt:
+            out.file.write("\n")
+            err.print("[dim](stopped)[/dim]")
+        except LocalmixError as e:
+            err.print(f"[red]error:[/red] {e}", soft_wrap=True)
+        except OSError as e:
+            err.print(f"[red]error:[/red] {os_error_line(e)}", soft_wrap=True)
+    if session.conv.messages:
+        session.autosave()
+        if session.save_problem is None:
+            err.print(f"[dim]conversation saved as {session.conv.name}[/dim]")
     sys.stdout.flush()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -12,7 +14,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from localmix.cli.render import err, human_bytes, print_stats
+from localmix.cli import EXIT_INTERRUPTED
+from localmix.cli.render import (
+    err,
+    human_bytes,
+    os_error_line,
+    prefill_progress,
+    print_stats,
+)
 from localmix.quant.formats import DEFAULT_METHOD, METHODS
 from rich.console import Console
 from rich.table import Table
@@ -30,15 +39,19 @@ app = typer.Typer(
 )
 
 EXIT_USER_ERROR = 1
-EXIT_INTERRUPTED = 130
 PULL_HINT = "localmix pull mistralai/Mixtral-8x7B-Instruct-v0.1"
+# Piped text kept per token of context: more than any token's bytes, so cutting to this loses
+# only text that would roll out of the context window before the reply.
+STDIN_BYTES_PER_TOKEN = 16
 METHOD_HELP = (
     f"how scales are chosen: {', '.join(METHODS)} (default {DEFAULT_METHOD}; rtn is fastest)"
 )
 
 
 def friendly_errors(command: Callable) -> Callable:
-    """Our own errors print one line on stderr and exit 1; Ctrl+C exits 130. No tracebacks."""
+    """The commands' error barrier: an error a user can cause (ours, or the system's: a full
+    disk, a closed pipe) prints one line on stderr and exits 1; Ctrl+C exits 130. A bug in
+    localmix still shows its traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -46,11 +59,25 @@ def friendly_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except LocalmixError as e:
             raise fail(str(e)) from None
+        except OSError as e:
+            drop_unwritable_stdout()
+            raise fail(os_error_line(e)) from None
         except KeyboardInterrupt:
             err.print("[dim]interrupted[/dim]")
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
+
+
+def drop_unwritable_stdout() -> None:
+    """After stdout failed (a full disk, a closed pipe), send what is left of it nowhere, so
+    that the exit does not fail again on the text still buffered."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
 
 
 def fail(message: str) -> typer.Exit:
@@ -73,15 +100,17 @@ def default_model() -> str:
 
 
 def load_engine(model: str | None, context: int | None = None, **options):
+    """`localmix.load`, which checks every option before it reads anything, with a spinner."""
     import localmix
     from localmix.demo import builtin_note
     from localmix.store import BUILTIN
 
     name = model or default_model()
+    with err.status(f"loading {name}…") if err.is_terminal else _null():
+        engine = localmix.load(name, context=context, **options)
     if name in BUILTIN:
         err.print(f"[dim]{builtin_note()}[/dim]")
-    with err.status(f"loading {name}…") if err.is_terminal else _null():
-        return localmix.load(name, context=context, **options)
+    return engine
 
 
 class _null:
@@ -152,24 +181,11 @@ def run(
 
     Only the reply goes to stdout; everything else goes to stderr.
     """
-    parts = []
-    if not sys.stdin.isatty():
-        piped = sys.stdin.read()
-        if piped.strip():
-            parts.append(piped.rstrip("\n"))
-    if prompt:
-        parts.append(prompt)
-    if not parts:
+    piped = not sys.stdin.isatty()
+    if not piped and not prompt:
         raise fail("no prompt: give one as an argument or on stdin")
-    text = "\n\n".join(parts)
-    engine = load_engine(
-        model, context=context, **placement(device, device_memory, slots, policy, prefetch)
-    )
-    if verbose and engine.plan is not None:
-        err.print(f"[dim]{engine.plan}[/dim]")
-    kernels = engine.kernels() if verbose else ""
-    if kernels:
-        err.print(f"[dim]quantized matmuls: {kernels}[/dim]")
+    if raw and system:
+        raise fail("--system needs the chat template; drop --raw")
     sampling = sampling_args(
         temperature=temperature,
         top_p=top_p,
@@ -178,15 +194,35 @@ def run(
         max_tokens=max_tokens,
         stop=stop,
     )
+    engine = load_engine(
+        model,
+        context=context,
+        **placement(device, device_memory, slots, policy, prefetch),
+        **sampling,
+    )
+    parts = []
+    if piped:
+        text = read_stdin(STDIN_BYTES_PER_TOKEN * engine.context, engine.context)
+        if text.strip():
+            parts.append(text.rstrip("\n"))
+    if prompt:
+        parts.append(prompt)
+    if not parts:
+        raise fail("no prompt: give one as an argument or on stdin")
+    text = "\n\n".join(parts)
+    if verbose and engine.plan is not None:
+        err.print(f"[dim]{engine.plan}[/dim]")
+    kernels = engine.kernels() if verbose else ""
+    if kernels:
+        err.print(f"[dim]quantized matmuls: {kernels}[/dim]")
+    progress = prefill_progress(err) if verbose or err.is_terminal else None
     if raw:
-        if system:
-            raise fail("--system needs the chat template; drop --raw")
-        events = engine.generate(text, **sampling)
+        events = engine.generate(text, progress=progress)
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": text}
         ]
-        events = engine.chat(messages, **sampling)
+        events = engine.chat(messages, progress=progress)
     summary = None
     out = sys.stdout
     try:
@@ -210,6 +246,27 @@ def run(
         out.write("\n")
     if verbose:
         print_stats(summary)
+
+
+def read_stdin(limit: int, context: int) -> str:
+    """Piped text, of which at most the last `limit` bytes are kept (a notice on stderr says
+    what was cut): only the last `context` tokens of a prompt can reach the reply anyway.
+    Bytes that are not UTF-8 become U+FFFD."""
+    stream = sys.stdin.buffer
+    tail, total = bytearray(), 0
+    while chunk := stream.read(1 << 20):
+        total += len(chunk)
+        tail += chunk
+        del tail[:-limit]
+    if total > limit:
+        while tail and tail[0] & 0xC0 == 0x80:  # not the middle of a character
+            del tail[0]
+        err.print(
+            f"[yellow]note:[/yellow] stdin held {human_bytes(total)}; only its last "
+            f"{human_bytes(len(tail))} are used (the context holds {context} tokens, and only "
+            "the last tokens can reach the reply)"
+        )
+    return tail.decode("utf-8", "replace")
 
 
 @app.command("list")
@@ -341,10 +398,12 @@ def chat(
     where = placement(device, device_memory, slots, policy, prefetch)
     if use_tui:
         return tui(model, context, device, device_memory, slots, policy, prefetch)
-    engine = load_engine(model, context=context, **where)
     settings = sampling_args(
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens
     )
+    engine = load_engine(model, context=context, **where, **settings)
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdin.reconfigure(errors="replace")  # a line typed in another encoding is kept
     repl(engine, Console(highlight=False), err, settings, system, load)
 
 
@@ -359,16 +418,24 @@ def quantize(
     lm_head: Annotated[str, typer.Option("--lm-head", help="output head: bf16 or int8")] = "bf16",
 ) -> None:
     """Quantize a checkpoint's experts to 4 bits (resumable: rerun after an interruption)."""
-    from localmix.quant.convert import Settings
-
     from localmix.store import resolve
 
-    if attn not in ("bf16", "int8") or lm_head not in ("bf16", "int8"):
-        raise fail("--attn and --lm-head take bf16 or int8")
+    settings = quant_settings(group_size, method, attn, lm_head)
     _, path = resolve(src)
-    manifest = run_conversion(path, dst, Settings(group_size, method, attn, lm_head))
+    manifest = run_conversion(path, dst, settings)
     err.print(f"wrote {dst}")
     print_quality(manifest)
+
+
+def quant_settings(group_size: int, method: str, attn: str = "bf16", lm_head: str = "bf16"):
+    """The converter's settings, checked before anything is downloaded, read or written."""
+    from localmix.quant.convert import Settings, check_settings
+    from localmix.quant.formats import QuantError
+
+    try:
+        return check_settings(Settings(group_size, method, attn, lm_head))
+    except QuantError as e:
+        raise LocalmixError(str(e)) from e
 
 
 def run_conversion(src: Path, dst: Path, settings):
@@ -475,7 +542,6 @@ def pull(
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEFAULT_METHOD,
 ) -> None:
     """Download a model from the Hugging Face Hub and quantize it into the store, resumably."""
-    from localmix.quant.convert import Settings
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -488,6 +554,7 @@ def pull(
     from localmix import hub
     from localmix.store import models_dir, store_name
 
+    settings = None if no_quantize else quant_settings(group_size, method)
     repo, _ = hub.parse_ref(ref)
     dst = models_dir() / store_name(repo)
     columns = [
@@ -510,7 +577,7 @@ def pull(
         link_snapshot(snapshot, dst)
         err.print(f"pulled {repo} (16-bit) into {dst}")
     else:
-        manifest = run_conversion(snapshot, dst, Settings(group_size, method))
+        manifest = run_conversion(snapshot, dst, settings)
         print_quality(manifest)
         err.print(f"pulled and quantized {repo} into {dst}")
     err.print(f'run it with: localmix run {repo} "Hello"  or  localmix chat {repo}')
@@ -544,4 +611,7 @@ def tui(
     engine = load_engine(
         model, context=context, **placement(device, device_memory, slots, policy, prefetch)
     )
-    LocalmixApp(engine).run()
+    app = LocalmixApp(engine)
+    app.run()
+    if app.return_code:
+        raise typer.Exit(app.return_code)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from rich.console import Console
 
 from localmix.engine import Summary
@@ -37,3 +39,23 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def prefill_progress(console: Console = err) -> Callable[[int, int], None]:
+    """A `progress` callback for the engine: a line at each tenth of a long prompt's prefill."""
+    shown = -1
+
+    def report(done: int, total: int) -> None:
+        nonlocal shown
+        tenth = done * 10 // total
+        if tenth > shown:
+            shown = tenth
+            console.print(f"[dim]prefill {done}/{total} tokens[/dim]")
+
+    return report
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError (a full disk, a closed pipe) in one line: what failed, and on which file."""
+    what = e.strerror or str(e)
+    return f"{e.filename}: {what}" if e.filename else what

@@ -1,18 +1,22 @@
-"""localmix: run Mixtral-style sparse MoE models on one consumer GPU."""
+"""localmix: run Mixtral-style sparse MoE models on one consumer GPU.
+
+Importing the package is cheap: PyTorch and the runtime are imported when first used, so the
+command line can answer Ctrl+C while it starts.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from .config import ModelConfig
-from .engine import Engine, Summary, TokenEvent
-from .errors import LocalmixError
-from .expert_cache import DEFAULT_POLICY
-from .offload import DEFAULT_PREFETCH
-from .sampling import SamplingOptions
+    from .config import ModelConfig
+    from .engine import Engine, Summary, TokenEvent
+    from .errors import LocalmixError
+    from .sampling import SamplingOptions
 
 __all__ = [
     "load",
@@ -25,27 +29,20 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
+_LAZY = {
+    "Engine": ".engine",
+    "Summary": ".engine",
+    "TokenEvent": ".engine",
+    "ModelConfig": ".config",
+    "LocalmixError": ".errors",
+    "SamplingOptions": ".sampling",
 }
 
 
-def _dtype(value: str | torch.dtype | None, cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    if value is not None:
-        if value not in DTYPES:
-            raise LocalmixError(f"unknown dtype '{value}'; use bf16, fp16 or fp32")
-        return DTYPES[value]
-    dtype = DTYPES.get(cfg.torch_dtype, torch.bfloat16)
-    if dtype == torch.float16 and device.type == "cpu":
-        return torch.bfloat16  # CPU kernels for fp16 are slow; bf16 has the range fp16 lacks
-    return dtype
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'localmix' has no attribute '{name}'")
 
 
 def load(
@@ -57,8 +54,8 @@ def load(
     sinks: int = 0,
     device_memory: str | int | None = None,
     expert_slots: int | None = None,
-    policy: str = DEFAULT_POLICY,
-    prefetch: int = DEFAULT_PREFETCH,
+    policy: str | None = None,
+    prefetch: int | None = None,
     **options: Any,
 ) -> Engine:
     """Load a model directory or name and return an Engine ready to generate.
@@ -72,38 +69,59 @@ def load(
     cache with the eviction `policy` ("transition" or "lru"), prefetching `prefetch` layers
     ahead from router predictions (0: off). `Engine.plan` describes the placement.
     Other options set sampling defaults.
+
+    Every option is checked before anything is read (`options.load_options`, `SamplingOptions`):
+    a bad one is an `OptionError` that says what to give instead.
     """
+    import torch
+
+    from .config import ModelConfig
+    from .engine import Engine
+    from .errors import LocalmixError
+    from .expert_cache import DEFAULT_POLICY
     from .loader import load_transformer, read_manifest
+    from .offload import DEFAULT_PREFETCH
+    from .options import load_options
     from .quant.kernels import cpu_kernels
+    from .sampling import SamplingOptions
     from .store import resolve
     from .tokenizer import Tokenizer, conversation_format
 
+    opts = load_options(
+        device=device,
+        dtype=dtype,
+        context=context,
+        sinks=sinks,
+        device_memory=device_memory,
+        expert_slots=expert_slots,
+        policy=DEFAULT_POLICY if policy is None else policy,
+        prefetch=DEFAULT_PREFETCH if prefetch is None else prefetch,
+    )
+    defaults = SamplingOptions().updated(**options)
     name, path = resolve(model)
     manifest = read_manifest(path)  # refuses an unfinished quantization before anything else
     cfg = ModelConfig.from_file(path)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dt = _dtype(dtype, cfg, dev)
-    offloading = device_memory is not None or expert_slots is not None
-    if offloading and not cfg.is_moe:
+    dt = opts.model_dtype(cfg)
+    window = opts.check_context(cfg, dt)
+    if opts.offloading and not cfg.is_moe:
         raise LocalmixError("expert offloading needs a mixture-of-experts model")
     host = torch.device("cpu")
-    net = load_transformer(path, cfg, dt, host if offloading else dev, manifest)
-    if manifest is not None and dev.type == "cpu":
+    net = load_transformer(path, cfg, dt, host if opts.offloading else opts.device, manifest)
+    if manifest is not None and opts.device.type == "cpu":
         cpu_kernels()  # built once, here rather than in the middle of the first reply
     tokenizer = Tokenizer(path / "tokenizer.model", vocab_size=cfg.vocab_size)
-    defaults = SamplingOptions().updated(**options)
     engine = Engine(
         net,
         tokenizer,
         name=name,
         path=path,
-        device=dev,
+        device=opts.device,
         dtype=dt,
-        context=context,
-        sinks=sinks,
+        context=window,
+        sinks=opts.sinks,
         defaults=defaults,
         template=conversation_format(path, tokenizer),
     )
-    if offloading:
-        engine.offload_experts(device_memory, expert_slots, policy, prefetch)
+    if opts.offloading:
+        engine.offload_experts(opts.device_memory, opts.expert_slots, opts.policy, opts.prefetch)
     return engine

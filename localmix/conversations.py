@@ -1,7 +1,14 @@
-"""Saved conversations in the store: one JSON file each, written atomically."""
+"""Saved conversations in the store: one JSON file each, written atomically.
+
+A file is read through one gate, `read_conversation`, which checks every field and turns
+anything else (bad UTF-8, another JSON shape, a directory, settings out of range) into a
+`LocalmixError` that names the file. A conversation is known by its file's name: the name
+written inside a file is not trusted, so a copied file saves to the copy.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,10 +17,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .engine import valid_text
 from .errors import LocalmixError
+from .sampling import SamplingOptions
 from .store import home
 
 NAME_RE = re.compile(r"^[\w.-]{1,100}$")
+ROLES = ("user", "assistant")
 
 
 def conversations_dir() -> Path:
@@ -37,44 +47,108 @@ class Conversation:
         return system + self.messages
 
     def save(self) -> Path:
-        check_name(self.name)
+        """Write the conversation to its file (atomically); an OSError becomes a LocalmixError."""
+        path = conversation_path(self.name)
         self.updated = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        folder = conversations_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{self.name}.json"
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, ensure_ascii=False, indent=1)
-        os.replace(tmp, path)
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(asdict(self), f, ensure_ascii=False, indent=1)
+            os.replace(tmp, path)
+        except OSError as e:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise LocalmixError(
+                f"cannot save conversation '{self.name}' in {path.parent}: {e.strerror or e}"
+            ) from e
         return path
 
     @classmethod
     def load(cls, name: str) -> Conversation:
-        check_name(name)
-        path = conversations_dir() / f"{name}.json"
+        """The saved conversation `name`, checked whole (see `read_conversation`)."""
+        path = conversation_path(name)
         if not path.exists():
             raise LocalmixError(f"no saved conversation '{name}' in {conversations_dir()}")
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise LocalmixError(f"{path}: not a saved conversation ({e})") from e
+        return read_conversation(path)
 
 
 def check_name(name: str) -> None:
-    if not NAME_RE.match(name):
+    if not NAME_RE.match(name) or name.startswith("."):
         raise LocalmixError(f"'{name}' is not a valid name: use letters, digits, '.', '_', '-'")
 
 
-def list_conversations() -> list[Conversation]:
-    """Saved conversations, newest first."""
+def conversation_path(name: str) -> Path:
+    """The file of conversation `name`: always directly inside `conversations_dir()`."""
+    check_name(name)
+    return conversations_dir() / f"{name}.json"
+
+
+def read_conversation(path: Path) -> Conversation:
+    """The one gate for a conversation file: a checked Conversation, or a LocalmixError."""
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise LocalmixError(f"{path}: cannot read it ({e.strerror or e})") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise LocalmixError(f"{path}: not a saved conversation (not JSON in UTF-8)") from e
+    if not isinstance(raw, dict):
+        raise LocalmixError(f"{path}: not a saved conversation (expected a JSON object)")
+
+    def text(key: str) -> str:
+        value = raw.get(key, "")
+        if not isinstance(value, str):
+            raise LocalmixError(f"{path}: '{key}' must be a string")
+        return valid_text(value)
+
+    messages = raw.get("messages", [])
+    if not isinstance(messages, list):
+        raise LocalmixError(f"{path}: 'messages' must be a list")
+    checked = []
+    for i, m in enumerate(messages):
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in ROLES
+            or not isinstance(m.get("content"), str)
+        ):
+            raise LocalmixError(
+                f"{path}: message {i} must be {{'role': 'user' or 'assistant', 'content': text}}"
+            )
+        checked.append({"role": m["role"], "content": valid_text(m["content"])})
+    settings = raw.get("settings", {})
+    if not isinstance(settings, dict):
+        raise LocalmixError(f"{path}: 'settings' must be an object")
+    try:
+        SamplingOptions().updated(**settings)
+    except LocalmixError as e:
+        raise LocalmixError(f"{path}: {e}") from e
+    return Conversation(
+        name=path.stem,
+        model=text("model"),
+        system=text("system"),
+        messages=checked,
+        settings=dict(settings),
+        updated=text("updated"),
+    )
+
+
+def list_conversations() -> tuple[list[Conversation], list[str]]:
+    """Saved conversations, newest first, and a line for each file that could not be read."""
     folder = conversations_dir()
-    out = []
-    for path in folder.glob("*.json") if folder.exists() else []:
+    out, problems = [], []
+    try:
+        paths = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    except OSError as e:
+        return [], [f"{folder}: cannot list it ({e.strerror or e})"]
+    for path in paths:
         try:
-            out.append(Conversation(**json.loads(path.read_text())))
-        except (json.JSONDecodeError, TypeError):
-            continue
-    return sorted(out, key=lambda c: c.updated, reverse=True)
+            check_name(path.stem)
+            out.append(read_conversation(path))
+        except LocalmixError as e:
+            problems.append(f"skipped {path.name}: {e}")
+    return sorted(out, key=lambda c: c.updated, reverse=True), problems
 
 
 def new_name() -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig
-from .errors import OptionError
+from .errors import CheckpointError, OptionError
 from .kv_cache import RollingKVCache
 from .model import Transformer
 from .quant.kernels import describe as describe_cpu_kernels
@@ -22,7 +22,14 @@ from .tokenizer import ChatTemplate, ConversationFormat, Tokenizer
 
 DEFAULT_CONTEXT = 4096
 PREFILL_CHUNK = 512
-REMEMBERED_REPLIES = 64
+
+Progress = Callable[[int, int], None]  # (prompt tokens prefilled so far, prompt tokens to prefill)
+
+
+def valid_text(text: str) -> str:
+    """`text` with what is not valid Unicode replaced by U+FFFD: lone surrogates come from
+    bytes that were not UTF-8 (in argv, a terminal, a file) and no tokenizer or file takes them."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,8 @@ class Engine:
         self.sinks = sinks
         self.cache = self.new_cache(self.context, sinks=sinks)
         self._cache_ids: list[int] = []  # tokens whose keys/values are in the cache
+        # The ids generated for each reply of the conversation being continued: re-encoding a
+        # reply's text need not give them back, and the cache holds these.
         self._reply_ids: dict[str, list[int]] = {}
         self.offload = None  # an Offload once experts are served from an expert cache
         self.plan = None
@@ -135,18 +144,41 @@ class Engine:
         self.cache.reset()
         self._cache_ids = []
 
-    def generate(self, prompt: str | Sequence[int], **sampling: Any) -> Iterator[Event]:
-        """Stream TokenEvents, then a Summary. A text prompt gets BOS; token ids are used as is."""
-        ids = self.tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
-        return self._generate(ids, self.defaults.updated(**sampling))
+    def generate(
+        self, prompt: str | Sequence[int], *, progress: Progress | None = None, **sampling: Any
+    ) -> Iterator[Event]:
+        """Stream TokenEvents, then a Summary. A text prompt gets BOS; token ids are used as is.
 
-    def chat(self, messages: Sequence[dict[str, str]], **sampling: Any) -> Iterator[Event]:
-        """Reply to a conversation ([{"role": ..., "content": ...}], ending with a user turn)."""
+        `progress(done, total)` is called after each chunk of a prompt longer than one chunk.
+        """
+        opts = self.defaults.updated(**sampling)
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(valid_text(prompt), bos=True)
+        else:
+            ids = list(prompt)
+        return self._generate(ids, opts, progress)
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        progress: Progress | None = None,
+        **sampling: Any,
+    ) -> Iterator[Event]:
+        """Reply to a conversation ([{"role": ..., "content": ...}], ending with a user turn).
+
+        However long the conversation, a turn that continues the last one prefills only its own
+        new tokens: the engine keeps the ids it generated for the conversation's replies.
+        """
+        opts = self.defaults.updated(**sampling)
+        messages = [{**m, "content": valid_text(m["content"])} for m in messages]
+        replies = {m["content"] for m in messages if m["role"] == "assistant"}
+        self._reply_ids = {t: ids for t, ids in self._reply_ids.items() if t in replies}
         ids = self.template.encode(messages, self._reply_ids)
-        return self._generate(ids, self.defaults.updated(**sampling), remember_reply=True)
+        return self._generate(ids, opts, progress, remember_reply=True)
 
     @torch.inference_mode()
-    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+    def _prefill(self, ids: list[int], progress: Progress | None) -> tuple[torch.Tensor, int]:
         """Bring the cache to `ids`, reusing the longest prefix it holds; last logits, new count."""
         common = 0
         for a, b in zip(ids, self._cache_ids, strict=False):
@@ -163,13 +195,24 @@ class Engine:
         for start in range(common, len(ids), chunk):
             part = ids[start : start + chunk]
             logits = self._forward(part)
+            if progress is not None and len(ids) - common > chunk:
+                progress(start + len(part) - common, len(ids) - common)
         return logits, len(ids) - common
 
     def _forward(self, part: list[int]) -> torch.Tensor:
-        """Run new tokens through the model; an interrupted call leaves an empty, valid cache."""
+        """Run new tokens through the model; an interrupted call leaves an empty, valid cache.
+
+        Non-finite logits (NaN or infinite weights) are a CheckpointError, not a token.
+        """
         tokens = torch.tensor(part, dtype=torch.long, device=self.device)
         try:
             logits = self.model(tokens, self.cache, last_only=True)[-1]
+            if not bool(torch.isfinite(logits).all()):
+                raise CheckpointError(
+                    f"the model {self.name} computed NaN or infinite logits: its weights hold "
+                    "non-finite values (a corrupt or badly converted checkpoint); quantize or "
+                    "download it again"
+                )
         except BaseException:  # Ctrl+C mid-forward: some layers may hold half-written keys
             self.reset()
             raise
@@ -181,12 +224,16 @@ class Engine:
         return self._forward([token])
 
     def _generate(
-        self, ids: list[int], opts: SamplingOptions, remember_reply: bool = False
+        self,
+        ids: list[int],
+        opts: SamplingOptions,
+        progress: Progress | None,
+        remember_reply: bool = False,
     ) -> Iterator[Event]:
         if not ids:
-            raise ValueError("empty prompt")
+            raise OptionError("empty prompt")
         t0 = time.perf_counter()
-        logits, prefilled = self._prefill(ids)
+        logits, prefilled = self._prefill(ids, progress)
         t_prefill = time.perf_counter() - t0
         sample = make_sampler(opts)
         stream, stops = self.tokenizer.stream(), StopMatcher(opts.stop)
@@ -220,7 +267,7 @@ class Engine:
         t_end = time.perf_counter()
         text = "".join(pieces)
         if remember_reply and reason != "stop":
-            self._remember(text, out_ids)
+            self._reply_ids[text] = out_ids
         t_first = t_first or t_end
         n_decode = max(len(out_ids) - 1, 0)
         yield Summary(
@@ -237,11 +284,6 @@ class Engine:
             context_size=self.cache.capacity,
             stats=self.stats(),
         )
-
-    def _remember(self, text: str, token_ids: list[int]) -> None:
-        self._reply_ids[text] = token_ids
-        while len(self._reply_ids) > REMEMBERED_REPLIES:
-            self._reply_ids.pop(next(iter(self._reply_ids)))
 
     def offload_experts(
         self, device_memory: str | int | None, expert_slots: int | None, policy: str, prefetch: int

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -12,9 +13,20 @@ from .errors import OptionError
 Sampler = Callable[[torch.Tensor, Sequence[int]], int]
 
 
+SEED_LIMIT = 2**64  # torch.Generator takes seeds in [0, 2**64)
+REALS = ("temperature", "top_p", "min_p", "repetition_penalty")
+INTEGERS = ("top_k", "max_tokens", "seed")
+# The options a chat sets one at a time, as text (all but the stop strings).
+SETTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens")
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
-    """Every knob of generation, with the defaults every entry point shares."""
+    """Every knob of generation, with the defaults every entry point shares.
+
+    The one gate for sampling settings, wherever they come from (options, `/set`, a saved
+    conversation, the TUI's fields): a wrong type or a value out of range is an `OptionError`.
+    """
 
     temperature: float = 0.7
     top_k: int = 0  # 0: off
@@ -26,6 +38,20 @@ class SamplingOptions:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for name in REALS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise OptionError(f"{name} must be a number, not {value!r}")
+            if not math.isfinite(value):
+                raise OptionError(f"{name} must be a finite number, not {value}")
+        for name in INTEGERS:
+            value = getattr(self, name)
+            if (value is not None or name != "seed") and (
+                isinstance(value, bool) or not isinstance(value, int)
+            ):
+                raise OptionError(f"{name} must be a whole number, not {value!r}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
+            raise OptionError(f"stop must be a list of strings, not {self.stop!r}")
         checks = [
             (self.temperature >= 0, "temperature must be >= 0"),
             (self.top_k >= 0, "top_k must be >= 0"),
@@ -33,6 +59,7 @@ class SamplingOptions:
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.max_tokens >= 0, "max_tokens must be >= 0"),
+            (self.seed is None or 0 <= self.seed < SEED_LIMIT, "seed must be in [0, 2**64)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -42,14 +69,27 @@ class SamplingOptions:
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
-    def updated(self, **changes: object) -> SamplingOptions:
+    @classmethod
+    def parse(cls, name: str, text: str) -> float | int:
+        """A setting typed as text (`/set seed 7`, a field of the TUI), converted and checked."""
+        if name not in SETTABLE:
+            raise OptionError(f"unknown sampling option '{name}'; use {', '.join(SETTABLE)}")
+        try:
+            value = float(text) if name in REALS else int(text)
+        except ValueError:
+            kind = "a number" if name in REALS else "a whole number"
+            raise OptionError(f"{name} must be {kind}, not '{text}'") from None
+        SamplingOptions().updated(**{name: value})
+        return value
+
+    def updated(self, /, **changes: object) -> SamplingOptions:
         """A copy with some options changed; unknown names are an error."""
         unknown = set(changes) - set(self.names())
         if unknown:
             raise OptionError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
         if isinstance(changes.get("stop"), str):
             changes["stop"] = (changes["stop"],)
-        elif changes.get("stop") is not None:
+        elif isinstance(changes.get("stop"), list):  # from JSON
             changes["stop"] = tuple(changes["stop"])
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 

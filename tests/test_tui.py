@@ -8,7 +8,7 @@ import pytest
 from localmix.tui.app import LocalmixApp, PromptArea
 
 import localmix
-from localmix.conversations import list_conversations
+from localmix.conversations import Conversation, list_conversations
 from localmix.tokenizer import ChatTemplate
 
 
@@ -41,7 +41,7 @@ async def test_send_message_and_see_reply(engine):
         shown = [w.content for w in app.query("ChatMessage")]
         assert shown[0] == "hello" and shown[1].startswith(app.conv.messages[1]["content"][:10])
         assert app.last is not None and app.last.generated_tokens == 24
-        saved = list_conversations()
+        saved, _ = list_conversations()
         assert len(saved) == 1 and saved[0].messages == app.conv.messages
 
 
@@ -132,6 +132,58 @@ async def test_temperature_setting_is_used(engine):
         await pilot.pause()
         assert app.query_one("#set-temperature").has_class("-invalid")
         assert app.conv.settings["temperature"] == 0.3
+
+
+def notes(app) -> list[str]:
+    return [n.message for n in app._notifications]
+
+
+async def test_unreadable_conversations_are_skipped_and_named(engine, home):
+    Conversation(name="fine", model="demo", messages=[{"role": "user", "content": "hi"}]).save()
+    folder = home / "conversations"
+    (folder / "utf8.json").write_bytes(b'{"name": "\xff"}')
+    (folder / "list.json").write_text("[1]")
+    (folder / "dir.json").mkdir()
+    app = LocalmixApp(engine, blink=False)
+    async with app.run_test(size=(130, 40)) as pilot:
+        await pilot.pause()
+        assert [i.name for i in app.query("#conversations ListItem")] == ["fine"]
+        for bad in ("utf8.json", "list.json", "dir.json"):
+            assert sum(bad in n for n in notes(app)) == 1
+        (folder / "fine.json").write_text('{"messages": 3}')  # spoiled after the listing
+        app.query_one("#conversations").index = 0
+        app.query_one("#conversations").action_select_cursor()
+        await pilot.pause()
+        assert any("'messages' must be a list" in n for n in notes(app)), notes(app)
+        await send(pilot, "still here")
+        assert app.is_running and app.conv.messages[0]["content"] == "still here"
+
+
+async def test_chat_goes_on_when_nothing_can_be_saved(engine, home):
+    home.parent.mkdir(parents=True, exist_ok=True)
+    home.write_text("a file where the store should be")
+    app = LocalmixApp(engine, blink=False)
+    async with app.run_test(size=(130, 40)) as pilot:
+        await send(pilot, "one")
+        await send(pilot, "two")
+        assert [m["role"] for m in app.conv.messages] == ["user", "assistant"] * 2
+        assert sum("not saved" in n for n in notes(app)) == 1
+    assert app.return_code in (0, None)
+
+
+async def test_a_model_error_is_shown_and_the_app_goes_on(engine, monkeypatch):
+    from localmix.errors import CheckpointError
+
+    def broken(*a, **k):
+        raise CheckpointError("the model computed NaN or infinite logits")
+
+    monkeypatch.setattr(engine, "chat", broken)
+    app = LocalmixApp(engine, blink=False)
+    async with app.run_test(size=(130, 40)) as pilot:
+        await send(pilot, "hi")
+        assert not app.generating and app.is_running
+        assert any("NaN" in n for n in notes(app))
+        assert app.conv.messages[0] == {"role": "user", "content": "hi"}
 
 
 @pytest.fixture

@@ -6,8 +6,11 @@ Ctrl+J inserts a newline, Esc stops a reply, Ctrl+N starts a new chat, Ctrl+Q qu
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 import time
+from collections.abc import Callable
 
 from rich.text import Text
 from textual import on, work
@@ -31,12 +34,29 @@ from textual.widgets import (
 
 from localmix.conversations import Conversation, list_conversations, new_name
 from localmix.engine import Engine, Summary
+from localmix.errors import LocalmixError
 from localmix.sampling import SamplingOptions
 
 SAVE_EVERY = 32  # tokens between saves of a reply being written
 REFRESH_S = 0.05  # at most this often the streaming reply is re-rendered
 ACTIVITY_DECAY = 0.9  # per token, for the heatmap's "recently routed"
 HEAT = ["grey19", "dark_blue", "blue3", "dodger_blue2", "green3", "yellow1", "dark_orange", "red1"]
+
+
+def shows_errors(handler: Callable) -> Callable:
+    """The app's error barrier, on each handler of what the user does: an error a user can
+    cause (a bad file, a full disk, a model's corrupt weights) becomes a notification and the
+    app goes on; a bug still ends the app with its traceback."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: LocalmixApp, *args, **kwargs):
+        try:
+            result = handler(self, *args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+        except (LocalmixError, OSError) as e:
+            self.notify(str(e), severity="error", timeout=10)
+
+    return wrapper
 
 
 CONTROL = {c: None for c in range(32) if chr(c) not in "\n\t"} | {127: None}
@@ -149,6 +169,19 @@ class LocalmixApp(App):
         self.activity = [[0.0] * engine.config.num_local_experts for _ in range(layers)]
         self.last: Summary | None = None
         self.sub_title = engine.name
+        self.said: set[str] = set()  # problems already shown (a save that fails, a bad file)
+
+    def say_once(self, problem: str) -> None:
+        if problem not in self.said:
+            self.said.add(problem)
+            self.notify(problem, severity="warning", timeout=10)
+
+    def autosave(self) -> None:
+        """Save as the chat goes; a failure is shown once and the chat goes on."""
+        try:
+            self.conv.save()
+        except LocalmixError as e:
+            self.say_once(f"not saved: {e}")
 
     # -- layout ----------------------------------------------------------------------------
 
@@ -186,6 +219,7 @@ class LocalmixApp(App):
                 yield Label(label)
                 yield Input(value=value, id=f"set-{key}")
 
+    @shows_errors
     def on_mount(self) -> None:
         self.refresh_sidebar()
         self.refresh_stats()
@@ -196,13 +230,17 @@ class LocalmixApp(App):
     def refresh_sidebar(self) -> None:
         view = self.query_one("#conversations", ListView)
         view.clear()
-        for conv in list_conversations():
+        conversations, problems = list_conversations()
+        for problem in problems:  # one unreadable file does not hide the others
+            self.say_once(problem)
+        for conv in conversations:
             first = next((m["content"] for m in conv.messages if m["role"] == "user"), "(empty)")
             title = first.strip().splitlines()[0][:24] if first.strip() else "(empty)"
             item = ListItem(Label(title), name=conv.name)
             view.append(item)
 
     @on(ListView.Selected, "#conversations")
+    @shows_errors
     async def open_conversation(self, event: ListView.Selected) -> None:
         if self.generating or event.item.name is None:
             return
@@ -220,6 +258,7 @@ class LocalmixApp(App):
             if key in self.conv.settings:
                 self.query_one(f"#set-{key}", Input).value = str(self.conv.settings[key])
 
+    @shows_errors
     async def action_new_chat(self) -> None:
         if self.generating:
             self.action_stop()
@@ -237,6 +276,7 @@ class LocalmixApp(App):
     # -- settings --------------------------------------------------------------------------
 
     @on(Input.Changed)
+    @shows_errors
     def setting_changed(self, event: Input.Changed) -> None:
         key = (event.input.id or "").removeprefix("set-")
         value = event.value.strip()
@@ -244,12 +284,8 @@ class LocalmixApp(App):
         try:
             if key == "system":
                 self.conv.system = event.value
-            elif key in ("temperature", "top_p"):
-                SamplingOptions().updated(**{key: float(value)})
-                self.conv.settings[key] = float(value)
-            elif key == "max_tokens":
-                SamplingOptions().updated(max_tokens=int(value))
-                self.conv.settings[key] = int(value)
+            elif key in ("temperature", "top_p", "max_tokens"):
+                self.conv.settings[key] = SamplingOptions.parse(key, value)
             elif key == "context" and int(value) != self.engine.context and not self.generating:
                 self.engine.set_context(int(value))
                 self.refresh_stats()
@@ -259,12 +295,13 @@ class LocalmixApp(App):
     # -- chatting --------------------------------------------------------------------------
 
     @on(PromptArea.Submitted)
+    @shows_errors
     async def send(self, event: PromptArea.Submitted) -> None:
         if self.generating:
             self.bell()
             return
         self.conv.messages.append({"role": "user", "content": event.text})
-        self.conv.save()
+        self.autosave()
         log = self.query_one("#log", VerticalScroll)
         reply = self.message("assistant", "…")
         await log.mount_all([self.message("user", event.text), reply])
@@ -285,8 +322,9 @@ class LocalmixApp(App):
         """Run the model in this worker thread; hand text to the UI at most every REFRESH_S."""
         pieces: list[str] = []
         shown = 0.0
-        events = self.engine.chat(self.conv.for_engine(), **self.conv.settings)
+        events = None
         try:
+            events = self.engine.chat(self.conv.for_engine(), **self.conv.settings)
             for event in events:
                 if isinstance(event, Summary):
                     self.last = event
@@ -300,14 +338,20 @@ class LocalmixApp(App):
                     self.call_from_thread(self.show_reply, reply, "".join(pieces))
                 if self.stop_flag.is_set():
                     break
+        except (LocalmixError, OSError) as e:  # the barrier, in this thread
+            self.call_from_thread(self.notify, str(e), severity="error", timeout=10)
         finally:
-            events.close()
+            if events is not None:
+                events.close()
             self.call_from_thread(self.finish_reply, reply, "".join(pieces))
 
     def save_partial(self, text: str) -> None:
         conv = Conversation(**{**vars(self.conv), "messages": list(self.conv.messages)})
         conv.messages.append({"role": "assistant", "content": text})
-        conv.save()
+        try:
+            conv.save()
+        except LocalmixError:
+            pass  # the save at the end of the reply says what is wrong
 
     def record_routing(self) -> None:
         for layer, chosen in enumerate(self.engine.expert_routing()):
@@ -325,12 +369,13 @@ class LocalmixApp(App):
             log.scroll_end(animate=False)
         self.refresh_stats()
 
+    @shows_errors
     async def finish_reply(self, reply: ChatMessage, text: str) -> None:
         self.generating = False
         stopped = self.stop_flag.is_set()
         await self.show_reply(reply, text + ("\n\n*(stopped)*" if stopped else ""))
         self.conv.messages.append({"role": "assistant", "content": text})
-        self.conv.save()
+        self.autosave()
         self.refresh_sidebar()
         self.refresh_stats()
 
@@ -363,4 +408,7 @@ class LocalmixApp(App):
 
     def on_unmount(self) -> None:
         if self.conv.messages:
-            self.conv.save()
+            try:
+                self.conv.save()
+            except LocalmixError:
+                pass  # already shown while the app ran (`autosave`)

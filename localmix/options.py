@@ -1,0 +1,152 @@
+"""The one gate for load options: raw values from any face become typed, checked `LoadOptions`
+before any work is done (no file read, no weight loaded), or an `OptionError` in one line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+from .engine import DEFAULT_CONTEXT
+from .errors import OptionError
+from .expert_cache import DEFAULT_POLICY, POLICIES
+from .offload import DEFAULT_PREFETCH, parse_bytes
+
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Where and how a model runs: what `localmix.load` takes, every value already checked."""
+
+    device: torch.device
+    dtype: torch.dtype | None  # None: the checkpoint's
+    context: int  # the rolling KV window asked for (the model's own window may be smaller)
+    sinks: int
+    device_memory: int | None  # bytes; None: no budget
+    expert_slots: int | None
+    policy: str
+    prefetch: int
+
+    @property
+    def offloading(self) -> bool:
+        return self.device_memory is not None or self.expert_slots is not None
+
+    def model_dtype(self, cfg: ModelConfig) -> torch.dtype:
+        """The dtype asked for, or the checkpoint's (bf16 for an fp16 checkpoint on the CPU)."""
+        if self.dtype is not None:
+            return self.dtype
+        dtype = DTYPES.get(cfg.torch_dtype, torch.bfloat16)
+        if dtype == torch.float16 and self.device.type == "cpu":
+            return torch.bfloat16  # CPU kernels for fp16 are slow; bf16 has the range fp16 lacks
+        return dtype
+
+    def check_context(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
+        """The context window for this model, refused if its KV cache cannot fit in memory."""
+        context = min(self.context, cfg.sliding_window or cfg.max_position_embeddings)
+        if self.sinks >= context:
+            raise OptionError(f"sinks ({self.sinks}) must be fewer than the context ({context})")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
+        free = available_memory(self.device)
+        if free is not None and kv * context > free:
+            raise OptionError(
+                f"a context of {context} tokens needs {kv * context / 1e9:.1f} GB of KV cache, "
+                f"more than the {free / 1e9:.1f} GB free on {self.device}; choose a smaller "
+                "--context"
+            )
+        return context
+
+
+def load_options(
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    context: int | None = None,
+    sinks: int = 0,
+    device_memory: str | int | None = None,
+    expert_slots: int | None = None,
+    policy: str = DEFAULT_POLICY,
+    prefetch: int = DEFAULT_PREFETCH,
+) -> LoadOptions:
+    """Check raw load options (as typed on a command line or passed to `localmix.load`)."""
+    return LoadOptions(
+        device=parse_device(device),
+        dtype=parse_dtype(dtype),
+        context=whole("context", DEFAULT_CONTEXT if context is None else context, 1),
+        sinks=whole("sinks", sinks, 0),
+        device_memory=None if device_memory is None else parse_budget(device_memory),
+        expert_slots=None if expert_slots is None else whole("expert slots", expert_slots, 1),
+        policy=parse_policy(policy),
+        prefetch=whole("prefetch", prefetch, 0),
+    )
+
+
+def whole(name: str, value: object, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionError(f"{name} must be a whole number, not {value!r}")
+    if value < least:
+        raise OptionError(f"{name} must be at least {least}, not {value}")
+    return value
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """cpu, or cuda (cuda:N) where CUDA is present; the default is cuda when present."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise OptionError(f"unknown device '{device}'; use cpu or cuda") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise OptionError(f"localmix runs on cpu or cuda, not '{device}'")
+    if not torch.cuda.is_available():
+        raise OptionError(f"no CUDA device here for '{device}'; use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise OptionError(f"no device '{device}': this machine has {torch.cuda.device_count()}")
+    return dev
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise OptionError(f"unknown dtype '{dtype}'; use bf16, fp16 or fp32")
+    return DTYPES[dtype]
+
+
+def parse_budget(device_memory: str | int) -> int:
+    budget = parse_bytes(device_memory)
+    if budget <= 0:
+        raise OptionError(f"the device memory budget must be positive, not '{device_memory}'")
+    return budget
+
+
+def parse_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise OptionError(f"unknown policy '{policy}'; use {', '.join(POLICIES)}")
+    return policy
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (None where that cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
