@@ -54,6 +54,7 @@ GROUP_SIZES = (32, 64, 128)
 TILE_ROWS = 32  # stored rows come in tiles of 32 (see the module docstring)
 INT8_COLUMNS = 32  # 8-bit rows are padded to a multiple of 32 columns
 PARAM_DTYPE = torch.bfloat16  # scales and zeros
+DEQUANT_ROWS = 512  # rows dequantized at a time (a multiple of TILE_ROWS)
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 LSQ_STEPS = 3
 # Groups quantized at a time. The fit makes dozens of passes over its temporaries; kept to a few
@@ -93,17 +94,31 @@ class QuantizedTensor:
         return 8 * self.nbytes / (self.shape[0] * self.shape[1])
 
     def dequantize(self) -> torch.Tensor:
-        """The weight these codes stand for, in the logical shape and the original dtype."""
+        """The weight these codes stand for, in the logical shape and the original dtype.
+
+        Works through DEQUANT_ROWS rows at a time, so the float32 scratch stays small beside
+        the result (on a GPU it comes out of the memory the plan reserves).
+        """
         n, k = self.shape
+        out = torch.empty(n, k, dtype=self.dtype, device=self.qweight.device)
+        stored = self.qweight.shape[0]
+        for r in range(0, n, DEQUANT_ROWS):
+            m = min(DEQUANT_ROWS, n - r)
+            rows = self._dequantize_rows(r, min(DEQUANT_ROWS, stored - r))
+            out.narrow(0, r, m).copy_(rows.narrow(0, 0, m).narrow(1, 0, k))
+        return out
+
+    def _dequantize_rows(self, start: int, count: int) -> torch.Tensor:
+        """Float32 (count, in_p) of `count` stored rows from `start` (a multiple of 32)."""
+        q = self.qweight.narrow(0, start, count)
+        sz = self.scales_zeros.narrow(-2 if self.bits == 4 else 0, start, count)
         if self.bits == 8:
-            w = self.qweight.float() * self.scales_zeros.float()[:, None]  # (out_p, in_p)
-            return w[:n, :k].to(self.dtype)
-        codes = unpack_int4(self.qweight).float()  # (out_p, in_p)
-        n_p, k_p = codes.shape
-        scale = self.scales_zeros[..., 0].float().t()  # (out_p, groups)
-        zero = self.scales_zeros[..., 1].float().t()
-        w = (codes.view(n_p, -1, self.group_size) - 8) * scale[..., None] + zero[..., None]
-        return w.reshape(n_p, k_p)[:n, :k].to(self.dtype)
+            return q.float() * sz.float().unsqueeze(1)
+        codes = unpack_int4(q).float()  # (count, in_p)
+        scale = sz.select(-1, 0).float().t()  # (count, groups)
+        zero = sz.select(-1, 1).float().t()
+        w = (codes.view(count, -1, self.group_size) - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)
+        return w.view(count, -1)
 
 
 def padded_shape(

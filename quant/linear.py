@@ -26,6 +26,7 @@ class QuantLinear(nn.Module):
     """
 
     KERNEL_MAX_ROWS = {4: 128, 8: 16}
+    layout = "localmix"  # or "tinygemm" once repacked for PyTorch's CUDA kernel
 
     def __init__(
         self, in_features: int, out_features: int, bits: int = 4, group_size: int = 64
@@ -48,6 +49,11 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}{g}"
 
     def quantized(self, dtype: torch.dtype = torch.bfloat16) -> QuantizedTensor:
+        """The stored weight as a QuantizedTensor (not once repacked for a CUDA kernel)."""
+        if self.layout != "localmix":
+            raise ValueError(
+                f"the weight is in the {self.layout} layout, which only its kernel reads"
+            )
         return QuantizedTensor(
             self.qweight,
             self.scales_zeros,
@@ -59,13 +65,39 @@ class QuantLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xp = self._pad(x)
-        if x.device.type == "cpu" and x.shape[0] <= self.KERNEL_MAX_ROWS[self.bits]:
-            y = self._cpu_product(xp)
-        else:
-            w = self.quantized(torch.float32).dequantize()
-            return F.linear(x.float(), w).to(x.dtype)
-        return y if y.shape[-1] == self.out_features else y[:, : self.out_features]
+        if self.layout == "tinygemm":  # (rows, in_p) bf16 -> (rows, out_p)
+            y = torch.ops.aten._weight_int4pack_mm(
+                self._pad(x).to(torch.bfloat16), self.qweight, self.group_size, self.scales_zeros
+            ).to(x.dtype)
+        elif x.device.type == "cpu" and x.shape[0] <= self.KERNEL_MAX_ROWS[self.bits]:
+            y = self._cpu_product(self._pad(x))
+        else:  # many rows on the CPU, or a GPU without the fused kernel: one dequantized product
+            compute = torch.float32 if x.device.type == "cpu" else x.dtype
+            w = self.quantized(compute).dequantize()
+            return F.linear(x.to(compute), w).to(x.dtype)
+        return y if y.shape[-1] == self.out_features else y.narrow(1, 0, self.out_features)
+
+    def to_kernel_layout(self) -> bool:
+        """Repack a 4-bit weight that sits on a CUDA device with PyTorch's fused int4 kernel
+        (sm80 and newer) into that kernel's layout, on the device, with PyTorch's own packing
+        function. Returns whether it did; elsewhere the stored layout stays."""
+        if not (
+            self.bits == 4
+            and self.layout == "localmix"
+            and self.qweight.device.type == "cuda"
+            and cuda_int4_kernel(self.qweight.device)
+        ):
+            return False
+        n_p, k_p = self.padded
+        codes = unpack_int4(self.qweight).view(n_p, k_p // 2, 2)  # column pairs
+        # (out_p, in_p / 2): each even column's code in the high nibble, the odd one's low
+        nibbles = torch.tensor([16, 1], dtype=torch.uint8, device=codes.device)
+        pairs = (codes * nibbles).sum(-1, dtype=torch.uint8)
+        inner = inner_k_tiles(k_p)
+        self.qweight = torch.ops.aten._convert_weight_to_int4pack(pairs, inner)
+        self.scales_zeros = self.scales_zeros.contiguous()
+        self.layout = "tinygemm"
+        return True
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """x with zero columns up to the stored width (a no-op for most shapes)."""
@@ -135,7 +167,30 @@ class QuantLinear(nn.Module):
             down.scales_zeros,
             self.group_size,
         )
-        return y if y.shape[-1] == down.out_features else y[:, : down.out_features]
+        return y if y.shape[-1] == down.out_features else y.narrow(1, 0, down.out_features)
+
+
+def cuda_int4_kernel(device: torch.device) -> bool:
+    """Whether PyTorch's fused int4 CUDA kernel (`_weight_int4pack_mm`, bf16) runs on `device`."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def inner_k_tiles(in_padded: int) -> int:
+    """The widest tiling of the input dimension PyTorch's CUDA int4 packing takes for it."""
+    return next(t for t in (8, 4, 2) if in_padded % (16 * t) == 0)
+
+
+def use_device_kernels(model: nn.Module) -> str:
+    """Repack every quantized layer on a CUDA device for the fused kernel where it runs there;
+    returns a line that says which kernels the model's quantized layers use."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    repacked = sum(m.to_kernel_layout() for m in layers)
+    on_cuda = [m for m in layers if m.qweight.device.type == "cuda"]
+    if not on_cuda:
+        return ""
+    if repacked or any(m.layout == "tinygemm" for m in on_cuda):
+        return "PyTorch's fused int4 CUDA kernel (sm80+); 8-bit layers dequantized per product"
+    return "a dequantized product per call (this GPU is older than sm80: no fused int4 kernel)"
 
 
 def swap_linears(model: nn.Module, choose: Callable[[str], int], group_size: int) -> list[str]:
