@@ -176,6 +176,7 @@ def repl(
     session = ChatSession(engine, out, err, settings)
     if load:
         session.conv = Conversation.load(load)
+        session.conv.settings.update(settings)  # the command line's options win
     if system is not None:
         session.conv.system = system
     err.print("[dim]/help for commands, Ctrl+D or /bye to leave[/dim]")

@@ -143,6 +143,8 @@ def list_conversations() -> tuple[list[Conversation], list[str]]:
     except OSError as e:
         return [], [f"{folder}: cannot list it ({e.strerror or e})"]
     for path in paths:
+        if path.name.startswith("."):  # a save's temporary file
+            continue
         try:
             check_name(path.stem)
             out.append(read_conversation(path))

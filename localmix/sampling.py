@@ -103,7 +103,9 @@ def apply_repetition_penalty(
     ids = torch.tensor(sorted(set(history)), device=logits.device)
     seen = logits[ids]
     logits = logits.clone()
-    logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    penalised = torch.where(seen > 0, seen / penalty, seen * penalty)
+    big = torch.finfo(logits.dtype).max  # an extreme penalty must not make infinities
+    logits[ids] = penalised.clamp(-big, big)
     return logits
 
 
@@ -138,10 +140,11 @@ def make_sampler(opts: SamplingOptions) -> Sampler:
     gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
 
     def sample(logits: torch.Tensor, history: Sequence[int]) -> int:
-        logits = apply_repetition_penalty(logits.float(), history, opts.repetition_penalty)
+        # float64: extreme temperatures and penalties (1e-300) stay finite
+        logits = apply_repetition_penalty(logits.double(), history, opts.repetition_penalty)
         if opts.temperature == 0:
             return int(torch.argmax(logits))
-        logits = logits / opts.temperature
+        logits = (logits - logits.max()) / opts.temperature  # at most 0: never overflows
         logits = top_k_filter(logits, opts.top_k)
         logits = top_p_filter(logits, opts.top_p)
         logits = min_p_filter(logits, opts.min_p)

@@ -7,6 +7,7 @@ import torch
 
 import localmix
 from localmix.engine import Summary, TokenEvent
+from localmix.errors import OptionError
 from localmix.sampling import (
     SamplingOptions,
     StopMatcher,
@@ -45,6 +46,30 @@ def test_options_validation():
     with pytest.raises(ValueError, match="unknown sampling option"):
         SamplingOptions().updated(temprature=1)
     assert SamplingOptions().updated(stop="x").stop == ("x",)
+
+
+def test_options_are_one_gate_for_types_and_ranges():
+    for bad in (
+        {"seed": 2**64},
+        {"seed": -1},
+        {"seed": 1.5},
+        {"top_k": True},
+        {"temperature": "hot"},
+    ):
+        with pytest.raises(OptionError):
+            SamplingOptions().updated(**bad)
+    with pytest.raises(OptionError):
+        SamplingOptions().updated(temperature=float("nan"))
+    assert SamplingOptions.parse("seed", str(2**64 - 1)) == 2**64 - 1
+    with pytest.raises(OptionError, match="whole number"):
+        SamplingOptions.parse("top_k", "x")
+
+
+def test_extreme_settings_still_sample():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    for temperature, penalty in [(1e-300, 1.0), (1.0, 1e-300), (1e300, 1.0), (1.0, 1e300)]:
+        opts = SamplingOptions(temperature=temperature, repetition_penalty=penalty, seed=0)
+        assert 0 <= make_sampler(opts)(logits, [int(logits.argmax())]) < 50
 
 
 def test_stop_matcher_holds_back_partial_matches():

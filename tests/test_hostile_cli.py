@@ -14,15 +14,18 @@ import time
 import pexpect
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from localmix.cli.chat import ChatSession, repl
 from localmix.cli.main import app
 from rich.console import Console
-from typer.testing import CliRunner
+from typer.testing import CliRunner, _NamedTextIOWrapper
 
 import localmix
 from localmix.conversations import Conversation, conversations_dir, list_conversations
 from localmix.demo import DEMO_CONFIG, demo_tokenizer_path, write_checkpoint
 from localmix.errors import CheckpointError, LocalmixError
+from localmix.sampling import SamplingOptions
 from localmix.store import models_dir
 
 runner = CliRunner()
@@ -393,3 +396,100 @@ def test_the_chat_barrier_reports_user_errors_and_goes_on(home, engine):
     assert session.conv.messages[0]["content"] == "hello"
     with pytest.raises(LocalmixError):
         Conversation.load("nothing-here")
+
+
+# -- the promise, on mutated conversation files -----------------------------------------------
+
+BASE = {
+    "name": "target",
+    "model": "demo",
+    "system": "",
+    "messages": [
+        {"role": "user", "content": "def f():"},
+        {"role": "assistant", "content": "\n    return 1"},
+    ],
+    "settings": {"temperature": 0.5, "seed": 3},
+    "updated": "2026-01-01T00:00:00+00:00",
+}
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(st.characters(exclude_categories=()), max_size=8),  # lone surrogates too
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@st.composite
+def conversation_files(draw) -> bytes:
+    """A saved conversation with one thing wrong in it: a field, a message, a setting, its bytes."""
+    data = json.loads(json.dumps(BASE))
+    kind = draw(st.sampled_from(["field", "message", "setting", "bytes", "whole"]))
+    if kind == "whole":
+        data = draw(json_values)
+    elif kind == "field":
+        data[draw(st.sampled_from([*BASE, "extra"]))] = draw(json_values)
+    elif kind == "message":
+        message = data["messages"][draw(st.integers(0, 1))]
+        message[draw(st.sampled_from(["role", "content", "extra"]))] = draw(json_values)
+    elif kind == "setting":
+        key = draw(st.sampled_from([*SamplingOptions.names(), "bogus", "self"]))
+        data["settings"][key] = draw(json_values)
+    raw = json.dumps(data).encode()
+    if kind == "bytes":
+        for _ in range(draw(st.integers(1, 4))):
+            at = draw(st.integers(0, len(raw)))
+            raw = (
+                raw[:at]
+                + draw(st.binary(min_size=0, max_size=3))
+                + raw[at + draw(st.integers(0, 3)) :]
+            )
+    return raw
+
+
+def files_under(root) -> dict:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(raw=conversation_files())
+def test_mutated_conversations_keep_the_promise(raw, engine, monkeypatch, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("LOCALMIX_HOME", str(home))
+    Conversation(name="other", model="demo", messages=[{"role": "user", "content": "x"}]).save()
+    target = conversations_dir() / "target.json"
+    target.write_bytes(raw)
+    before = files_under(home)
+    monkeypatch.setattr(localmix, "load", lambda *a, **k: engine)
+    monkeypatch.setattr(_NamedTextIOWrapper, "isatty", lambda self: True, raising=False)
+
+    r = invoke("chat", "demo", "--load", "target", "--max-tokens", "2", input="hello\n/bye\n")
+    assert "Traceback" not in r.output and r.exit_code in (0, 1), r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    after = files_under(home)
+    assert {p: b for p, b in after.items() if p != target} == {
+        p: b for p, b in before.items() if p != target
+    }
+    if r.exit_code == 1:
+        lines = r.stderr.strip().splitlines()
+        assert lines[-1].startswith("error:") and "target.json" in lines[-1], r.stderr
+        assert after == before
+    else:
+        assert Conversation.load("target").messages[-2]["content"] == "hello"
+
+    target.write_bytes(raw)  # the TUI's sidebar, and opening an entry of it
+    conversations, problems = list_conversations()
+    listed = [c.name for c in conversations]
+    assert ("target" in listed) != any("target.json" in p for p in problems)
+    try:
+        Conversation.load("target")
+    except LocalmixError as e:
+        assert "target.json" in str(e) and "target" not in listed
