@@ -261,6 +261,13 @@ def test_a_long_chat_prefills_only_each_new_turn(home):
     assert summary.prompt_tokens > 500
     assert max(prefilled[1:]) <= 1  # + the last reply's last token, never run
 
+    # Loaded in another session, the chat is prefilled once, then only each new turn.
+    Conversation(name="long", model="demo", messages=messages).save()
+    fresh = localmix.load("demo", device="cpu", temperature=2.0, max_tokens=4)
+    said, session = chat_lines(fresh, ["/load long", "\nmore = ", "\nagain = "])
+    new = len(fresh.tokenizer.encode_continuation("\nagain = "))
+    assert session.last.prompt_tokens > 500 and session.last.prefilled_tokens <= new + 1
+
 
 # -- 9: non-finite logits are an error, not a token -------------------------------------------
 
