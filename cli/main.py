@@ -615,3 +615,32 @@ def tui(
     app.run()
     if app.return_code:
         raise typer.Exit(app.return_code)
+
+
+@app.command("export")
+@friendly_errors
+def export_cmd(
+    model: Annotated[str, typer.Argument(help="a localmix-quantized model: name or path")],
+    dst: Annotated[Path, typer.Argument(help="output directory (new, or empty)")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="checkpoint format: compressed-tensors (vLLM)")
+    ] = "compressed-tensors",
+) -> None:
+    """Write a quantized model in a format vLLM serves across GPUs and machines."""
+    from localmix.quant.export import export
+    from localmix.quant.formats import QuantError
+
+    from localmix.store import resolve
+
+    _, path = resolve(model)
+    try:
+        record = export(path, dst, fmt)
+    except QuantError as e:
+        raise LocalmixError(str(e)) from e
+    change = record["expert_change"]
+    err.print(f"wrote {dst}: {record['format']}, {record['layout']}")
+    err.print(
+        f"integer zero points moved the experts by {change['mean_relative']:.4f} of their norm "
+        f"on average (worst {change['worst_relative']:.4f})"
+    )
+    err.print(f"serve it with: vllm serve {dst} --tensor-parallel-size 2")
