@@ -80,9 +80,10 @@ def load(
     from .errors import LocalmixError
     from .expert_cache import DEFAULT_POLICY
     from .loader import load_transformer, read_manifest
-    from .offload import DEFAULT_PREFETCH
+    from .offload import DEFAULT_PREFETCH, plan_for, probe_machine
     from .options import load_options
     from .quant.kernels import cpu_kernels
+    from .quant.linear import cuda_int4_kernel, use_device_kernels
     from .sampling import SamplingOptions
     from .store import resolve
     from .tokenizer import Tokenizer, conversation_format
@@ -105,8 +106,24 @@ def load(
     window = opts.check_context(cfg, dt)
     if opts.offloading and not cfg.is_moe:
         raise LocalmixError("expert offloading needs a mixture-of-experts model")
+    offloading = opts.offloading
+    if opts.device.type == "cuda" and cfg.is_moe and not offloading:
+        # Planned from the free device memory and host RAM before anything is allocated; the
+        # experts are offloaded when the whole model does not fit.
+        plan = plan_for(
+            cfg,
+            manifest["quantization"] if manifest else None,
+            None,
+            str(opts.device),
+            window,
+            dt,
+            machine=probe_machine(opts.device),
+            fused_int4=cuda_int4_kernel(opts.device),
+        )
+        offloading = not plan.all_resident
     host = torch.device("cpu")
-    net = load_transformer(path, cfg, dt, host if opts.offloading else opts.device, manifest)
+    net = load_transformer(path, cfg, dt, host if offloading else opts.device, manifest)
+    use_device_kernels(net)
     if manifest is not None and opts.device.type == "cpu":
         cpu_kernels()  # built once, here rather than in the middle of the first reply
     tokenizer = Tokenizer(path / "tokenizer.model", vocab_size=cfg.vocab_size)
@@ -122,6 +139,7 @@ def load(
         defaults=defaults,
         template=conversation_format(path, tokenizer),
     )
-    if opts.offloading:
+    if offloading:
         engine.offload_experts(opts.device_memory, opts.expert_slots, opts.policy, opts.prefetch)
+        use_device_kernels(engine.model)
     return engine

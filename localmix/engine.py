@@ -7,18 +7,21 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import ModelConfig
-from .errors import CheckpointError, OptionError
+from .errors import CheckpointError, MemoryBudgetError, OptionError
 from .kv_cache import RollingKVCache
 from .model import Transformer
 from .quant.kernels import describe as describe_cpu_kernels
-from .quant.linear import QuantLinear
+from .quant.linear import QuantLinear, describe_device_kernels
 from .sampling import SamplingOptions, StopMatcher, make_sampler
 from .tokenizer import ChatTemplate, ConversationFormat, Tokenizer
+
+if TYPE_CHECKING:
+    from .offload import Machine, Plan
 
 DEFAULT_CONTEXT = 4096
 PREFILL_CHUNK = 512
@@ -286,14 +289,21 @@ class Engine:
         )
 
     def offload_experts(
-        self, device_memory: str | int | None, expert_slots: int | None, policy: str, prefetch: int
+        self,
+        device_memory: str | int | None,
+        expert_slots: int | None,
+        policy: str,
+        prefetch: int,
+        machine: Machine | None = None,
     ) -> None:
-        """Move the trunk to the device and serve experts from host RAM through a cache."""
-        from .offload import Offload, expert_layout, make_plan, parse_bytes, trunk_bytes
+        """Move the trunk to the device and serve experts from host RAM through a cache.
+
+        On CUDA the plan takes what `machine` (default: probed now) has free, the runtime's
+        working memory included, and is checked before anything is allocated.
+        """
+        from .offload import Offload, parse_bytes, probe_machine
 
         cfg = self.config
-        moe = self.model.moe_layers()[0]
-        _, expert_bytes = expert_layout(moe.experts[0])
         budget = parse_bytes(device_memory) if device_memory is not None else None
         if (
             expert_slots is not None
@@ -303,24 +313,67 @@ class Engine:
                 f"expert_slots must be between top_k ({cfg.num_experts_per_tok}) and the number "
                 f"of experts ({cfg.num_local_experts})"
             )
-        self.plan = make_plan(
-            cfg,
-            trunk_bytes(self.model),
-            expert_bytes,
-            self.cache.nbytes,
-            budget,
-            str(self.device),
-            max_slots=expert_slots,
-        )
+        if machine is None and self.device.type == "cuda":
+            machine = probe_machine(self.device)
+        self.plan = self._plan(budget, expert_slots, machine, self.cache.nbytes)
         self.offload = Offload(self.model, self.plan, self.device, policy, prefetch)
         self.model.to(self.device)
 
+    def _plan(
+        self, budget: int | None, slots: int | None, machine: Machine | None, kv_bytes: int
+    ) -> Plan:
+        from .offload import (
+            dequantize_scratch,
+            expert_layout,
+            make_plan,
+            runtime_reserve,
+            trunk_bytes,
+        )
+        from .quant.linear import cuda_int4_kernel
+
+        # the experts left the model for the expert store once offloaded
+        expert = (
+            self.offload.store.template if self.offload else self.model.moe_layers()[0].experts[0]
+        )
+        reserve = None
+        if self.device.type == "cuda":
+            modules = [*self.model.modules(), *expert.modules()]
+            scratch = dequantize_scratch(modules, self.dtype, cuda_int4_kernel(self.device))
+            reserve = runtime_reserve(self.config, self.context, scratch)
+        _, expert_bytes = expert_layout(expert)
+        return make_plan(
+            self.config,
+            trunk_bytes(self.model),
+            expert_bytes,
+            kv_bytes,
+            budget,
+            str(self.device),
+            max_slots=slots,
+            machine=machine,
+            reserve=reserve,
+        )
+
     def set_context(self, context: int) -> None:
-        """Change the rolling KV window (the conversation is prefilled again on the next turn)."""
+        """Change the rolling KV window (the conversation is prefilled again on the next turn).
+
+        With experts offloaded, the placement is planned again for the new KV cache first: a
+        window whose cache would take device memory the expert slots hold is refused, with the
+        numbers, and nothing changes.
+        """
         window = self.config.sliding_window or self.config.max_position_embeddings
         if not 0 < context:
             raise OptionError("the context window must be a positive number of tokens")
-        self.context = min(context, window)
+        context = min(context, window)
+        if self.plan is not None:
+            kv = self.cache.nbytes // self.cache.capacity * context
+            replanned = self._plan(self.plan.budget, None, None, kv)
+            if sum(replanned.slots) < sum(self.plan.slots):
+                raise MemoryBudgetError(
+                    f"a context of {context} tokens needs {(kv - self.cache.nbytes) / 1024**3:.2f} "
+                    "GiB more device memory than the expert slots leave; load the model again "
+                    "with this --context (fewer slots), or keep a smaller one"
+                )
+        self.context = context
         self.cache = self.new_cache(self.context, sinks=min(self.sinks, self.context - 1))
         self._cache_ids = []
 
@@ -356,7 +409,7 @@ class Engine:
         if not any(isinstance(m, QuantLinear) for m in modules):
             return ""
         if self.device.type != "cpu":
-            return "dequantize + matmul"
+            return describe_device_kernels(modules)
         return describe_cpu_kernels()
 
     def stats(self) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -23,8 +23,11 @@ from .model import MoeLayer, Transformer, route
 
 ALIGN = 64  # byte alignment of each tensor inside a packed expert
 DEFAULT_PREFETCH = 1  # layers looked ahead; 2 rarely pays (see benchmarks/bench_nano.py)
-# CUDA context, allocator slack and activations of a prefill chunk, kept out of the budget.
-CUDA_RESERVE_BYTES = 768 * 1024**2
+# cuBLAS workspaces and the caching allocator's rounding and fragmentation, kept out of a CUDA
+# plan (the CUDA context itself is already outside the free memory `mem_get_info` reports).
+CUDA_ALLOCATOR_BYTES = 256 * 1024**2
+# Host RAM a plan leaves to the rest of the machine beside the expert store.
+HOST_MARGIN_BYTES = 2 * 1024**3
 UNITS = {
     "": 1,
     "b": 1,
@@ -49,7 +52,60 @@ def parse_bytes(text: str | int) -> int:
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1024**3:.2f} GB"
+    return f"{n / 1024**3:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What a plan may use, in bytes: memory free on the device (None on the CPU, where the
+    budget alone limits it) and host RAM available."""
+
+    device_free: int | None
+    host_free: int | None
+
+
+def probe_machine(device: torch.device) -> Machine:
+    """Free memory on `device` (torch.cuda.mem_get_info) and available host RAM, now."""
+    from .options import available_memory
+
+    device_free = available_memory(device) if device.type == "cuda" else None
+    return Machine(device_free, available_memory(torch.device("cpu")))
+
+
+def runtime_reserve(cfg: ModelConfig, context: int, scratch: int = 0) -> dict[str, int]:
+    """Device memory a CUDA run needs beside weights and KV cache, by part.
+
+    Activations of a prefill chunk in float32 (the residual stream and its temporaries, one
+    expert's hidden states, attention scores should SDPA fall back to its math kernel, the
+    chunk's logits), `scratch` for products that dequantize a weight first, and the
+    allocator's share.
+    """
+    from .engine import PREFILL_CHUNK as chunk
+
+    hidden = chunk * cfg.hidden_size * 12 * 4
+    expert = chunk * cfg.intermediate_size * 3 * 4
+    scores = chunk * cfg.num_attention_heads * context * 4
+    logits = chunk * cfg.vocab_size * 4
+    return {
+        "prefill activations": hidden + expert + scores + logits,
+        "dequantize scratch": scratch,
+        "allocator, cuBLAS": CUDA_ALLOCATOR_BYTES,
+    }
+
+
+def dequantize_scratch(modules: Iterable[nn.Module], dtype: torch.dtype, fused_int4: bool) -> int:
+    """Bytes the largest product that dequantizes its weight first needs on a GPU: 8-bit
+    layers, and 4-bit ones where the GPU lacks the fused int4 kernel (the weight in `dtype`
+    plus DEQUANT_ROWS rows of float32 temporaries)."""
+    from .quant import QuantLinear
+    from .quant.formats import DEQUANT_ROWS
+
+    worst = 0
+    for m in modules:
+        if isinstance(m, QuantLinear) and not (m.bits == 4 and fused_int4):
+            n_p, k_p = m.padded
+            worst = max(worst, n_p * k_p * dtype.itemsize + DEQUANT_ROWS * k_p * 4 * 3)
+    return worst
 
 
 @dataclass
@@ -60,20 +116,26 @@ class Plan:
     budget: int | None  # None: no limit given (slots chosen directly)
     trunk: dict[str, int]
     kv_cache: int
-    reserve: int
+    reserve: dict[str, int]
     expert_bytes: int
     experts_per_layer: int
     slots: list[int]
     host_bytes: int
+    notes: list[str] = field(default_factory=list)
 
     @property
     def device_bytes(self) -> int:
         return (
             sum(self.trunk.values())
             + self.kv_cache
-            + self.reserve
+            + sum(self.reserve.values())
             + sum(self.slots) * self.expert_bytes
         )
+
+    @property
+    def all_resident(self) -> bool:
+        """Every expert has a slot: nothing needs to be offloaded."""
+        return min(self.slots) == self.experts_per_layer
 
     def to_dict(self) -> dict:
         return {**asdict(self), "device_bytes": self.device_bytes}
@@ -84,8 +146,9 @@ class Plan:
         for part, n in self.trunk.items():
             lines.append(f"  {part:<22}{_gb(n):>12}")
         lines.append(f"  {'KV cache':<22}{_gb(self.kv_cache):>12}")
-        if self.reserve:
-            lines.append(f"  {'reserve (runtime)':<22}{_gb(self.reserve):>12}")
+        for part, n in self.reserve.items():
+            if n:
+                lines.append(f"  {part:<22}{_gb(n):>12}")
         total_slots = sum(self.slots)
         lines.append(
             f"  {'expert slots':<22}{_gb(total_slots * self.expert_bytes):>12}  "
@@ -94,6 +157,7 @@ class Plan:
         )
         lines.append(f"  {'device total':<22}{_gb(self.device_bytes):>12}")
         lines.append(f"  {'host RAM for experts':<22}{_gb(self.host_bytes):>12}")
+        lines += [f"  {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -124,25 +188,43 @@ def make_plan(
     budget: int | None,
     device: str,
     max_slots: int | None = None,
+    *,
+    machine: Machine | None = None,
+    reserve: dict[str, int] | None = None,
 ) -> Plan:
-    """Give the budget left after trunk and KV cache to expert slots, spread over the layers.
+    """Give the device memory left after trunk, KV cache and runtime reserve to expert slots,
+    spread over the layers, and check that the rest fits in host RAM.
 
-    Every layer gets the same share; slots left over go to the last layers, whose routing is
-    the hardest to predict ahead of time. Refuses a budget below top_k slots per layer.
+    The memory planned for is the `budget` (a cap the user gave) or what `machine` says is
+    free on the device, whichever is smaller: never more than is free. Every layer gets the
+    same share; slots left over go to the last layers, whose routing is the hardest to
+    predict ahead of time. A plan that cannot work is refused with the numbers, before
+    anything is allocated: fewer than top_k slots per layer on the device, or an expert store
+    larger than the host RAM available.
     """
     layers, experts, top_k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
-    reserve = CUDA_RESERVE_BYTES if device.startswith("cuda") else 0
-    fixed = sum(trunk.values()) + kv_bytes + reserve
+    reserve = dict(reserve or {})
+    notes = []
+    free = machine.device_free if machine is not None else None
+    limit = budget
+    if free is not None and (limit is None or free < limit):
+        if limit is not None:
+            notes.append(f"the budget of {_gb(limit)} is capped at the {_gb(free)} free now")
+        limit = free
+    fixed = sum(trunk.values()) + kv_bytes + sum(reserve.values())
     minimum = fixed + layers * top_k * expert_bytes
-    if budget is not None and budget < minimum:
+    if limit is not None and limit < minimum:
+        what = "free on the device" if limit == free else "in the device budget"
         raise MemoryBudgetError(
-            f"a device budget of {_gb(budget)} cannot hold the trunk ({_gb(sum(trunk.values()))}), "
-            f"the KV cache ({_gb(kv_bytes)}) and {top_k} experts per layer; the minimum is "
-            f"{_gb(minimum)} (or shrink the context)"
+            f"{_gb(limit)} {what} cannot hold the trunk ({_gb(sum(trunk.values()))}), the KV "
+            f"cache ({_gb(kv_bytes)}), the runtime's working memory ({_gb(sum(reserve.values()))}) "
+            f"and {top_k} experts per layer ({_gb(layers * top_k * expert_bytes)}): "
+            f"{_gb(minimum - limit)} short of the {_gb(minimum)} needed; shrink the context "
+            "or free the GPU"
         )
     total = layers * (max_slots or experts)
-    if budget is not None:
-        total = min((budget - fixed) // expert_bytes, total)
+    if limit is not None:
+        total = min((limit - fixed) // expert_bytes, total)
     per_layer = [min(total // layers, experts)] * layers
     extra = total - sum(per_layer)
     for i in reversed(range(layers)):
@@ -151,16 +233,16 @@ def make_plan(
         if per_layer[i] < experts:
             per_layer[i] += 1
             extra -= 1
+    host = layers * experts * expert_bytes
+    if min(per_layer) < experts and machine is not None and machine.host_free is not None:
+        if host + HOST_MARGIN_BYTES > machine.host_free:
+            raise MemoryBudgetError(
+                f"host RAM: the experts need {_gb(host)} in host RAM (plus {_gb(HOST_MARGIN_BYTES)} "
+                f"left to the system), {_gb(machine.host_free)} are available; close programs "
+                "or use a machine with more RAM"
+            )
     return Plan(
-        device,
-        budget,
-        trunk,
-        kv_bytes,
-        reserve,
-        expert_bytes,
-        experts,
-        per_layer,
-        layers * experts * expert_bytes,
+        device, limit, trunk, kv_bytes, reserve, expert_bytes, experts, per_layer, host, notes
     )
 
 
@@ -338,8 +420,14 @@ def plan_for(
     device: str,
     context: int,
     dtype: torch.dtype = torch.bfloat16,
+    *,
+    machine: Machine | None = None,
+    max_slots: int | None = None,
+    fused_int4: bool = True,
 ) -> Plan:
-    """The plan for a model described by its config (and manifest), without loading weights."""
+    """The plan for a model described by its config (and manifest), without loading weights:
+    the model is built on the meta device. `fused_int4`: the GPU runs PyTorch's fused int4
+    kernel (sm80+), so 4-bit products need no dequantize scratch."""
     from .loader import quantize_modules
 
     with torch.device("meta"):
@@ -356,4 +444,18 @@ def plan_for(
         * cfg.head_dim
         * dtype.itemsize
     )
-    return make_plan(cfg, trunk_bytes(model), expert_bytes, kv, budget, device)
+    reserve = None
+    if device.startswith("cuda"):
+        scratch = dequantize_scratch(model.modules(), dtype, fused_int4)
+        reserve = runtime_reserve(cfg, context, scratch)
+    return make_plan(
+        cfg,
+        trunk_bytes(model),
+        expert_bytes,
+        kv,
+        budget,
+        device,
+        max_slots,
+        machine=machine,
+        reserve=reserve,
+    )

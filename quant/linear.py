@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -180,17 +180,22 @@ def inner_k_tiles(in_padded: int) -> int:
     return next(t for t in (8, 4, 2) if in_padded % (16 * t) == 0)
 
 
-def use_device_kernels(model: nn.Module) -> str:
-    """Repack every quantized layer on a CUDA device for the fused kernel where it runs there;
-    returns a line that says which kernels the model's quantized layers use."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    repacked = sum(m.to_kernel_layout() for m in layers)
-    on_cuda = [m for m in layers if m.qweight.device.type == "cuda"]
-    if not on_cuda:
+def use_device_kernels(model: nn.Module) -> None:
+    """Repack every quantized layer of `model` that sits on a CUDA device for the fused kernel,
+    where that kernel runs there."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.to_kernel_layout()
+
+
+def describe_device_kernels(modules: Iterable[nn.Module]) -> str:
+    """One line for reports: which kernels the quantized layers among `modules` use on a GPU."""
+    layers = [m for m in modules if isinstance(m, QuantLinear)]
+    if not layers:
         return ""
-    if repacked or any(m.layout == "tinygemm" for m in on_cuda):
+    if any(m.layout == "tinygemm" for m in layers):
         return "PyTorch's fused int4 CUDA kernel (sm80+); 8-bit layers dequantized per product"
-    return "a dequantized product per call (this GPU is older than sm80: no fused int4 kernel)"
+    return "a dequantized product per call (no fused int4 kernel: a GPU older than sm80)"
 
 
 def swap_linears(model: nn.Module, choose: Callable[[str], int], group_size: int) -> list[str]:

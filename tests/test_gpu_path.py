@@ -8,7 +8,7 @@ import localmix.quant.linear as linear_module
 import pytest
 import torch
 from localmix.quant import QuantLinear, quantize_tensor
-from localmix.quant.linear import inner_k_tiles, use_device_kernels
+from localmix.quant.linear import describe_device_kernels, inner_k_tiles, use_device_kernels
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 
@@ -31,6 +31,7 @@ def test_fused_int4_path_traces_on_a_fake_gpu(shape, dtype, monkeypatch):
     with FakeTensorMode():
         layer = fake_cuda_layer(out_features, in_features)
         assert layer.to_kernel_layout() and layer.layout == "tinygemm"
+        assert "fused int4" in describe_device_kernels([layer])
         n_p, k_p = layer.padded
         inner = inner_k_tiles(k_p)
         assert layer.qweight.shape == (n_p // 8, k_p // (16 * inner), 32, inner // 2)
@@ -49,7 +50,8 @@ def test_older_gpus_and_8_bit_layers_keep_the_stored_layout(monkeypatch):
     monkeypatch.setattr(linear_module, "cuda_int4_kernel", lambda device: False)
     with FakeTensorMode():
         model = torch.nn.Sequential(fake_cuda_layer(96, 256), fake_cuda_layer(100, 96, bits=8))
-        assert "older than sm80" in use_device_kernels(model)
+        use_device_kernels(model)
+        assert "older than sm80" in describe_device_kernels(model.modules())
         assert model[0].layout == "localmix" and model[0].qweight.dtype == torch.uint8
         assert model[1].layout == "localmix" and model[1].qweight.dtype == torch.int8
 
@@ -59,7 +61,7 @@ def test_a_cpu_model_keeps_its_layout():
     q = quantize_tensor(w)
     layer = QuantLinear(128, 64)
     layer.qweight, layer.scales_zeros = q.qweight, q.scales_zeros
-    assert use_device_kernels(torch.nn.Sequential(layer)) == ""
+    use_device_kernels(torch.nn.Sequential(layer))
     assert not layer.to_kernel_layout() and layer.layout == "localmix"
 
 
