@@ -3,6 +3,8 @@
 Implements what huggingface-hub calls: revision info, tree listing, and file resolve (HEAD and
 GET with ETag, X-Repo-Commit, Content-Length and Range). Repositories can answer 401 (gated) or
 404, and a file's first download can be cut off after some bytes, as a killed pull would be.
+A hostile Hub can be played too: any commit id, ETags and listed sizes of its choosing, and
+slow bodies (for pulls that overlap).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,6 +31,9 @@ class HubState:
     repos: dict[str, Repo] = field(default_factory=dict)
     cut_after: dict[str, int] = field(default_factory=dict)  # file -> bytes before hanging up
     requests: list[tuple[str, str, dict]] = field(default_factory=list)
+    etags: dict[str, str] = field(default_factory=dict)  # file -> the ETag sent instead
+    sizes: dict[str, object] = field(default_factory=dict)  # file -> the size listed instead
+    slow: float = 0.0  # seconds between 64 KiB pieces of a body
 
 
 def etag(data: bytes) -> str:
@@ -92,7 +98,12 @@ class Handler(BaseHTTPRequestHandler):
             if repo:
                 self._json(
                     [
-                        {"type": "file", "path": n, "size": len(d), "oid": etag(d)[:40]}
+                        {
+                            "type": "file",
+                            "path": n,
+                            "size": self.state.sizes.get(n, len(d)),
+                            "oid": etag(d)[:40],
+                        }
                         for n, d in repo.files.items()
                     ]
                 )
@@ -121,7 +132,7 @@ class Handler(BaseHTTPRequestHandler):
             start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))
         body = data[start:]
         self.send_response(206 if rng else 200)
-        self.send_header("ETag", f'"{etag(data)}"')
+        self.send_header("ETag", f'"{self.state.etags.get(m.group(3), etag(data))}"')
         self.send_header("X-Repo-Commit", repo.commit)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(len(body) if send_body else len(data)))
@@ -137,7 +148,10 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(2)  # hang up mid-body, as a killed download ends
             return
-        self.wfile.write(body)
+        piece = 1 << 16 if self.state.slow else len(body) or 1
+        for i in range(0, len(body), piece):
+            self.wfile.write(body[i : i + piece])
+            time.sleep(self.state.slow)
 
 
 class FakeHub:

@@ -4,6 +4,7 @@ the command's target is touched, and nothing finished is lost."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from localmix.cli.main import app
 from localmix.quant.convert import ConvertError, Settings, convert
 from typer.testing import CliRunner
@@ -606,3 +609,106 @@ def test_stale_temporary_files_are_cleaned(tiny, tmp_path):
     with pytest.raises(ConvertError, match="is not a directory"):
         (tmp_path / "file").write_text("x")
         convert(tiny, tmp_path / "file", Settings(group_size=32, method="rtn"))
+
+
+# -- the promise, fuzzed ----------------------------------------------------------------------
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=5,
+)
+
+
+@st.composite
+def mutation(draw, doc: object) -> object:
+    """`doc` with one value somewhere in it replaced or deleted, or all of it replaced."""
+    doc = copy.deepcopy(doc)
+    kind = draw(st.sampled_from(["set", "set", "delete", "replace"]))
+    if kind == "replace" or not isinstance(doc, (dict, list)) or not doc:
+        return draw(JSON)
+    node = doc
+    while True:
+        key = draw(st.sampled_from(list(node) if isinstance(node, dict) else range(len(node))))
+        child = node[key]
+        if isinstance(child, (dict, list)) and child and draw(st.booleans()):
+            node = child
+            continue
+        if kind == "delete":
+            del node[key]
+        else:
+            node[key] = draw(JSON)
+        return doc
+
+
+@st.composite
+def damaged_model(draw, tiny: Path, quantized: Path, root: Path) -> tuple[Path, Path, str]:
+    """A copy of the tiny model and of its quantized version under `root`, one file damaged:
+    returns (source, quantized copy, what was damaged)."""
+    src, q = root / "src", root / "q"
+    shutil.copytree(tiny, src)
+    shutil.copytree(quantized, q)
+    target = draw(st.sampled_from(["header", "header bytes", "config", "config bytes", "manifest"]))
+    if target == "header":
+        path = draw(st.sampled_from(shards(src) + shards(q)))
+        rewrite_header(path, draw(mutation(header_of(path))))
+    elif target == "header bytes":
+        path = draw(st.sampled_from(shards(src) + shards(q)))
+        data = bytearray(path.read_bytes())
+        at = draw(st.integers(0, min(len(data) - 1, 600)))
+        data[at : at + 8] = draw(st.binary(min_size=1, max_size=8))
+        path.write_bytes(bytes(data[: draw(st.integers(0, len(data)))]))
+    elif target == "config":
+        path = draw(st.sampled_from([src, q])) / "config.json"
+        path.write_text(json.dumps(draw(mutation(json.loads(path.read_text())))))
+    elif target == "config bytes":
+        (draw(st.sampled_from([src, q])) / "config.json").write_bytes(draw(st.binary(max_size=40)))
+    else:
+        path = q / "localmix.json"
+        path.write_text(json.dumps(draw(mutation(json.loads(path.read_text())))))
+    return src, q, target
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_the_promise_holds_for_damaged_files(tiny, quantized, tmp_path_factory, data):
+    """show, run and quantize on damaged checkpoints, configs and manifests: success, or exit 1
+    with one line and no traceback; nothing changes outside the command's target."""
+    root = tmp_path_factory.mktemp("fuzz")
+    src, q, damaged = data.draw(damaged_model(tiny, quantized, root))
+    command = data.draw(st.sampled_from(["show", "run", "quantize"]))
+    model = data.draw(st.sampled_from([src, q]))
+    target = None
+    if command == "show":
+        args = ["show", str(model)]
+    elif command == "run":
+        args = ["run", str(model), "hi", "--max-tokens", "1"]
+    else:
+        target = data.draw(st.sampled_from([q, root / "new"]))
+        args = ["quantize", str(src), str(target), "--method", "rtn", "--group-size", "32"]
+    before = tree(root)
+    r = invoke(*args)
+    event(f"{damaged}: {command} exit {r.exit_code}")
+    assert r.exit_code in (0, 1), (damaged, r.output, r.exception)
+    assert r.exception is None or isinstance(r.exception, SystemExit), (damaged, r.exception)
+    assert "Traceback" not in r.output
+    if r.exit_code == 1:
+        lines = r.stderr.strip().splitlines()
+        assert [line for line in lines if line.startswith("error:")] == lines[-1:], r.stderr
+    after = tree(root)
+    if target is not None:
+        inside = str(target.relative_to(root)) + "/"
+        before = {k: v for k, v in before.items() if not k.startswith(inside)}
+        after = {k: v for k, v in after.items() if not k.startswith(inside)}
+    assert after == before
+    shutil.rmtree(root)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,114 @@ def test_disk_space_is_checked_before_writing(hub, tmp_path, monkeypatch):
     r = runner.invoke(app, ["pull", "org/tiny"])
     assert r.exit_code == 1 and "not enough disk space" in r.stderr
     assert not (tmp_path / "hf" / "models--org--tiny" / "blobs").exists()
+
+
+def outside(tmp_path: Path) -> dict[str, bytes]:
+    """Every file under tmp_path but the Hub cache and the store: what a pull must not touch."""
+    return {
+        str(p.relative_to(tmp_path)): p.read_bytes() if p.is_file() else b"dir"
+        for p in sorted(tmp_path.rglob("*"))
+        if p.relative_to(tmp_path).parts[0] not in ("hf", "home")
+    }
+
+
+def one_line_error(r, text: str) -> None:
+    assert r.exit_code == 1, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    assert "Traceback" not in r.output
+    errors = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and text in errors[0], r.stderr
+
+
+@pytest.fixture
+def victim(tmp_path) -> Path:
+    """A user's files beside the cache, which a hostile Hub aims at."""
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "config.json").write_text('{"mine": true}')
+    return tmp_path / "user"
+
+
+@pytest.mark.parametrize(
+    "commit",
+    ["../../../user", "0123456789abcdef0123456789abcdef0123456z", "..", "", "a" * 39],
+)
+def test_a_commit_id_from_the_hub_is_checked(hub, tmp_path, victim, commit):
+    hub.state.repos["org/tiny"].commit = commit
+    before = outside(tmp_path)
+    one_line_error(runner.invoke(app, ["pull", "org/tiny"]), "not a commit id")
+    assert outside(tmp_path) == before
+    assert not (tmp_path / "hf" / "models--org--tiny").exists()
+
+
+@pytest.mark.parametrize("etag_value", ["../../../../user/config.json", "..", "x" * 64, "ab/cd"])
+def test_an_etag_from_the_hub_is_checked(hub, tmp_path, victim, etag_value):
+    hub.state.etags["config.json"] = etag_value
+    before = outside(tmp_path)
+    one_line_error(runner.invoke(app, ["pull", "org/tiny"]), "not a hex digest")
+    assert outside(tmp_path) == before
+    blobs = tmp_path / "hf" / "models--org--tiny" / "blobs"
+    assert all(len(p.name.split(".")[0]) in (40, 64) for p in blobs.glob("*"))
+
+
+def test_hostile_file_names_are_never_fetched(hub, tmp_path, victim):
+    files = hub.state.repos["org/tiny"].files
+    for name in ("../../user/config.json", "..", "/abs.safetensors", "a\\b.safetensors", "x/.."):
+        files[name] = b"hostile"
+    before = outside(tmp_path)
+    r = runner.invoke(app, ["pull", "org/tiny", "--no-quantize"])
+    assert r.exit_code == 0, r.output
+    assert outside(tmp_path) == before
+    fetched = [p for m, p, _ in hub.state.requests if "/resolve/" in p]
+    assert not any("abs" in p or "user" in p or "%5C" in p or "\\" in p for p in fetched)
+
+
+@pytest.mark.parametrize("size", [-5, "12", 10**15])
+def test_a_listed_size_is_checked(hub, tmp_path, size):
+    hub.state.sizes["config.json"] = size
+    r = runner.invoke(app, ["pull", "org/tiny", "--no-quantize"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "hf" / "models--org--tiny" / "snapshots").exists() or size == 10**15
+
+
+def test_a_revision_is_checked(hub, tmp_path, victim):
+    before = outside(tmp_path)
+    for ref in ("org/tiny@..", "org/tiny@.", "../tiny", "org/..", "org/a--b", "org/tiny@a\\b"):
+        r = runner.invoke(app, ["pull", ref])
+        assert r.exit_code == 1 and "Traceback" not in r.output, (ref, r.output)
+    assert outside(tmp_path) == before
+
+
+def test_a_hostile_index_is_refused_after_download(hub, tmp_path, victim):
+    files = hub.state.repos["org/tiny"].files
+    index = json.loads(files["model.safetensors.index.json"])
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../../../../user/stolen.safetensors"
+    files["model.safetensors.index.json"] = json.dumps(index).encode()
+    one_line_error(runner.invoke(app, ["pull", "org/tiny", "--method", "rtn"]), "refusing")
+    assert not (tmp_path / "home" / "models" / "org--tiny" / "localmix.json").exists()
+
+
+def test_two_pulls_of_one_repository_at_once(hub, tmp_path):
+    from localmix import hub as hub_client
+
+    hub.state.slow = 0.01  # each file takes a while: the pulls overlap
+    results: dict[int, object] = {}
+
+    def pull(i: int) -> None:
+        try:
+            results[i] = hub_client.pull("org/tiny", tmp_path / "store", quantize=False)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            results[i] = e
+
+    threads = [threading.Thread(target=pull, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results[0] == results[1] and isinstance(results[0], Path), results
+    files = hub.state.repos["org/tiny"].files
+    for name, data in files.items():
+        if hub_client.wanted(name):
+            assert (results[0] / name).read_bytes() == data
+    gets = [p for m, p, _ in hub.state.requests if m == "GET" and "/resolve/" in p]
+    assert len(gets) == len(set(gets))  # the second pull found the first's files
