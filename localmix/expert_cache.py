@@ -210,8 +210,10 @@ class ExpertCache:
     def request(self, layer: int, experts: list[int], tokens: int = 1) -> Iterator[tuple[int, int]]:
         """Yield (expert, slot) for each expert a forward call of `tokens` tokens needs.
 
-        Resident experts come first; a missing one is loaded into a slot whose expert is not
-        among those still to be served.
+        The loads of missing experts that fit beside the resident ones start here, when it is
+        called, before anything else is queued (a prefetch issued after this call lands behind
+        them); iterating serves resident experts first, then the loaded ones, then streams the
+        rest through slots whose expert is not among those still to be served.
         """
         stats = self.stats.layers[layer]
         if layer == 0:
@@ -235,15 +237,21 @@ class ExpertCache:
         room = len(self.slots[layer]) - len(hits)
         started = [(e, self._place(layer, e, set(experts))) for e in missing[:room]]
         stats.loads += len(started)
+        ready = [(e, where[e]) for e in hits] + started
+        return self._serve(layer, experts, ready, missing[room:])
+
+    def _serve(
+        self, layer: int, experts: list[int], ready: list[tuple[int, int]], rest: list[int]
+    ) -> Iterator[tuple[int, int]]:
         pending = set(experts)
-        for e, slot in [(e, where[e]) for e in hits] + started:
+        for e, slot in ready:
             if self.mover is not None:
                 self.mover.ready(layer, slot)
             pending.discard(e)
             yield e, slot
-        for e in missing[room:]:
+        for e in rest:
             slot = self._place(layer, e, pending)
-            stats.loads += 1
+            self.stats.layers[layer].loads += 1
             if self.mover is not None:
                 self.mover.ready(layer, slot)
             pending.discard(e)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -286,64 +287,193 @@ def bind(template: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
     return module
 
 
-class ExpertStore:
-    """Every expert of every layer in host memory: (layers, experts, bytes) uint8, pinned for CUDA.
+Pinner = Callable[[torch.Tensor], bool]
 
-    Each expert is one contiguous row, so moving it to the device is one copy.
+
+def cuda_host_register(block: torch.Tensor) -> bool:
+    """Page-lock a host tensor where it lies (cudaHostRegister): exactly its size, where
+    PyTorch's pinned allocator would round a request up to a power of two."""
+    status = torch.cuda.cudart().cudaHostRegister(block.data_ptr(), block.nbytes, 0)
+    return int(status) == 0
+
+
+def cuda_host_unregister(block: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(block.data_ptr())
+
+
+def stored_form(expert: nn.Module, device: torch.device) -> nn.Module:
+    """The expert as the device's kernels take it: on a CUDA device with the fused int4 kernel,
+    a copy whose 4-bit layers were repacked there (so a miss is one copy, no repack); elsewhere
+    the expert itself."""
+    from .quant.linear import cuda_int4_kernel, use_device_kernels
+
+    if device.type != "cuda" or not cuda_int4_kernel(device):
+        return expert
+    moved = bind(expert, {name: t.to(device) for name, t in _tensors(expert)})
+    use_device_kernels(moved)
+    return moved
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(module.named_parameters()) + list(module.named_buffers())
+
+
+class ExpertStore:
+    """Every expert of every layer in host memory, (layers, experts, bytes) uint8, each expert
+    one contiguous row in the form the device's kernels take, so a move is one copy.
+
+    For a CUDA device each layer's block is page-locked where it lies (`pinner`, normally
+    `cuda_host_register`: no rounding of a 24 GB request up to 32); a layer whose block cannot
+    be locked stays pageable, and the copy engine stages its copies through pinned buffers.
+    `progress(done, total)` is called as experts are filled in.
     """
 
-    def __init__(self, model: Transformer, pin: bool) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        device: torch.device,
+        pinner: Pinner | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
         moes = model.moe_layers()
-        self.template = moes[0].experts[0]
-        self.layout, self.expert_bytes = expert_layout(self.template)
+        first = stored_form(moes[0].experts[0], device)
+        self.layout, self.expert_bytes = expert_layout(first)
+        self.template = bind(first, {n: t.to("meta") for n, t in _tensors(first)})
         n_layers, n_experts = len(moes), len(moes[0].experts)
-        self.host = torch.empty(
-            (n_layers, n_experts, self.expert_bytes), dtype=torch.uint8, pin_memory=pin
-        )
+        self.host = torch.empty((n_layers, n_experts, self.expert_bytes), dtype=torch.uint8)
+        self.pinned = [pinner(self.host[li]) if pinner else False for li in range(n_layers)]
+        self._unpin = cuda_host_unregister if pinner is cuda_host_register else None
+        total, done = n_layers * n_experts, 0
         for li, moe in enumerate(moes):
             for ei, expert in enumerate(moe.experts):
                 dst = views(self.host[li, ei], self.layout)
-                for name, t in list(expert.named_parameters()) + list(expert.named_buffers()):
+                for name, t in _tensors(stored_form(expert, device)):
                     dst[name].copy_(t)
+                done += 1
+                if progress:
+                    progress(done, total)
 
     def module(self, layer: int, expert: int) -> nn.Module:
         return bind(self.template, views(self.host[layer, expert], self.layout))
 
+    def close(self) -> None:
+        """Unlock what was page-locked (before the memory is freed)."""
+        if self._unpin is not None:
+            for li, pinned in enumerate(self.pinned):
+                if pinned:
+                    self._unpin(self.host[li])
+        self.pinned = [False] * len(self.pinned)
 
-class SlotMover:
-    """Copies packed experts from the host store into device slots.
 
-    On CUDA the copies run on their own stream; each slot records an event, and the compute
-    stream waits on that event only when it needs that slot. Before overwriting a slot the copy
-    stream waits for the compute queued so far, which may still be reading it.
+class CopyEngine(Protocol):
+    """Moves bytes host -> device beside the compute, ordered by events.
+
+    `copy` starts dst <- src once `after` (an event from `reader_done`, or None) has passed and
+    returns an event marking its completion; `wait` makes the compute that follows wait for an
+    event; `reader_done` marks the compute queued so far (the last reader of what it read).
     """
 
-    def __init__(self, store: ExpertStore, slots: list[int], device: torch.device) -> None:
-        self.store = store
-        self.device = device
-        self.buffers = [
-            torch.empty((n, store.expert_bytes), dtype=torch.uint8, device=device) for n in slots
-        ]
-        self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.events: dict[tuple[int, int], torch.cuda.Event] = {}
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any) -> Any: ...
 
-    def load(self, layer: int, expert: int, slot: int) -> None:
-        src, dst = self.store.host[layer, expert], self.buffers[layer][slot]
-        if not self.cuda:
-            dst.copy_(src)
-            return
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+    def wait(self, event: Any) -> None: ...
+
+    def reader_done(self) -> Any: ...
+
+
+class ImmediateCopies:
+    """The copy engine of a CPU "device": copies happen at once, in program order."""
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any) -> Any:
+        dst.copy_(src)
+        return None
+
+    def wait(self, event: Any) -> None:
+        pass
+
+    def reader_done(self) -> Any:
+        return None
+
+
+class CudaCopies:
+    """Copies on a stream of their own. A pageable source goes through a ring of pinned
+    staging buffers (a host memcpy, then an asynchronous copy), each reused once its last copy
+    has landed."""
+
+    def __init__(self, device: torch.device, staging_bytes: int, staging: int = 4) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.staging_bytes, self.staging_count = staging_bytes, staging
+        self.staging: list[torch.Tensor] = []
+        self.staged: list[Any] = []
+        self.next = 0
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any) -> Any:
+        ring = None
+        if not src.is_pinned():
+            ring, src = self._stage(src)
         with torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
             dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.stream)
-        self.events[layer, slot] = event
+        if ring is not None:
+            self.staged[ring] = event
+        return event
 
-    def ready(self, layer: int, slot: int) -> None:
-        event = self.events.pop((layer, slot), None)
+    def _stage(self, src: torch.Tensor) -> tuple[int, torch.Tensor]:
+        if not self.staging:
+            self.staging = [
+                torch.empty(self.staging_bytes, dtype=torch.uint8, pin_memory=True)
+                for _ in range(self.staging_count)
+            ]
+            self.staged = [None] * self.staging_count
+        i = self.next
+        self.next = (i + 1) % self.staging_count
+        if self.staged[i] is not None:
+            self.staged[i].synchronize()  # its previous copy has left the buffer
+        buf = self.staging[i][: src.numel()]
+        buf.copy_(src)
+        return i, buf
+
+    def wait(self, event: Any) -> None:
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
+
+    def reader_done(self) -> Any:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+
+class SlotMover:
+    """Copies packed experts from the host store into device slots, through a copy engine.
+
+    A copy into a slot waits for that slot's last reader only (not for all compute queued);
+    the compute waits for a slot's copy only when it reads the slot.
+    """
+
+    def __init__(
+        self, store: ExpertStore, slots: list[int], device: torch.device, engine: CopyEngine
+    ) -> None:
+        self.store, self.device, self.engine = store, device, engine
+        self.buffers = [
+            torch.empty((n, store.expert_bytes), dtype=torch.uint8, device=device) for n in slots
+        ]
+        self.landed: dict[tuple[int, int], Any] = {}  # the copy each slot waits for
+        self.last_read: dict[tuple[int, int], Any] = {}  # each slot's last reader
+
+    def load(self, layer: int, expert: int, slot: int) -> None:
+        src, dst = self.store.host[layer, expert], self.buffers[layer][slot]
+        after = self.last_read.pop((layer, slot), None)
+        self.landed[layer, slot] = self.engine.copy(dst, src, after)
+
+    def ready(self, layer: int, slot: int) -> None:
+        self.engine.wait(self.landed.pop((layer, slot), None))
+
+    def used(self, layer: int, slot: int) -> None:
+        """The compute that read this slot has been queued."""
+        self.last_read[layer, slot] = self.engine.reader_done()
 
 
 class CachedExperts:
@@ -360,32 +490,46 @@ class CachedExperts:
         slot_modules: list[nn.Module],
         next_gates: list[nn.Module],
         top_k: int,
+        mover: SlotMover,
     ) -> None:
         self.layer, self.cache, self.slot_modules = layer, cache, slot_modules
-        self.next_gates, self.top_k = next_gates, top_k
+        self.next_gates, self.top_k, self.mover = next_gates, top_k, mover
 
     def fetch(self, layer: int, experts: list[int], hidden: torch.Tensor) -> Iterator:
-        if self.next_gates and hidden.shape[0] == 1:
+        served = self.cache.request(layer, experts, hidden.shape[0])  # demand copies start
+        if self.next_gates and hidden.shape[0] == 1:  # then predicted ones, behind them
             for ahead, gate in enumerate(self.next_gates, start=1):
                 _, chosen = route(gate(hidden), self.top_k)
                 self.cache.prefetch(layer + ahead, chosen[0].tolist())
-        for expert, slot in self.cache.request(layer, experts, hidden.shape[0]):
+        for expert, slot in served:
             yield expert, self.slot_modules[slot]
+            self.mover.used(layer, slot)  # the caller has queued the compute that read it
 
 
 class Offload:
     """Wires an expert cache into a loaded model (replacing its resident experts)."""
 
     def __init__(
-        self, model: Transformer, plan: Plan, device: torch.device, policy: str, prefetch: int
+        self,
+        model: Transformer,
+        plan: Plan,
+        device: torch.device,
+        policy: str,
+        prefetch: int,
+        engine: CopyEngine | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         cfg = model.cfg
         moes: list[MoeLayer] = model.moe_layers()
         self.plan, self.device = plan, device
-        self.store = ExpertStore(model, pin=device.type == "cuda")
+        cuda = device.type == "cuda"
+        pinner = cuda_host_register if cuda else None
+        self.store = ExpertStore(model, device, pinner, progress)
         if self.store.expert_bytes != plan.expert_bytes:
             raise RuntimeError("plan and store disagree on the expert size")
-        self.mover = SlotMover(self.store, plan.slots, device)
+        if engine is None:
+            engine = CudaCopies(device, self.store.expert_bytes) if cuda else ImmediateCopies()
+        self.mover = SlotMover(self.store, plan.slots, device, engine)
         self.cache = ExpertCache(plan.slots, make_policy(policy), self.mover, plan.expert_bytes)
         for li, moe in enumerate(moes):
             slot_modules = [
@@ -394,7 +538,9 @@ class Offload:
             ]
             gates = [moes[li + j].gate for j in range(1, prefetch + 1) if li + j < len(moes)]
             moe.use_experts(
-                CachedExperts(li, self.cache, slot_modules, gates, cfg.num_experts_per_tok)
+                CachedExperts(
+                    li, self.cache, slot_modules, gates, cfg.num_experts_per_tok, self.mover
+                )
             )
 
     def stats(self) -> dict:

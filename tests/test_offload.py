@@ -149,3 +149,28 @@ def test_offloaded_on_cuda_matches_and_stays_in_budget(quantized):
     assert torch.equal(got, logits)
     assert torch.cuda.max_memory_allocated() - before <= e.plan.budget
     assert e.offload.store.host.is_pinned()
+
+
+def test_host_store_is_pinned_in_layer_blocks_and_reports_progress(quantized):
+    """Each layer's block is page-locked where it lies, exactly its size (PyTorch's pinned
+    allocator would round 23.6 GB up to 32); a block that cannot be locked stays pageable
+    (the CUDA copy engine stages it), and filling the store reports progress per expert."""
+    from localmix.offload import ExpertStore
+
+    plain = localmix.load(quantized[1], device="cpu")
+    blocks, progress = [], []
+
+    def pinner(block):
+        blocks.append((block.data_ptr(), block.nbytes))
+        return len(blocks) == 1  # only the first layer can be locked
+
+    store = ExpertStore(plain.model, torch.device("cpu"), pinner, lambda d, t: progress.append(d))
+    layers, experts, expert_bytes = store.host.shape
+    assert store.pinned == [True] + [False] * (layers - 1)
+    assert [n for _, n in blocks] == [experts * expert_bytes] * layers
+    assert [p for p, _ in blocks] == [store.host[i].data_ptr() for i in range(layers)]
+    assert progress == list(range(1, layers * experts + 1))
+    # the store holds each expert's bytes: a module bound to a row computes what the original does
+    x = torch.randn(2, plain.config.hidden_size).bfloat16()
+    original = plain.model.moe_layers()[1].experts[4]
+    assert torch.equal(store.module(1, 4)(x), original(x))

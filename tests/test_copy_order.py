@@ -1,0 +1,108 @@
+"""The slot mover's ordering, checked with a fake copy engine that delays every copy until the
+compute asks for it and poisons the slot meanwhile: a read before its copy lands, or a copy over
+a slot whose reader has not been marked done, shows up as wrong logits or a failed assertion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from localmix.quant.convert import Settings, convert
+
+import localmix
+import localmix.offload as offload_module
+from tests.helpers import save_reference, tiny_mixtral_config
+
+
+class FakeCopies:
+    """A copy engine whose copies land only when waited for; until then the slot holds NaNs."""
+
+    def __init__(self) -> None:
+        self.clock = 0
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # event -> dst, src
+        self.readers: dict[int, int] = {}  # reader event -> time
+        self.read_at: dict[int, int] = {}  # dst address -> last time the compute read it
+        self.log: list[int] = []  # dst address of each copy, in order
+
+    def tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: object) -> int:
+        address = dst.data_ptr()
+        if address in self.read_at:  # no overwrite under a reader
+            assert after in self.readers, "a copy over a slot that was read, with no reader event"
+            assert self.readers[after] >= self.read_at[address], "copy before its last reader"
+        dst.fill_(0xFF)  # poison: bf16 NaNs until the copy lands
+        event = self.tick()
+        self.pending[event] = (dst, src.clone())
+        self.log.append(address)
+        return event
+
+    def wait(self, event: object) -> None:
+        if event is None:
+            return
+        dst, src = self.pending.pop(event)
+        dst.copy_(src)
+        self.read_at[dst.data_ptr()] = self.tick()
+
+    def reader_done(self) -> int:
+        event = self.tick()
+        self.readers[event] = event
+        return event
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    src = tmp_path_factory.mktemp("csrc")
+    config = tiny_mixtral_config(num_local_experts=6, num_hidden_layers=3)
+    save_reference(src, config, dtype=torch.bfloat16)
+    dst = tmp_path_factory.mktemp("cq") / "q"
+    convert(src, dst, Settings(method="rtn"))
+    return dst
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_delayed_poisoned_copies_give_the_same_logits(quantized, prefetch, monkeypatch):
+    ids = list(range(3, 30))
+    plain = localmix.load(quantized, device="cpu")
+    reference = plain.logits(ids)
+    greedy = plain.complete(ids, temperature=0, max_tokens=6).token_ids
+    engines: list[FakeCopies] = []
+    monkeypatch.setattr(
+        offload_module, "ImmediateCopies", lambda: engines.append(FakeCopies()) or engines[-1]
+    )
+    e = localmix.load(quantized, device="cpu", expert_slots=3, prefetch=prefetch)
+    assert torch.equal(e.logits(ids), reference)
+    e.reset()
+    assert e.complete(ids, temperature=0, max_tokens=6).token_ids == greedy
+    assert len(engines) == 1 and len(engines[0].log) > 0
+
+
+def test_demand_copies_are_queued_before_prefetches(quantized, monkeypatch):
+    """While layer L is served, the copies it needs go to the copy engine before the copies
+    predicted for layer L+1, so a miss never waits behind a guess."""
+    engine = FakeCopies()
+    monkeypatch.setattr(offload_module, "ImmediateCopies", lambda: engine)
+    fetch = offload_module.CachedExperts.fetch
+
+    def marked_fetch(self, layer, experts, hidden):
+        engine.log.append(-1 - layer)  # a marker: layer L's fetch starts
+        return fetch(self, layer, experts, hidden)
+
+    monkeypatch.setattr(offload_module.CachedExperts, "fetch", marked_fetch)
+    e = localmix.load(quantized, device="cpu", expert_slots=2, prefetch=1)
+    layer_of = {}
+    for layer, per_layer in enumerate(e.offload.mover.buffers):
+        for slot in range(per_layer.shape[0]):
+            layer_of[per_layer[slot].data_ptr()] = layer
+    e.complete(list(range(3, 12)), temperature=0, max_tokens=12)
+    fetches: list[tuple[int, list[int]]] = []
+    for entry in engine.log:
+        if entry < 0:
+            fetches.append((-1 - entry, []))
+        else:
+            fetches[-1][1].append(layer_of[entry])
+    prefetching = [(layer, copies) for layer, copies in fetches if layer + 1 in copies]
+    assert len(prefetching) > 3  # decode steps that prefetched
+    for layer, copies in prefetching:
+        assert copies == sorted(copies) and set(copies) <= {layer, layer + 1}, (layer, copies)
