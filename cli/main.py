@@ -439,7 +439,8 @@ def quant_settings(group_size: int, method: str, attn: str = "bf16", lm_head: st
 
 
 def run_conversion(src: Path, dst: Path, settings):
-    """The converter with a progress bar (bytes, speed, ETA) on stderr."""
+    """The converter with a progress bar (bytes, speed, ETA) on stderr; a source whose config
+    does not describe its checkpoint is refused first."""
     from localmix.quant.convert import convert
     from localmix.quant.formats import QuantError
     from rich.progress import (
@@ -451,6 +452,10 @@ def run_conversion(src: Path, dst: Path, settings):
         TransferSpeedColumn,
     )
 
+    from localmix.config import ModelConfig
+    from localmix.loader import check_config
+
+    check_config(ModelConfig.from_file(src), src)
     columns = [
         TextColumn("quantizing"),
         BarColumn(),

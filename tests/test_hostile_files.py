@@ -337,6 +337,14 @@ def test_config_sizes_are_checked_against_the_files_first(model, changes, messag
     assert time.monotonic() - start < 20  # nothing of the config's size was built
 
 
+def test_quantize_refuses_a_source_its_config_does_not_describe(model, tmp_path):
+    set_config(model, num_hidden_layers=3)
+    one_line_error(invoke("quantize", str(model), str(tmp_path / "q")), "asks for 3 layers")
+    (model / "config.json").write_bytes(b'{"model_type": "\xff"}')
+    one_line_error(invoke("quantize", str(model), str(tmp_path / "q")), "not UTF-8")
+    assert not (tmp_path / "q").exists()
+
+
 def test_unused_tensors_are_an_error(model):
     from localmix.safetensors_io import SafetensorsFile, write_file
 
