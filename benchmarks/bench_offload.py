@@ -41,7 +41,7 @@ MIXTRAL = {
     "sliding_window": None,
 }
 PCIE = {"PCIe 3.0 x16": 12e9, "PCIe 4.0 x16": 24e9}  # effective host-to-device bytes/s
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "humaneval_2_routing.jsonl"
+TRACE = Path(__file__).resolve().parents[1] / "tests" / "data" / "humaneval_2_routing.jsonl"
 
 
 def decode(engine, repeats: int = 3) -> float:
