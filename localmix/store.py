@@ -61,8 +61,12 @@ def resolve(model: str | os.PathLike) -> tuple[str, Path]:
         from .demo import builtin_model
 
         return text, builtin_model(models_dir())
-    path = Path(text).expanduser()
-    if text and path.is_dir():
+    try:
+        path = Path(text).expanduser()
+        is_dir = bool(text) and path.is_dir()
+    except (RuntimeError, ValueError):  # `~nobody/x` (no such user), a NUL in the name
+        is_dir = False
+    if is_dir:
         return path.name, path
     try:
         found = entry(text)

@@ -172,6 +172,12 @@ def test_store_entry_is_directly_inside_the_store(home):
             store.entry(name)
 
 
+def test_resolve_refuses_names_it_cannot_look_up(home):
+    for name in ("", "~nobody-here/x", "a\x00b", "org/../../x"):
+        with pytest.raises(ModelNotFoundError):
+            store.resolve(name)
+
+
 # -- 3: shard names in the index --------------------------------------------------------------
 
 
