@@ -479,8 +479,9 @@ class SlotMover:
 class CachedExperts:
     """The expert provider of one MoE layer, served from the expert cache.
 
-    Before serving layer L, it applies the gates of the next `lookahead` layers to L's input
-    and prefetches the experts they pick (the prediction only changes timing).
+    While serving layer L in a decode step, it applies the gates of the next layers (the last
+    layers: of the next token's first layers) to L's input and prefetches the experts they
+    pick, behind L's own copies (the prediction only changes timing).
     """
 
     def __init__(
@@ -488,7 +489,7 @@ class CachedExperts:
         layer: int,
         cache: ExpertCache,
         slot_modules: list[nn.Module],
-        next_gates: list[nn.Module],
+        next_gates: list[tuple[int, nn.Module]],
         top_k: int,
         mover: SlotMover,
     ) -> None:
@@ -498,9 +499,9 @@ class CachedExperts:
     def fetch(self, layer: int, experts: list[int], hidden: torch.Tensor) -> Iterator:
         served = self.cache.request(layer, experts, hidden.shape[0])  # demand copies start
         if self.next_gates and hidden.shape[0] == 1:  # then predicted ones, behind them
-            for ahead, gate in enumerate(self.next_gates, start=1):
+            for target, gate in self.next_gates:
                 _, chosen = route(gate(hidden), self.top_k)
-                self.cache.prefetch(layer + ahead, chosen[0].tolist())
+                self.cache.prefetch(target, chosen[0].tolist())
         for expert, slot in served:
             yield expert, self.slot_modules[slot]
             self.mover.used(layer, slot)  # the caller has queued the compute that read it
@@ -536,7 +537,10 @@ class Offload:
                 bind(self.store.template, views(self.mover.buffers[li][s], self.store.layout))
                 for s in range(plan.slots[li])
             ]
-            gates = [moes[li + j].gate for j in range(1, prefetch + 1) if li + j < len(moes)]
+            # The next `prefetch` layers' gates; the last layers' wrap around to the first
+            # layers of the next token (a decode step's last hidden state predicts them).
+            ahead = [(li + j) % len(moes) for j in range(1, prefetch + 1)]
+            gates = [(t, moes[t].gate) for t in ahead if t != li]
             moe.use_experts(
                 CachedExperts(
                     li, self.cache, slot_modules, gates, cfg.num_experts_per_tok, self.mover

@@ -80,7 +80,8 @@ def test_delayed_poisoned_copies_give_the_same_logits(quantized, prefetch, monke
 
 def test_demand_copies_are_queued_before_prefetches(quantized, monkeypatch):
     """While layer L is served, the copies it needs go to the copy engine before the copies
-    predicted for layer L+1, so a miss never waits behind a guess."""
+    predicted for layer L+1 (for the last layer: the next token's layer 0), so a miss never
+    waits behind a guess."""
     engine = FakeCopies()
     monkeypatch.setattr(offload_module, "ImmediateCopies", lambda: engine)
     fetch = offload_module.CachedExperts.fetch
@@ -106,3 +107,8 @@ def test_demand_copies_are_queued_before_prefetches(quantized, monkeypatch):
     assert len(prefetching) > 3  # decode steps that prefetched
     for layer, copies in prefetching:
         assert copies == sorted(copies) and set(copies) <= {layer, layer + 1}, (layer, copies)
+    # the last layer predicts the next token's first layer, again behind its own copies
+    assert e.offload.cache.stats.layers[0].predicted > 0
+    last = len(e.offload.mover.buffers) - 1
+    for copies in [copies for layer, copies in fetches if layer == last]:
+        assert copies == sorted(copies, key=lambda layer: layer == 0), copies
