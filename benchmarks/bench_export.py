@@ -1,0 +1,126 @@
+"""What `localmix export` costs nano: KL divergence from the bf16 model, before and after.
+
+    python benchmarks/bench_export.py [--dir /tmp/localmix-bench] [--tokens N]
+
+For groups of 32, 64 and 128 (the default method), the mean KL divergence of the next-token
+distribution from the bf16 model's over nano's held-out text, and the held-out perplexity, of:
+  - localmix's 4-bit model, as localmix runs it (its own kernels);
+  - localmix's 4-bit weights dequantized into a bf16 checkpoint (the same arithmetic as the next
+    row, so the two differ only by the weights);
+  - the exported compressed-tensors weights dequantized the same way: integer zero points, as
+    vLLM reads them (tests/test_export.py checks that compressed-tensors' own dequantizer gives
+    these weights bit for bit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from localmix.quant.convert import SHAPES_KEY, Settings, convert  # noqa: E402
+from localmix.quant.export import EXPERT_RE, export, integer_zero_point  # noqa: E402
+from localmix.quant.formats import QuantizedTensor  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import localmix  # noqa: E402
+from localmix.demo import nano_path  # noqa: E402
+from localmix.evaluate import kl_divergence, perplexity  # noqa: E402
+
+
+def dense_checkpoint(quantized: Path, out: Path, exported: bool) -> Path:
+    """A bf16 Hugging Face checkpoint of a converted model's weights: localmix's dequantized
+    experts, or the export's (integer zero points)."""
+    group = json.loads((quantized / "localmix.json").read_text())["quantization"]["group_size"]
+    tensors = {}
+    for shard in sorted(quantized.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            shapes = json.loads(f.metadata()[SHAPES_KEY])
+            for name in f.keys():
+                m = EXPERT_RE.match(name)
+                if m:
+                    base = m.group(1)
+                    q = QuantizedTensor(
+                        f.get_tensor(name),
+                        f.get_tensor(f"{base}.scales_zeros"),
+                        tuple(shapes[base]),
+                        torch.bfloat16,
+                        4,
+                        group,
+                        "",
+                    )
+                    w = integer_zero_point(q).dequantize() if exported else q.dequantize()
+                    tensors[f"{base}.weight"] = w.to(torch.bfloat16)
+                elif not name.endswith(".scales_zeros"):
+                    tensors[name] = f.get_tensor(name)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(quantized / name, out / name)
+    return out
+
+
+def spread(ids: list[int], tokens: int, chunk: int = 256) -> list[int]:
+    """About `tokens` of `ids` as evenly spaced whole chunks (the chunks the evaluation takes),
+    so that a subset samples the whole held-out text, not only its start."""
+    chunks = [ids[i : i + chunk] for i in range(0, len(ids) - chunk + 1, chunk)]
+    take = max(1, min(len(chunks), tokens // chunk))
+    step = len(chunks) / take
+    return [t for i in range(take) for t in chunks[int(i * step)]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/localmix-bench"))
+    ap.add_argument(
+        "--tokens",
+        type=int,
+        default=0,
+        help="held-out tokens to use, as evenly spaced chunks of 256 (0: all)",
+    )
+    args = ap.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    ref = localmix.load(nano_path(), device="cpu")
+    ids = ref.tokenizer.encode((nano_path() / "heldout.txt").read_text(), bos=True)
+    ids = spread(ids, args.tokens) if args.tokens else ids
+    print(
+        f"nano, {len(ids)} held-out tokens: KL divergence from bf16 (x 1e-3), perplexity",
+        flush=True,
+    )
+    print(
+        f"   bf16                                      ppl {perplexity(ref, ids):8.3f}", flush=True
+    )
+    for group in (32, 64, 128):
+        quantized = args.dir / f"nano-q4-g{group}"
+        convert(nano_path(), quantized, Settings(group_size=group))  # resumed if done
+        exported = args.dir / f"nano-q4-g{group}-compressed-tensors"
+        shutil.rmtree(exported, ignore_errors=True)
+        record = export(quantized, exported)
+        rows = {
+            "localmix 4-bit (its kernels)": quantized,
+            "localmix 4-bit, dequantized": dense_checkpoint(
+                quantized, args.dir / f"nano-g{group}-dense", exported=False
+            ),
+            "exported, dequantized": dense_checkpoint(
+                quantized, args.dir / f"nano-g{group}-export-dense", exported=True
+            ),
+        }
+        change = record["expert_change"]["mean_relative"]
+        print(f"g{group}: the export moves the experts by {change:.4f} of their norm", flush=True)
+        for label, path in rows.items():
+            engine = localmix.load(path, device="cpu")
+            kl = kl_divergence(engine, ref, ids) * 1e3
+            ppl = perplexity(engine, ids)
+            print(f"   {label:<38} KL {kl:6.3f}   ppl {ppl:8.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
