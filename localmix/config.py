@@ -203,16 +203,15 @@ class Fields:
     def number(self, name: str, default: float | None = None, value: Any = None) -> float:
         """A positive finite number."""
         value = self._get(name, default) if value is None else value
-        if (
-            not isinstance(value, (int, float))
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
+        try:
+            number = float(value) if type(value) in (int, float) else math.nan
+        except OverflowError:  # an int past float's range
+            number = math.inf
+        if not math.isfinite(number) or number <= 0:
             raise ConfigError(
                 f"{self.source}: field '{name}' must be a positive number, not {value!r}"
             )
-        return float(value)
+        return number
 
     def flag(self, name: str) -> bool:
         value = self.raw.get(name, False)

@@ -471,6 +471,7 @@ def test_deeply_nested_header(model):
         ({"rope_theta": 0}, "rope_theta"),
         ({"rope_theta": -1e4}, "rope_theta"),
         ({"rope_theta": "big"}, "rope_theta"),
+        ({"rope_theta": 10**400}, "rope_theta"),
         ({"max_position_embeddings": 0}, "max_position_embeddings"),
         ({"rms_norm_eps": -1}, "rms_norm_eps"),
         ({"bos_token_id": 10**6}, "bos_token_id"),
@@ -548,6 +549,10 @@ MANIFESTS = {
     },
     "no quantization": lambda m: {k: v for k, v in m.items() if k != "quantization"},
     "shards with a path": lambda m: {**m, "shards": {"../x": {"size": 1, "sha256": "0" * 64}}},
+    "an error past float's range": lambda m: {
+        **m,
+        "error_summary": {**m["error_summary"], "expert_worst_relative_error": 10**400},
+    },
 }
 
 
@@ -630,7 +635,8 @@ def test_stale_temporary_files_are_cleaned(tiny, tmp_path):
 JSON = st.recursive(
     st.none()
     | st.booleans()
-    | st.integers(-(2**70), 2**70)
+    | st.integers()
+    | st.sampled_from([0, -1, 2**63, 10**400])
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=6),
     lambda inner: (
