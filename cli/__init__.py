@@ -16,6 +16,9 @@ def main() -> None:
     (numpy then refuses to import again). From the command on, `friendly_errors` handles it.
     """
     signal.signal(signal.SIGINT, _exit_interrupted)
+    from localmix.threads import prepare_process
+
+    prepare_process()  # before PyTorch loads its OpenMP runtime, which reads the wait policy
     # What every command and `localmix.load` import, so that none is imported mid-command.
     from localmix.cli.main import app
 

@@ -99,12 +99,17 @@ def default_model() -> str:
     raise LocalmixError(f"several models in the store ({', '.join(map(str, models))}): name one")
 
 
-def load_engine(model: str | None, context: int | None = None, **options):
-    """`localmix.load`, which checks every option before it reads anything, with a spinner."""
+def load_engine(
+    model: str | None, context: int | None = None, threads: int | None = None, **options
+):
+    """`localmix.load`, which checks every option before it reads anything, with a spinner;
+    the CPU threads are set first."""
     import localmix
     from localmix.demo import builtin_note
     from localmix.store import BUILTIN
+    from localmix.threads import set_threads
 
+    set_threads(threads)
     name = model or default_model()
     with err.status(f"loading {name}…") if err.is_terminal else _null():
         engine = localmix.load(name, context=context, **options)
@@ -142,6 +147,7 @@ DeviceMemory = Annotated[
 Slots = Annotated[int | None, typer.Option(help="offload experts: device slots per layer")]
 Policy = Annotated[str, typer.Option(help="expert cache eviction: transition or lru")]
 Prefetch = Annotated[int, typer.Option(help="layers of router-driven prefetch (0: off)")]
+Threads = Annotated[int | None, typer.Option(help="CPU threads (default: one per physical core)")]
 
 
 def placement(device, device_memory, slots, policy, prefetch) -> dict:
@@ -173,6 +179,7 @@ def run(
     slots: Slots = None,
     policy: Policy = DEFAULT_POLICY,
     prefetch: Prefetch = DEFAULT_PREFETCH,
+    threads: Threads = None,
     raw: Annotated[bool, typer.Option(help="no chat template: continue the text")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="timings on stderr")] = False,
@@ -197,6 +204,7 @@ def run(
     engine = load_engine(
         model,
         context=context,
+        threads=threads,
         **placement(device, device_memory, slots, policy, prefetch),
         **sampling,
     )
@@ -212,9 +220,13 @@ def run(
     text = "\n\n".join(parts)
     if verbose and engine.plan is not None:
         err.print(f"[dim]{engine.plan}[/dim]")
-    kernels = engine.kernels() if verbose else ""
-    if kernels:
-        err.print(f"[dim]quantized matmuls: {kernels}[/dim]")
+    if verbose:
+        from localmix.threads import describe as describe_threads
+
+        kernels = engine.kernels()
+        if kernels:
+            err.print(f"[dim]quantized matmuls: {kernels}[/dim]")
+        err.print(f"[dim]CPU: {describe_threads()}[/dim]")
     progress = prefill_progress(err) if verbose or err.is_terminal else None
     if raw:
         events = engine.generate(text, progress=progress)
@@ -335,6 +347,10 @@ def show(model: Annotated[str, typer.Argument(help="model name or path")]) -> No
         out.print(f"    {f.name:<40}{human_bytes(f.stat().st_size):>10}")
     if cfg.is_moe:
         out.print(machine_plan(cfg, path))
+    if model_format(path).startswith("q"):  # quantized: which kernels would multiply it here
+        from localmix.quant.kernels import describe as describe_kernels
+
+        out.print(f"  {'CPU kernels':<13}{describe_kernels()}")
 
 
 def machine_plan(cfg, path: Path) -> str:
@@ -385,6 +401,7 @@ def chat(
     slots: Slots = None,
     policy: Policy = DEFAULT_POLICY,
     prefetch: Prefetch = DEFAULT_PREFETCH,
+    threads: Threads = None,
     load: Annotated[str | None, typer.Option(help="continue a saved conversation")] = None,
     use_tui: Annotated[
         bool, typer.Option("--tui", help="open the full-screen app instead")
@@ -397,11 +414,11 @@ def chat(
         raise fail("chat needs a terminal; for pipes and scripts use `localmix run MODEL PROMPT`")
     where = placement(device, device_memory, slots, policy, prefetch)
     if use_tui:
-        return tui(model, context, device, device_memory, slots, policy, prefetch)
+        return tui(model, context, device, device_memory, slots, policy, prefetch, threads)
     settings = sampling_args(
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens
     )
-    engine = load_engine(model, context=context, **where, **settings)
+    engine = load_engine(model, context=context, threads=threads, **where, **settings)
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdin.reconfigure(errors="replace")  # a line typed in another encoding is kept
     repl(engine, Console(highlight=False), err, settings, system, load)
@@ -609,12 +626,16 @@ def tui(
     slots: Slots = None,
     policy: Policy = DEFAULT_POLICY,
     prefetch: Prefetch = DEFAULT_PREFETCH,
+    threads: Threads = None,
 ) -> None:
     """The full-screen chat app: saved conversations, settings, live expert-cache view."""
     from localmix.tui.app import LocalmixApp
 
     engine = load_engine(
-        model, context=context, **placement(device, device_memory, slots, policy, prefetch)
+        model,
+        context=context,
+        threads=threads,
+        **placement(device, device_memory, slots, policy, prefetch),
     )
     app = LocalmixApp(engine)
     app.run()

@@ -80,4 +80,5 @@ def describe() -> str:
     import torch
 
     policy = os.environ.get(WAIT_POLICY, "unset (OpenMP's default: spin)")
-    return f"{torch.get_num_threads()} threads, idle threads wait: {policy}"
+    n = torch.get_num_threads()
+    return f"{n} thread{'s' if n > 1 else ''}, idle threads wait: {policy}"
