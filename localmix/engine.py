@@ -159,7 +159,7 @@ class Engine:
             ids = self.tokenizer.encode(valid_text(prompt), bos=True)
         else:
             ids = list(prompt)
-        return self._generate(ids, opts, progress)
+        return self._generate(ids, opts, progress, continuation=True)
 
     def chat(
         self,
@@ -178,7 +178,8 @@ class Engine:
         replies = {m["content"] for m in messages if m["role"] == "assistant"}
         self._reply_ids = {t: ids for t, ids in self._reply_ids.items() if t in replies}
         ids = self.template.encode(messages, self._reply_ids)
-        return self._generate(ids, opts, progress, remember_reply=True)
+        continuation = not self.template.chat_format  # a base model continues the text
+        return self._generate(ids, opts, progress, remember_reply=True, continuation=continuation)
 
     @torch.inference_mode()
     def _prefill(self, ids: list[int], progress: Progress | None) -> tuple[torch.Tensor, int]:
@@ -232,14 +233,17 @@ class Engine:
         opts: SamplingOptions,
         progress: Progress | None,
         remember_reply: bool = False,
+        continuation: bool = False,
     ) -> Iterator[Event]:
+        """The events of one reply to `ids`. A `continuation` keeps its first token's leading
+        space (the text goes on from the prompt's); a chat answer starts at its first word."""
         if not ids:
             raise OptionError("empty prompt")
         t0 = time.perf_counter()
         logits, prefilled = self._prefill(ids, progress)
         t_prefill = time.perf_counter() - t0
         sample = make_sampler(opts)
-        stream, stops = self.tokenizer.stream(), StopMatcher(opts.stop)
+        stream, stops = self.tokenizer.stream(continuation), StopMatcher(opts.stop)
         out_ids: list[int] = []
         history = list(ids)
         pieces: list[str] = []

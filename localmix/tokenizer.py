@@ -74,8 +74,22 @@ class Tokenizer:
         """Text of `ids`; ids past the vocabulary (a model's padded rows) decode to nothing."""
         return self.sp.DecodeIds([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
-    def stream(self) -> StreamDecoder:
-        return StreamDecoder(self)
+    def stream(self, continuation: bool = False) -> StreamDecoder:
+        """A streaming decoder; with `continuation`, of text that follows other text, so the
+        first token's leading space is kept (SentencePiece drops it at the start of a text)."""
+        return StreamDecoder(self, self._anchor() if continuation else [])
+
+    def decode_continuation(self, ids: Sequence[int]) -> str:
+        """Text that `ids` add where they follow other text (the first space kept)."""
+        anchor = self._anchor()
+        return self.decode([*anchor, *ids])[len(self.decode(anchor)) :]
+
+    def _anchor(self) -> list[int]:
+        """Ids of a marker whose decoded text is the marker itself, to decode after."""
+        for marker, ids in self._markers:
+            if self.decode(ids) == marker:
+                return ids
+        return []
 
 
 class StreamDecoder:
@@ -85,14 +99,15 @@ class StreamDecoder:
     starts one token before the unreleased ones, so SentencePiece's leading-space marker and
     byte-fallback pieces that split a UTF-8 character come out right: a piece ending in an
     incomplete character is held until the character completes. The concatenation of every
-    returned piece and `flush()` equals `tokenizer.decode(all ids)`.
+    returned piece and `flush()` equals `tokenizer.decode(all ids)`, or, for a decoder made
+    with an anchor (`Tokenizer.stream(continuation=True)`), `decode_continuation(all ids)`.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, anchor: Sequence[int] = ()) -> None:
         self.tok = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = list(anchor)  # decoded before the first token, never released
         self.prefix = 0  # start of the decoding window
-        self.read = 0  # tokens whose text is already released
+        self.read = len(self.ids)  # tokens whose text is already released
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))

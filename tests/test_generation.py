@@ -92,7 +92,9 @@ def test_event_stream(demo):
     assert summary.generated_tokens == 12 == len(summary.token_ids)
     assert summary.stop_reason == "length"
     assert (
-        "".join(e.text for e in tokens) == summary.text == demo.tokenizer.decode(summary.token_ids)
+        "".join(e.text for e in tokens)
+        == summary.text
+        == demo.tokenizer.decode_continuation(summary.token_ids)
     )
     assert summary.prompt_tokens == len(demo.tokenizer.encode("def f(x):")) + 1
     assert summary.decode_tokens_per_s > 0 and summary.time_to_first_token_s > 0

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from localmix.demo import demo_tokenizer_path
+from localmix.demo import demo_tokenizer_path, nano_path
 from localmix.errors import TokenizerError
 from localmix.tokenizer import ChatTemplate, CompletionTemplate, Tokenizer, conversation_format
 
@@ -50,6 +50,45 @@ def test_stream_decoder_keeps_leading_spaces(mixtral_tok):
     stream = mixtral_tok.stream()
     pieces = [stream.push(i) for i in ids]
     assert pieces[0] == "Hello" and pieces[1].startswith(" ")
+
+
+@pytest.mark.parametrize("which", ["mixtral", "nano"])
+def test_continuation_stream_keeps_the_first_tokens_space(which, mixtral_tok):
+    """A reply that continues a text: its first token's leading space is text (indentation of
+    the first line of a code continuation), not SentencePiece's dummy prefix."""
+    tok = mixtral_tok if which == "mixtral" else Tokenizer(nano_path() / "tokenizer.model")
+    rng = random.Random(11)
+    for _ in range(200):
+        text = "  " + random_text(rng)
+        ids = tok.encode_continuation(text)
+        stream = tok.stream(continuation=True)
+        pieces = [stream.push(i) for i in ids] + [stream.flush()]
+        assert "".join(pieces) == tok.decode_continuation(ids) == text.replace("\r", "")
+
+
+def test_run_json_text_is_the_detokenized_reply_first_token_included():
+    from localmix.cli.main import app
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "demo",
+            "def add(a, b):\n",
+            "--raw",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "6",
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    reply = json.loads(r.stdout)
+    tok = Tokenizer(nano_path() / "tokenizer.model")
+    assert reply["text"] == tok.decode_continuation(reply["token_ids"])
+    assert reply["text"].startswith("        ")  # eight spaces: the body's indentation
 
 
 def test_bos_eos_from_model(mixtral_tok):
