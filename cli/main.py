@@ -34,9 +34,33 @@ app = typer.Typer(
     name="localmix",
     help='Run Mixtral-style MoE models locally. Start with: localmix run demo "Hello"',
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"localmix {version('localmix')}")
+        except PackageNotFoundError:
+            print("localmix (not installed as a package)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", "-V", callback=_print_version, is_eager=True, help="print the version"
+        ),
+    ] = False,
+) -> None:
+    """Run Mixtral-style MoE models locally. Start with: localmix run demo 'Hello'."""
+
 
 EXIT_USER_ERROR = 1
 PULL_HINT = "localmix pull mistralai/Mixtral-8x7B-Instruct-v0.1"
@@ -83,6 +107,18 @@ def drop_unwritable_stdout() -> None:
 def fail(message: str) -> typer.Exit:
     err.print(f"[red]error:[/red] {message}", soft_wrap=True)
     return typer.Exit(EXIT_USER_ERROR)
+
+
+def is_model(name: str) -> bool:
+    """Whether `name` names a model (a directory, a store entry or a built-in one)."""
+    from localmix.errors import LocalmixError
+    from localmix.store import resolve
+
+    try:
+        resolve(name)
+    except LocalmixError:
+        return False
+    return True
 
 
 def default_model() -> str:
@@ -189,6 +225,8 @@ def run(
     Only the reply goes to stdout; everything else goes to stderr.
     """
     piped = not sys.stdin.isatty()
+    if model is not None and prompt is None and not is_model(model):
+        model, prompt = None, model  # `localmix run "Hello"`: a prompt for the default model
     if not piped and not prompt:
         raise fail("no prompt: give one as an argument or on stdin")
     if raw and system:

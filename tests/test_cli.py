@@ -184,3 +184,19 @@ def test_chat_in_a_terminal():
     assert roles == ["user", "assistant"] * 3
     assert conv.messages[2]["content"] == "write forever" and conv.messages[3]["content"]
     assert (conversations_dir() / "mytalk.json").exists()
+
+
+def test_version_short_help_completion_and_a_lone_prompt():
+    runner = CliRunner()
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.startswith("localmix ")
+    for flag in ("-h", "--help"):
+        r = runner.invoke(app, [flag])
+        assert r.exit_code == 0 and "Usage" in r.stdout and "--install-completion" in r.stdout
+    r = runner.invoke(app, ["run", "-h"])
+    assert r.exit_code == 0 and "--threads" in r.stdout
+    # one argument that names no model is the prompt, for the store's only model
+    r = runner.invoke(app, ["run", "Hello"])
+    assert r.exit_code == 1 and "no model in the store yet" in r.stderr, r.output
+    r = runner.invoke(app, ["run", "demo"])
+    assert r.exit_code == 1 and "no prompt" in r.stderr
