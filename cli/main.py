@@ -596,7 +596,7 @@ def bench_cache(
 @app.command()
 @friendly_errors
 def pull(
-    ref: Annotated[str, typer.Argument(help="Hub repository: org/name[@revision]")],
+    ref: Annotated[str, typer.Argument(help=r"Hub repository: org/name\[@revision]")],
     no_quantize: Annotated[bool, typer.Option("--no-quantize", help="keep 16-bit weights")] = False,
     group_size: Annotated[int, typer.Option("--group-size", help="32, 64 or 128")] = 64,
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEFAULT_METHOD,

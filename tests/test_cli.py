@@ -200,3 +200,8 @@ def test_version_short_help_completion_and_a_lone_prompt():
     assert r.exit_code == 1 and "no model in the store yet" in r.stderr, r.output
     r = runner.invoke(app, ["run", "demo"])
     assert r.exit_code == 1 and "no prompt" in r.stderr
+
+
+def test_pull_help_shows_the_revision_syntax():
+    r = CliRunner().invoke(app, ["pull", "--help"])
+    assert r.exit_code == 0 and "org/name[@revision]" in r.stdout
