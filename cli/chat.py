@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from localmix.cli.render import os_error_line, prefill_progress, print_stats
 from rich.console import Console
@@ -12,6 +14,9 @@ from localmix.conversations import Conversation, check_name, conversation_path, 
 from localmix.engine import Engine
 from localmix.errors import LocalmixError
 from localmix.sampling import SETTABLE, SamplingOptions
+from localmix.store import home
+
+HISTORY_LINES = 1000  # typed lines kept in $LOCALMIX_HOME/history
 
 HELP = f"""commands:
   /help              this list
@@ -158,6 +163,25 @@ class ChatSession:
             self.out.file.write("\n")
 
 
+def line_editing(history: Path) -> Callable[[], None]:
+    """Arrow keys, Ctrl+R and a history of typed lines kept across sessions (Python's
+    readline, where the platform has it, behind `input`); returns what saves the history."""
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: plain input
+        return lambda: None
+    readline.set_history_length(HISTORY_LINES)
+    with contextlib.suppress(OSError):
+        readline.read_history_file(history)
+
+    def save() -> None:
+        with contextlib.suppress(OSError):  # an unwritable home costs the history, not the chat
+            history.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(history)
+
+    return save
+
+
 def repl(
     engine: Engine,
     out: Console,
@@ -174,6 +198,7 @@ def repl(
     nothing typed lost; a bug in localmix still shows its traceback.
     """
     session = ChatSession(engine, out, err, settings)
+    save_history = line_editing(home() / "history") if ask is input else (lambda: None)
     if load:
         session.conv = Conversation.load(load)
         session.conv.settings.update(settings)  # the command line's options win
@@ -205,6 +230,7 @@ def repl(
             err.print(f"[red]error:[/red] {e}", soft_wrap=True)
         except OSError as e:
             err.print(f"[red]error:[/red] {os_error_line(e)}", soft_wrap=True)
+    save_history()
     if session.conv.messages:
         session.autosave()
         if session.save_problem is None:

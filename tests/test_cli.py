@@ -205,3 +205,36 @@ def test_version_short_help_completion_and_a_lone_prompt():
 def test_pull_help_shows_the_revision_syntax():
     r = CliRunner().invoke(app, ["pull", "--help"])
     assert r.exit_code == 0 and "org/name[@revision]" in r.stdout
+
+
+def test_chat_has_line_editing_and_a_history_across_sessions(tmp_path):
+    """The up arrow brings back the last line typed, in this session and the next."""
+    env = dict(os.environ, COLUMNS="120", LOCALMIX_HOME=str(tmp_path))
+
+    def start():
+        child = pexpect.spawn(
+            sys.executable,
+            ["-m", "localmix.cli", "chat", "demo"],
+            env=env,
+            encoding="utf-8",
+            timeout=60,
+        )
+        child.expect(">>> ")
+        return child
+
+    child = start()
+    child.sendline("/set max_tokens 3")
+    child.expect("max_tokens = 3")
+    child.expect(">>> ")
+    child.send("\x1b[A")  # up arrow: the line comes back, editable
+    child.send("1\r")  # ...and edited: max_tokens 31
+    child.expect("max_tokens = 31")
+    child.expect(">>> ")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    assert "/set max_tokens 31" in (tmp_path / "history").read_text()
+    child = start()
+    child.send("\x1b[A\x1b[A\r")  # the line before the previous session's /bye
+    child.expect("max_tokens = 31")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
