@@ -134,30 +134,38 @@ def integer_zero_point(q: QuantizedTensor) -> IntegerZero:
     rows = max(1, FIT_CHUNK * g // k)  # about FIT_CHUNK groups at a time, as the quantizer
     for r in range(0, n, rows):
         m = min(rows, n - r)
-        c = codes[r : r + m].reshape(-1, g)  # (groups, g)
-        s = scale[r : r + m].reshape(-1, 1)
-        z = zero[r : r + m].reshape(-1, 1)
-        u, s_new, t_new = _fit_integer_zero(c, s, z)
-        out_codes[r : r + m] = u.to(torch.uint8).view(m, k)
+        c = codes[r : r + m].reshape(-1, g).long()  # (groups, g)
+        # A group's weights take at most 16 values, one per code: the fit works on those
+        # values and how often each occurs, not on every weight.
+        counts = torch.zeros(c.shape[0], CODES).scatter_add_(1, c, torch.ones(c.shape))
+        table, s_new, t_new = _fit_integer_zero(
+            counts, scale[r : r + m].reshape(-1, 1), zero[r : r + m].reshape(-1, 1)
+        )
+        out_codes[r : r + m] = table.gather(1, c).to(torch.uint8).view(m, k)
         out_scale[r : r + m] = s_new.to(PARAM_DTYPE).view(m, -1)
         out_zero[r : r + m] = t_new.to(torch.uint8).view(m, -1)
     return IntegerZero(out_codes, out_scale, out_zero, g)
 
 
 def _fit_integer_zero(
-    c: torch.Tensor, s: torch.Tensor, z: torch.Tensor
+    counts: torch.Tensor, s: torch.Tensor, z: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes (groups, g), scale and integer zero point (groups, 1) for localmix's groups
-    `(c - 8) * s + z` (all float32)."""
-    w = (c - 8) * s + z  # localmix's weights, exactly as its dequantize computes them
+    """For localmix's groups `(c - 8) * s + z`, given how many weights of each group hold each
+    code c (`counts`, (groups, 16)) and s, z (groups, 1): the new code of each old one
+    (groups, 16), the scale and the integer zero point (groups, 1), all float32."""
+    c = torch.arange(CODES, dtype=torch.float32).expand_as(counts)
+    v = (c - 8) * s + z  # (groups, 16): localmix's weight for each code, as it dequantizes it
     live = s > 0  # a zero scale is a padded or all-zero row: it stays exactly 0
     t = torch.where(live, 8 - z / torch.where(live, s, torch.ones_like(s)), torch.full_like(s, 8))
 
     def bf16(x: torch.Tensor) -> torch.Tensor:
         return x.to(PARAM_DTYPE).float()
 
+    def total(x: torch.Tensor) -> torch.Tensor:  # over a group's weights
+        return (counts * x).sum(-1, keepdim=True)
+
     def error(u: torch.Tensor, s_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
-        return (((u - t_) * s_ - w) ** 2).sum(-1, keepdim=True)
+        return total(((u - t_) * s_ - v) ** 2)
 
     # (a) localmix's codes and scale, the zero point rounded
     best_t = t.round().clamp(0, CODES - 1)
@@ -168,10 +176,10 @@ def _fit_integer_zero(
         s_fit = s
         for _ in range(2):  # (b) scale refitted for the codes, codes rounded again
             x = u - t_int
-            denom = (x * x).sum(-1, keepdim=True)
-            s_fit = torch.where(denom > 0, (w * x).sum(-1, keepdim=True) / denom.clamp(min=1), s)
+            denom = total(x * x)
+            s_fit = torch.where(denom > 0, total(v * x) / denom.clamp(min=1), s)
             s_fit = bf16(torch.where(s_fit > 0, s_fit, s))
-            u = (torch.round(w / s_fit.clamp(min=1e-30)) + t_int).clamp(0, CODES - 1)
+            u = (torch.round(v / s_fit.clamp(min=1e-30)) + t_int).clamp(0, CODES - 1)
         err = error(u, s_fit, t_int)
         better = (err < best_err) & live
         best_u = torch.where(better, u, best_u)
