@@ -26,7 +26,7 @@ import localmix
 from localmix.demo import nano_path
 from tests.helpers import save_reference, tiny_mixtral_config
 
-ct = pytest.importorskip("compressed_tensors")
+pytest.importorskip("compressed_tensors")
 from compressed_tensors.entrypoints.convert import (  # noqa: E402
     CompressedTensorsDequantizer,
     convert_checkpoint,
@@ -155,6 +155,7 @@ def test_tiny_export_read_by_compressed_tensors_and_transformers(tiny, tmp_path,
 
 
 def test_exported_tokenizer_loads_in_transformers(tiny, tmp_path):
+    pytest.importorskip("google.protobuf")  # transformers reads tokenizer.model through it
     from transformers import AutoTokenizer
 
     convert(tiny / "src", tmp_path / "q", Settings(method="rtn"))
