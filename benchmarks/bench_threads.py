@@ -2,7 +2,8 @@
 
     python -m benchmarks.bench_threads [--model demo] [--runs 5] [--tokens 96]
 
-For each thread count (1, and one per physical core) and each OpenMP wait policy (ACTIVE:
+For each thread count (1, localmix's default of one per physical core less one, and one per
+physical core) and each OpenMP wait policy (ACTIVE:
 idle threads spin, OpenMP's default; PASSIVE: they sleep, localmix's default from the command
 line), a fresh process decodes `--tokens` tokens greedily `--runs` times; the same again while a
 competing process spins on one core. Prints the median and the spread of decode tokens/s, and
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from localmix.threads import default_threads
+from localmix.threads import default_threads, physical_cores, usable_cpus
 
 DECODE = """
 import json, sys, torch, localmix
@@ -54,8 +55,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=96)
     args = ap.parse_args()
-    cores = default_threads()
-    settings = [(t, p) for t in sorted({1, cores}) for p in ("PASSIVE", "ACTIVE")]
+    default = default_threads()
+    counts = sorted({1, default, physical_cores(usable_cpus())})
+    settings = [(t, p) for t in counts for p in ("PASSIVE", "ACTIVE")]
     print(f"{args.model}: decode tokens/s, median (min-max) of {args.runs} runs of {args.tokens}")
     for condition in ("idle", "one core busy"):
         competitor = None
@@ -68,11 +70,11 @@ def main() -> None:
             if competitor is not None:
                 competitor.kill()
                 competitor.wait()
-        base = statistics.median(results[cores, "PASSIVE"])
+        base = statistics.median(results[default, "PASSIVE"])
         print(f"  {condition}:")
         for (threads, policy), rates in results.items():
             med = statistics.median(rates)
-            mark = "  <- default" if (threads, policy) == (cores, "PASSIVE") else ""
+            mark = "  <- default" if (threads, policy) == (default, "PASSIVE") else ""
             print(
                 f"    {threads} thread{'s' if threads > 1 else ' '} {policy:<7} {med:7.1f} "
                 f"({min(rates):.0f}-{max(rates):.0f})  {med / base:.2f}x{mark}"

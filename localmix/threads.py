@@ -9,7 +9,8 @@ runtime loads, that is when PyTorch is first imported: `prepare_process` must ru
 and only the command line does it (a library does not change its host process's environment).
 
 The thread count defaults to the physical cores this process may run on (hyperthreads share a
-core's load and store units, which decode is bound by), and `--threads` overrides it.
+core's load and store units, which decode is bound by) less one, so that the desktop's own
+programs do not take a core from a thread every region waits for; `--threads` overrides it.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def physical_cores(cpus: list[int], topology: Path = Path("/sys/devices/system/c
 
 
 def default_threads() -> int:
-    """One thread per physical core available to this process."""
-    return physical_cores(usable_cpus())
+    """One thread per physical core available to this process, less one left to the rest of
+    the machine (a desktop's own programs) where there are two or more."""
+    return max(1, physical_cores(usable_cpus()) - 1)
 
 
 def check_threads(threads: int | None) -> int:
