@@ -23,7 +23,7 @@ from localmix.quant.convert import Settings, convert  # noqa: E402
 import localmix  # noqa: E402
 from benchmarks.common import mini_checkpoint  # noqa: E402
 from localmix.config import ModelConfig  # noqa: E402
-from localmix.offload import plan_for  # noqa: E402
+from localmix.offload import Machine, plan_for  # noqa: E402
 from localmix.trace import read_trace, replay  # noqa: E402
 
 MIXTRAL = {
@@ -41,6 +41,7 @@ MIXTRAL = {
     "sliding_window": None,
 }
 PCIE = {"PCIe 3.0 x16": 12e9, "PCIe 4.0 x16": 24e9}  # effective host-to-device bytes/s
+CARD_FREE_GIB = {12: 11.76, 16: 15.6, 24: 23.65}  # free to CUDA on an idle 12/16/24 GB card
 TRACE = Path(__file__).resolve().parents[1] / "tests" / "data" / "humaneval_2_routing.jsonl"
 
 
@@ -83,7 +84,8 @@ def mixtral_on_gpus(trace_path: Path) -> None:
         + "".join(f"{k + ' tok/s':>20}" for k in PCIE)
     )
     for gb in (12, 16, 24):
-        plan = plan_for(cfg, q, gb * 1024**3, "cuda", 4096)
+        free = CARD_FREE_GIB[gb] * 1024**3  # what CUDA has free on such a card once started
+        plan = plan_for(cfg, q, None, "cuda", 4096, machine=Machine(int(free), None))
         for prefetch in (None, "transition"):
             r = replay(trace, layers, plan.slots, "transition", prefetch, plan.expert_bytes)
             speeds = "".join(f"{bw / r['bytes_per_token']:>20.1f}" for bw in PCIE.values())
