@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -182,6 +183,14 @@ def line_editing(history: Path) -> Callable[[], None]:
     return save
 
 
+def _terminal(stream: object) -> bool:
+    """Whether `stream` is a real terminal (readline only edits those)."""
+    try:
+        return os.isatty(stream.fileno())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def repl(
     engine: Engine,
     out: Console,
@@ -198,7 +207,8 @@ def repl(
     nothing typed lost; a bug in localmix still shows its traceback.
     """
     session = ChatSession(engine, out, err, settings)
-    save_history = line_editing(home() / "history") if ask is input else (lambda: None)
+    editing = ask is input and _terminal(sys.stdin)
+    save_history = line_editing(home() / "history") if editing else (lambda: None)
     if load:
         session.conv = Conversation.load(load)
         session.conv.settings.update(settings)  # the command line's options win

@@ -147,8 +147,13 @@ def load_engine(
 
     set_threads(threads)
     name = model or default_model()
-    with err.status(f"loading {name}…") if err.is_terminal else _null():
-        engine = localmix.load(name, context=context, **options)
+    with err.status(f"loading {name}…") if err.is_terminal else _null() as status:
+
+        def filling(done: int, total: int) -> None:  # experts copied into host RAM
+            if status is not None:
+                status.update(f"loading {name}: experts into host RAM {done}/{total}")
+
+        engine = localmix.load(name, context=context, progress=filling, **options)
     if name in BUILTIN:
         err.print(f"[dim]{builtin_note()}[/dim]")
     return engine
@@ -156,7 +161,7 @@ def load_engine(
 
 class _null:
     def __enter__(self):
-        return self
+        return None
 
     def __exit__(self, *exc):
         return False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ def load(
     expert_slots: int | None = None,
     policy: str | None = None,
     prefetch: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> Engine:
     """Load a model directory or name and return an Engine ready to generate.
@@ -67,7 +69,8 @@ def load(
     Offloading: with `device_memory` (e.g. "12GB") or `expert_slots` (per layer), the trunk and
     KV cache go on the device and experts stay in host RAM, served through a per-layer expert
     cache with the eviction `policy` ("transition" or "lru"), prefetching `prefetch` layers
-    ahead from router predictions (0: off). `Engine.plan` describes the placement.
+    ahead from router predictions (0: off). `Engine.plan` describes the placement, and
+    `progress(done, total)` follows the experts as they fill the host store.
     Other options set sampling defaults.
 
     Every option is checked before anything is read (`options.load_options`, `SamplingOptions`):
@@ -140,6 +143,8 @@ def load(
         template=conversation_format(path, tokenizer),
     )
     if offloading:
-        engine.offload_experts(opts.device_memory, opts.expert_slots, opts.policy, opts.prefetch)
+        engine.offload_experts(
+            opts.device_memory, opts.expert_slots, opts.policy, opts.prefetch, progress=progress
+        )
         use_device_kernels(engine.model)
     return engine

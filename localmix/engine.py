@@ -299,11 +299,13 @@ class Engine:
         policy: str,
         prefetch: int,
         machine: Machine | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         """Move the trunk to the device and serve experts from host RAM through a cache.
 
         On CUDA the plan takes what `machine` (default: probed now) has free, the runtime's
         working memory included, and is checked before anything is allocated.
+        `progress(done, total)` follows the experts as the host store fills.
         """
         from .offload import Offload, parse_bytes, probe_machine
 
@@ -320,7 +322,9 @@ class Engine:
         if machine is None and self.device.type == "cuda":
             machine = probe_machine(self.device)
         self.plan = self._plan(budget, expert_slots, machine, self.cache.nbytes)
-        self.offload = Offload(self.model, self.plan, self.device, policy, prefetch)
+        self.offload = Offload(
+            self.model, self.plan, self.device, policy, prefetch, progress=progress
+        )
         self.model.to(self.device)
 
     def _plan(

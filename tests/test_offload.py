@@ -174,3 +174,12 @@ def test_host_store_is_pinned_in_layer_blocks_and_reports_progress(quantized):
     x = torch.randn(2, plain.config.hidden_size).bfloat16()
     original = plain.model.moe_layers()[1].experts[4]
     assert torch.equal(store.module(1, 4)(x), original(x))
+
+
+def test_load_reports_the_host_store_filling(quantized):
+    seen = []
+    e = localmix.load(
+        quantized[1], device="cpu", expert_slots=3, progress=lambda d, t: seen.append((d, t))
+    )
+    total = e.config.num_hidden_layers * e.config.num_local_experts
+    assert seen == [(i, total) for i in range(1, total + 1)]
