@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import localmix.model as model_module
-from localmix.config import ModelConfig
+from localmix.config import MIXTRAL_8X7B, ModelConfig
 from localmix.demo import demo_tokenizer_path
 from localmix.engine import Engine
 from localmix.loader import quantize_modules
@@ -35,22 +35,6 @@ from localmix.tokenizer import Tokenizer
 from localmix.trace import read_trace
 
 ROOT = Path(__file__).resolve().parents[1]
-MIXTRAL = {
-    "model_type": "mixtral",
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "rope_theta": 1e6,
-    "max_position_embeddings": 32768,
-    "sliding_window": None,
-    "rms_norm_eps": 1e-5,
-    "torch_dtype": "bfloat16",
-}
 Q4 = {"bits": 4, "group_size": 64, "method": "rtn", "attn": "bf16", "lm_head": "bf16"}
 GiB = 1024**3
 
@@ -195,7 +179,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_gpu.json")
     args = ap.parse_args()
-    cfg = ModelConfig.from_dict(MIXTRAL)
+    cfg = ModelConfig.from_dict(MIXTRAL_8X7B)
     if not torch.cuda.is_available():
         print("no GPU here: the plans for Mixtral-8x7B (4-bit g64 experts, 4096-token context),")
         print("nothing measured")

@@ -22,24 +22,10 @@ from localmix.quant.convert import Settings, convert  # noqa: E402
 
 import localmix  # noqa: E402
 from benchmarks.common import mini_checkpoint  # noqa: E402
-from localmix.config import ModelConfig  # noqa: E402
+from localmix.config import MIXTRAL_8X7B, ModelConfig  # noqa: E402
 from localmix.offload import Machine, plan_for  # noqa: E402
 from localmix.trace import read_trace, replay  # noqa: E402
 
-MIXTRAL = {
-    "model_type": "mixtral",
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "rope_theta": 1e6,
-    "max_position_embeddings": 32768,
-    "sliding_window": None,
-}
 PCIE = {"PCIe 3.0 x16": 12e9, "PCIe 4.0 x16": 24e9}  # effective host-to-device bytes/s
 CARD_FREE_GIB = {12: 11.76, 16: 15.6, 24: 23.65}  # free to CUDA on an idle 12/16/24 GB card
 TRACE = Path(__file__).resolve().parents[1] / "tests" / "data" / "humaneval_2_routing.jsonl"
@@ -75,7 +61,7 @@ def overhead_on_cpu(root: Path) -> None:
 
 
 def mixtral_on_gpus(trace_path: Path) -> None:
-    cfg = ModelConfig.from_dict(MIXTRAL)
+    cfg = ModelConfig.from_dict(MIXTRAL_8X7B)
     q = {"bits": 4, "group_size": 64, "method": "mse", "attn": "bf16", "lm_head": "bf16"}
     trace, layers, _ = read_trace(trace_path)
     print("2. Mixtral-8x7B, 4-bit g64 experts, bf16 trunk, 4096-token context")

@@ -12,6 +12,24 @@ from .quant.files import read_json
 from .quant.formats import QuantError
 
 SUPPORTED_MODEL_TYPES = ("mixtral", "mistral")
+# The config.json of Mixtral-8x7B (v0.1, base and Instruct): what plans and benchmarks for the
+# real model are made from, without its weights.
+MIXTRAL_8X7B = {
+    "model_type": "mixtral",
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "rope_theta": 1e6,
+    "max_position_embeddings": 32768,
+    "sliding_window": None,
+    "rms_norm_eps": 1e-5,
+    "torch_dtype": "bfloat16",
+}
 
 
 @dataclass(frozen=True)

@@ -9,28 +9,12 @@ import pytest
 import torch
 
 import localmix
-from localmix.config import ModelConfig
+from localmix.config import MIXTRAL_8X7B, ModelConfig
 from localmix.errors import MemoryBudgetError
 from localmix.offload import Machine, plan_for
 from tests.helpers import save_reference, tiny_mixtral_config
 
 GiB = 1024**3
-MIXTRAL = {
-    "model_type": "mixtral",
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "rope_theta": 1e6,
-    "max_position_embeddings": 32768,
-    "sliding_window": None,
-    "rms_norm_eps": 1e-5,
-    "torch_dtype": "bfloat16",
-}
 Q4 = {"bits": 4, "group_size": 64, "method": "wmse", "attn": "bf16", "lm_head": "bf16"}
 # What CUDA leaves free on an idle card once the context exists (measured on such cards).
 CARDS = {12: 11.76, 16: 15.6, 24: 23.65}
@@ -39,7 +23,7 @@ CARDS = {12: 11.76, 16: 15.6, 24: 23.65}
 @pytest.fixture(scope="module")
 def mixtral(tmp_path_factory):
     path = tmp_path_factory.mktemp("mixtral-config")
-    (path / "config.json").write_text(json.dumps(MIXTRAL))
+    (path / "config.json").write_text(json.dumps(MIXTRAL_8X7B))
     return ModelConfig.from_file(path)
 
 
