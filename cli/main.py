@@ -328,19 +328,21 @@ def read_stdin(limit: int, context: int) -> str:
 @friendly_errors
 def list_cmd() -> None:
     """Models in the store."""
-    from localmix.store import list_models, models_dir
+    from localmix.demo import builtin_model
+    from localmix.store import dir_size, list_models, model_format, models_dir
 
     models = list_models()
-    if not models:
-        err.print(f"no models in {models_dir()} yet: `{PULL_HINT}`, or use `demo`")
-        return
     table = Table(box=None, pad_edge=False)
     for col in ("NAME", "SIZE", "FORMAT", "MODIFIED"):
         table.add_column(col)
+    demo = builtin_model(models_dir())  # always there: shipped in the package
+    table.add_row("demo", human_bytes(dir_size(demo)), model_format(demo), "built in")
     for m in models:
         modified = datetime.fromtimestamp(m["modified"]).strftime("%Y-%m-%d %H:%M")
         table.add_row(str(m["name"]), human_bytes(m["size"]), str(m["format"]), modified)
     Console(highlight=False).print(table)
+    if not models:
+        err.print(f"no models in {models_dir()} yet: `{PULL_HINT}`")
 
 
 @app.command()
@@ -422,10 +424,18 @@ def machine_plan(cfg, path: Path) -> str:
 @friendly_errors
 def rm(model: Annotated[str, typer.Argument(help="model name in the store")]) -> None:
     """Delete a model from the store."""
-    from localmix.store import remove
+    from localmix.hub import repo_folder
+    from localmix.store import dir_size, remove
 
-    remove(model)
+    path = remove(model)
     err.print(f"deleted {model}")
+    download = repo_folder(path.name.replace("--", "/", 1))
+    if "--" in path.name and download.is_dir():  # what `pull` downloaded stays in HF's cache
+        err.print(
+            f"the original download is still in the Hugging Face cache: {download} "
+            f"({human_bytes(dir_size(download))}); delete it with `rm -r {download}` "
+            "or `huggingface-cli delete-cache`"
+        )
 
 
 @app.command()

@@ -238,3 +238,10 @@ def test_chat_has_line_editing_and_a_history_across_sessions(tmp_path):
     child.expect("max_tokens = 31")
     child.sendline("/bye")
     child.expect(pexpect.EOF)
+
+
+def test_list_shows_the_built_in_model(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOCALMIX_HOME", str(tmp_path))
+    r = invoke("list")
+    assert r.exit_code == 0 and "demo" in r.stdout and "built in" in r.stdout
+    assert "no models in" in r.stderr

@@ -72,6 +72,10 @@ def test_pull_then_run(hub, tmp_path):
     r = runner.invoke(app, ["pull", "org/tiny", "--method", "rtn"])
     assert r.exit_code == 0
     assert not [p for m, p, _ in hub.state.requests[before:] if m == "GET" and "/resolve/" in p]
+    # rm deletes the quantized model and says where the original download still is
+    r = runner.invoke(app, ["rm", "org/tiny"])
+    assert r.exit_code == 0 and "still in the Hugging Face cache" in r.stderr, r.output
+    assert "models--org--tiny" in r.stderr and snapshot.is_dir()
 
 
 def test_interrupted_pull_resumes_with_range(hub, tmp_path):
