@@ -401,10 +401,11 @@ def show(model: Annotated[str, typer.Argument(help="model name or path")]) -> No
 def machine_plan(cfg, path: Path) -> str:
     """How the model would be placed here: on the GPU's free memory, or in host RAM."""
     import torch
+    from localmix.quant.linear import cuda_int4_kernel
 
     from localmix.errors import MemoryBudgetError
     from localmix.loader import read_manifest
-    from localmix.offload import plan_for
+    from localmix.offload import plan_for, probe_machine
 
     manifest = read_manifest(path)
     quantization = manifest["quantization"] if manifest else None
@@ -413,11 +414,20 @@ def machine_plan(cfg, path: Path) -> str:
         plan = plan_for(cfg, quantization, None, "cpu", context)
         total = sum(plan.trunk.values()) + plan.kv_cache + plan.host_bytes
         return f"  placement    no GPU here: runs on the CPU in about {human_bytes(total)} of RAM"
-    free, _ = torch.cuda.mem_get_info()
+    device = torch.device("cuda")
     try:
-        return str(plan_for(cfg, quantization, free, "cuda", context))
+        plan = plan_for(
+            cfg,
+            quantization,
+            None,
+            "cuda",
+            context,
+            machine=probe_machine(device),
+            fused_int4=cuda_int4_kernel(device),
+        )
     except MemoryBudgetError as e:
-        return f"  placement    does not fit this GPU's free memory: {e}"
+        return f"  placement    does not fit this machine: {e}"
+    return str(plan)
 
 
 @app.command()

@@ -153,7 +153,7 @@ class Plan:
         total_slots = sum(self.slots)
         lines.append(
             f"  {'expert slots':<22}{_gb(total_slots * self.expert_bytes):>12}  "
-            f"({total_slots} x {self.expert_bytes / 1024**2:.1f} MB; per layer "
+            f"({total_slots} x {self.expert_bytes / 1024**2:.1f} MiB; per layer "
             f"{min(self.slots)}-{max(self.slots)} of {self.experts_per_layer})"
         )
         lines.append(f"  {'device total':<22}{_gb(self.device_bytes):>12}")
