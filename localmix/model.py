@@ -142,12 +142,18 @@ class DenseMLP(nn.Module):
 class ExpertProvider(Protocol):
     """Where a MoE layer gets its experts: resident modules, or an expert cache."""
 
+    def predict(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """For a decode step, expert ids the provider wants to fetch ahead (on the device,
+        not read yet), from the layer's input; None when it looks nowhere ahead."""
+        ...
+
     def fetch(
-        self, layer: int, experts: list[int], hidden: torch.Tensor
+        self, layer: int, experts: list[int], hidden: torch.Tensor, predicted: list[int]
     ) -> Iterable[tuple[int, nn.Module]]:
         """Yield (expert id, callable module) for each requested expert, in any order.
 
-        `hidden` is the layer's input (tokens, hidden), for providers that look ahead.
+        `hidden` is the layer's input (tokens, hidden); `predicted`, what `predict` gave, read
+        together with the routing (one host synchronisation for both).
         """
         ...
 
@@ -155,8 +161,11 @@ class ExpertProvider(Protocol):
 class ResidentExperts(nn.ModuleList):
     """A layer's experts held as ordinary modules (all resident); the default provider."""
 
+    def predict(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return None
+
     def fetch(
-        self, layer: int, experts: list[int], hidden: torch.Tensor
+        self, layer: int, experts: list[int], hidden: torch.Tensor, predicted: list[int]
     ) -> Iterator[tuple[int, nn.Module]]:
         for e in experts:
             yield e, self[e]
@@ -202,15 +211,17 @@ class MoeLayer(nn.Module):
         self.last_choice = chosen
         weights = weights.to(x.dtype)
         if x.shape[0] == 1:  # decode: no gather/scatter needed
-            ids = chosen[0].tolist()
+            ahead = self.experts.predict(x)  # ids to fetch ahead, still on the device
+            routed = chosen[0] if ahead is None else torch.cat([chosen[0], ahead])
+            read = routed.tolist()  # this layer's one host synchronisation
+            ids, predicted = read[: self.top_k], read[self.top_k :]
             slot = {e: i for i, e in enumerate(ids)}
-            outs = {
-                e: f(x) * weights[0, slot[e]] for e, f in self.experts.fetch(self.layer, ids, x)
-            }
+            served = self.experts.fetch(self.layer, ids, x, predicted)
+            outs = {e: f(x) * weights[0, slot[e]] for e, f in served}
             return sum_in_order((outs[e] for e in sorted(ids)), x)
         used = torch.unique(chosen).tolist()  # ascending
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for e, expert in self.experts.fetch(self.layer, used, x):
+        for e, expert in self.experts.fetch(self.layer, used, x, []):
             rows, slot = torch.nonzero(chosen == e, as_tuple=True)  # tokens routed to e
             outputs[e] = (rows, expert(x[rows]) * weights[rows, slot, None])
         out = torch.zeros_like(x)

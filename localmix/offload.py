@@ -496,12 +496,21 @@ class CachedExperts:
         self.layer, self.cache, self.slot_modules = layer, cache, slot_modules
         self.next_gates, self.top_k, self.mover = next_gates, top_k, mover
 
-    def fetch(self, layer: int, experts: list[int], hidden: torch.Tensor) -> Iterator:
+    def predict(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The experts the next layers' gates pick from this decode step's input, on the device
+        (the layer reads them with its own routing, in one synchronisation)."""
+        if not self.next_gates or hidden.shape[0] != 1:
+            return None
+        return torch.cat([route(gate(hidden), self.top_k)[1][0] for _, gate in self.next_gates])
+
+    def fetch(
+        self, layer: int, experts: list[int], hidden: torch.Tensor, predicted: list[int]
+    ) -> Iterator:
         served = self.cache.request(layer, experts, hidden.shape[0])  # demand copies start
-        if self.next_gates and hidden.shape[0] == 1:  # then predicted ones, behind them
-            for target, gate in self.next_gates:
-                _, chosen = route(gate(hidden), self.top_k)
-                self.cache.prefetch(target, chosen[0].tolist())
+        for i, (target, _) in enumerate(self.next_gates):  # then predicted ones, behind them
+            chosen = predicted[i * self.top_k : (i + 1) * self.top_k]
+            if chosen:
+                self.cache.prefetch(target, chosen)
         for expert, slot in served:
             yield expert, self.slot_modules[slot]
             self.mover.used(layer, slot)  # the caller has queued the compute that read it

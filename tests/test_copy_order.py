@@ -86,9 +86,9 @@ def test_demand_copies_are_queued_before_prefetches(quantized, monkeypatch):
     monkeypatch.setattr(offload_module, "ImmediateCopies", lambda: engine)
     fetch = offload_module.CachedExperts.fetch
 
-    def marked_fetch(self, layer, experts, hidden):
+    def marked_fetch(self, layer, experts, hidden, predicted):
         engine.log.append(-1 - layer)  # a marker: layer L's fetch starts
-        return fetch(self, layer, experts, hidden)
+        return fetch(self, layer, experts, hidden, predicted)
 
     monkeypatch.setattr(offload_module.CachedExperts, "fetch", marked_fetch)
     e = localmix.load(quantized, device="cpu", expert_slots=2, prefetch=1)
@@ -112,3 +112,25 @@ def test_demand_copies_are_queued_before_prefetches(quantized, monkeypatch):
     last = len(e.offload.mover.buffers) - 1
     for copies in [copies for layer, copies in fetches if layer == last]:
         assert copies == sorted(copies, key=lambda layer: layer == 0), copies
+
+
+def test_a_decode_step_reads_the_device_once_per_layer(quantized, monkeypatch):
+    """Routing and the prefetch prediction come to the host together: one synchronisation per
+    MoE layer in a decode step (where the prediction, read separately, made a second)."""
+    e = localmix.load(quantized, device="cpu", expert_slots=3, prefetch=1)
+    e.complete(list(range(3, 12)), temperature=0, max_tokens=2)  # warm: prefill + a step
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counted(self):
+        reads.append(tuple(self.shape))
+        return tolist(self)
+
+    model = e.model
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    with torch.inference_mode():
+        e._forward([5])  # one decode step through the engine's own forward
+    layers = model.cfg.num_hidden_layers
+    moe_reads = [r for r in reads if r in {(2,), (4,)}]  # top-2 alone, or with 2 predicted
+    assert len(moe_reads) == layers, reads
+    assert moe_reads.count((4,)) == layers  # each layer's read carries the next one's guess
