@@ -173,3 +173,15 @@ def test_peak_rss_while_loading_is_bounded(tmp_path):
     size = (tmp_path / "m" / "model.safetensors").stat().st_size
     assert size > 150e6
     assert grew < 1.3 * size, (grew, size)
+
+
+def test_loading_does_not_import_the_compiler():
+    """The skeleton is built on the meta device without running initialisers or meta-device
+    factories that import torch._dynamo (over a second of every start-up)."""
+    code = (
+        "import sys, localmix\n"
+        "localmix.load('demo', device='cpu')\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
