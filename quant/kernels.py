@@ -127,6 +127,6 @@ def describe() -> str:
     if cpu_kernels() is not None:
         return f"localmix AVX2+FMA kernels ({cpu})"
     return (
-        f"PyTorch int4/int8 kernels, weights packed for this CPU at load "
+        f"PyTorch int4/int8 kernels on weights packed for this CPU when first used "
         f"(localmix's own: {unavailable_reason()}; {cpu})"
     )
