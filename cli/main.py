@@ -154,6 +154,11 @@ def load_engine(
                 status.update(f"loading {name}: experts into host RAM {done}/{total}")
 
         engine = localmix.load(name, context=context, progress=filling, **options)
+    if context is not None and engine.context < context:
+        err.print(
+            f"[yellow]note:[/yellow] {name} attends to at most {engine.context} tokens; the "
+            f"context is {engine.context}, not {context}: older text falls out of it"
+        )
     if name in BUILTIN:
         err.print(f"[dim]{builtin_note()}[/dim]")
     return engine
@@ -622,7 +627,9 @@ def bench_cache(
 @friendly_errors
 def pull(
     ref: Annotated[str, typer.Argument(help=r"Hub repository: org/name\[@revision]")],
-    no_quantize: Annotated[bool, typer.Option("--no-quantize", help="keep 16-bit weights")] = False,
+    no_quantize: Annotated[
+        bool, typer.Option("--no-quantize", help="keep the weights as published")
+    ] = False,
     group_size: Annotated[int, typer.Option("--group-size", help="32, 64 or 128")] = 64,
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEFAULT_METHOD,
 ) -> None:
@@ -660,7 +667,9 @@ def pull(
         snapshot = hub.pull(ref, models_dir(), quantize=not no_quantize, progress=report)
     if no_quantize:
         link_snapshot(snapshot, dst)
-        err.print(f"pulled {repo} (16-bit) into {dst}")
+        from localmix.store import model_format
+
+        err.print(f"pulled {repo} ({model_format(dst)}, not quantized) into {dst}")
     else:
         manifest = run_conversion(snapshot, dst, settings)
         print_quality(manifest)

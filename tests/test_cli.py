@@ -245,3 +245,9 @@ def test_list_shows_the_built_in_model(monkeypatch, tmp_path):
     r = invoke("list")
     assert r.exit_code == 0 and "demo" in r.stdout and "built in" in r.stdout
     assert "no models in" in r.stderr
+
+
+def test_a_context_beyond_the_models_window_is_said():
+    r = invoke("run", "demo", "x", "--raw", "--max-tokens", "1", "--context", "100000")
+    assert r.exit_code == 0, r.output
+    assert "attends to at most 128 tokens" in r.stderr and "not 100000" in r.stderr

@@ -90,6 +90,7 @@ def test_interrupted_pull_resumes_with_range(hub, tmp_path):
     assert half - 2**16 <= kept <= half  # what arrived before the hang-up, in whole chunks
     r = runner.invoke(app, ["pull", "org/tiny", "--no-quantize"])
     assert r.exit_code == 0, r.output
+    assert "16-bit" not in r.stderr and "not quantized" in r.stderr  # its dtype, as published
     ranged = [
         h for m, p, h in hub.state.requests if m == "GET" and p.endswith(big) and "Range" in h
     ]
