@@ -321,44 +321,39 @@ class Engine:
             )
         if machine is None and self.device.type == "cuda":
             machine = probe_machine(self.device)
-        self.plan = self._plan(budget, expert_slots, machine, self.cache.nbytes)
+        self.plan = self._plan(budget, expert_slots, machine, self.cache.nbytes, self.context)
         self.offload = Offload(
             self.model, self.plan, self.device, policy, prefetch, progress=progress
         )
         self.model.to(self.device)
 
     def _plan(
-        self, budget: int | None, slots: int | None, machine: Machine | None, kv_bytes: int
+        self,
+        budget: int | None,
+        slots: int | None,
+        machine: Machine | None,
+        kv_bytes: int,
+        context: int,
     ) -> Plan:
-        from .offload import (
-            dequantize_scratch,
-            expert_layout,
-            make_plan,
-            runtime_reserve,
-            trunk_bytes,
-        )
+        from .offload import plan_model
         from .quant.linear import cuda_int4_kernel
 
         # the experts left the model for the expert store once offloaded
         expert = (
             self.offload.store.template if self.offload else self.model.moe_layers()[0].experts[0]
         )
-        reserve = None
-        if self.device.type == "cuda":
-            modules = [*self.model.modules(), *expert.modules()]
-            scratch = dequantize_scratch(modules, self.dtype, cuda_int4_kernel(self.device))
-            reserve = runtime_reserve(self.config, self.context, scratch)
-        _, expert_bytes = expert_layout(expert)
-        return make_plan(
-            self.config,
-            trunk_bytes(self.model),
-            expert_bytes,
+        cuda = self.device.type == "cuda"
+        return plan_model(
+            self.model,
+            expert,
             kv_bytes,
             budget,
             str(self.device),
-            max_slots=slots,
+            context,
+            self.dtype,
             machine=machine,
-            reserve=reserve,
+            max_slots=slots,
+            fused_int4=cuda and cuda_int4_kernel(self.device),
         )
 
     def set_context(self, context: int) -> None:
@@ -374,7 +369,7 @@ class Engine:
         context = min(context, window)
         if self.plan is not None:
             kv = self.cache.nbytes // self.cache.capacity * context
-            replanned = self._plan(self.plan.budget, None, None, kv)
+            replanned = self._plan(self.plan.budget, None, None, kv, context)
             if sum(replanned.slots) < sum(self.plan.slots):
                 raise MemoryBudgetError(
                     f"a context of {context} tokens needs {(kv - self.cache.nbytes) / 1024**3:.2f} "

@@ -369,11 +369,11 @@ class CopyEngine(Protocol):
     """Moves bytes host -> device beside the compute, ordered by events.
 
     `copy` starts dst <- src once `after` (an event from `reader_done`, or None) has passed and
-    returns an event marking its completion; `wait` makes the compute that follows wait for an
+    returns an event marking its completion (`pinned`: src is page-locked); `wait` makes the compute that follows wait for an
     event; `reader_done` marks the compute queued so far (the last reader of what it read).
     """
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any) -> Any: ...
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any, pinned: bool) -> Any: ...
 
     def wait(self, event: Any) -> None: ...
 
@@ -383,7 +383,7 @@ class CopyEngine(Protocol):
 class ImmediateCopies:
     """The copy engine of a CPU "device": copies happen at once, in program order."""
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any) -> Any:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any, pinned: bool) -> Any:
         dst.copy_(src)
         return None
 
@@ -407,9 +407,9 @@ class CudaCopies:
         self.staged: list[Any] = []
         self.next = 0
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any) -> Any:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any, pinned: bool) -> Any:
         ring = None
-        if not src.is_pinned():
+        if not pinned:
             ring, src = self._stage(src)
         with torch.cuda.stream(self.stream):
             if after is not None:
@@ -466,7 +466,8 @@ class SlotMover:
     def load(self, layer: int, expert: int, slot: int) -> None:
         src, dst = self.store.host[layer, expert], self.buffers[layer][slot]
         after = self.last_read.pop((layer, slot), None)
-        self.landed[layer, slot] = self.engine.copy(dst, src, after)
+        pinned = self.store.pinned[layer]
+        self.landed[layer, slot] = self.engine.copy(dst, src, after, pinned)
 
     def ready(self, layer: int, slot: int) -> None:
         self.engine.wait(self.landed.pop((layer, slot), None))
@@ -594,7 +595,6 @@ def plan_for(
         model.to(dtype)
     if quantization is not None:
         quantize_modules(model, quantization)
-    _, expert_bytes = expert_layout(model.moe_layers()[0].experts[0])
     kv = (
         2
         * cfg.num_hidden_layers
@@ -603,15 +603,49 @@ def plan_for(
         * cfg.head_dim
         * dtype.itemsize
     )
+    expert = model.moe_layers()[0].experts[0]
+    return plan_model(
+        model,
+        expert,
+        kv,
+        budget,
+        device,
+        context,
+        dtype,
+        machine=machine,
+        max_slots=max_slots,
+        fused_int4=fused_int4,
+    )
+
+
+def plan_model(
+    model: Transformer,
+    expert: nn.Module,
+    kv_bytes: int,
+    budget: int | None,
+    device: str,
+    context: int,
+    dtype: torch.dtype,
+    *,
+    machine: Machine | None = None,
+    max_slots: int | None = None,
+    fused_int4: bool = True,
+) -> Plan:
+    """The plan for `model` (loaded, or built on the meta device), whose experts are shaped like
+    `expert` (one of its own, or the expert store's template once they left the model): trunk
+    and expert sizes from the modules, the runtime's working memory on CUDA."""
     reserve = None
     if device.startswith("cuda"):
-        scratch = dequantize_scratch(model.modules(), dtype, fused_int4)
-        reserve = runtime_reserve(cfg, context, scratch)
+        modules = [*model.modules(), *expert.modules()]
+        reserve = runtime_reserve(
+            model.cfg, context, dequantize_scratch(modules, dtype, fused_int4)
+        )
+    _, expert_bytes = expert_layout(expert)
     return make_plan(
-        cfg,
+        model.cfg,
         trunk_bytes(model),
         expert_bytes,
-        kv,
+        kv_bytes,
         budget,
         device,
         max_slots,

@@ -27,7 +27,7 @@ class FakeCopies:
         self.clock += 1
         return self.clock
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: object) -> int:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: object, pinned: bool) -> int:
         address = dst.data_ptr()
         if address in self.read_at:  # no overwrite under a reader
             assert after in self.readers, "a copy over a slot that was read, with no reader event"
