@@ -10,11 +10,16 @@ from pathlib import Path
 
 from localmix.cli.render import os_error_line, prefill_progress, print_stats
 from rich.console import Console
+from rich.markup import escape
 
-from localmix.conversations import Conversation, check_name, conversation_path, new_name
-from localmix.engine import Engine
+from localmix.conversations import (
+    Conversation,
+    delete_conversation,
+    list_conversations,
+)
+from localmix.engine import Engine, TokenEvent
 from localmix.errors import LocalmixError
-from localmix.sampling import SETTABLE, SamplingOptions
+from localmix.session import SETTINGS, ChatSession, context_note, format_setting
 from localmix.store import home
 
 HISTORY_LINES = 1000  # typed lines kept in $LOCALMIX_HOME/history
@@ -22,24 +27,29 @@ HISTORY_LINES = 1000  # typed lines kept in $LOCALMIX_HOME/history
 HELP = f"""commands:
   /help              this list
   /system TEXT       set the system prompt (empty: remove it)
-  /set NAME VALUE    a sampling option: {", ".join(SETTABLE[:4])},
-                     {", ".join(SETTABLE[4:])}
-  /clear             start over (the current chat stays saved)
+  /set NAME VALUE    a sampling option: {", ".join(SETTINGS[:4])},
+                     {", ".join(SETTINGS[4:])} (stop strings separated by |)
+  /clear             start over with the same settings (the current chat stays saved)
   /stats             speed and cache figures of the last reply
   /save NAME         save the conversation under NAME (/save NAME --force replaces another)
+  /list              saved conversations, newest first
   /load NAME         continue a saved conversation
+  /rename NAME       give this conversation another name
+  /delete NAME       delete a saved conversation
   /bye               leave (Ctrl+D also leaves)
 input between \"\"\" lines spans several lines; Ctrl+C stops a reply and keeps the chat"""
 
 
-class ChatSession:
-    """State of one REPL: the engine, the conversation, the last reply's summary."""
+class Repl:
+    """The REPL's input and rendering around a `ChatSession`, which owns the conversation."""
 
-    def __init__(self, engine: Engine, out: Console, err: Console, settings: dict) -> None:
-        self.engine, self.out, self.err = engine, out, err
-        self.conv = Conversation(name=new_name(), model=engine.name, settings=settings)
-        self.last = None
-        self.save_problem: str | None = None  # the last autosave's error, said once
+    def __init__(self, session: ChatSession, out: Console, err: Console) -> None:
+        self.session, self.out, self.err = session, out, err
+        session.on_save_problem = self.save_problem
+        self.cut_said = False  # the context note, once per conversation
+
+    def save_problem(self, problem: str) -> None:
+        self.err.print(f"[yellow]not saved:[/yellow] {problem}", soft_wrap=True)
 
     def read(self, ask: Callable[[str], str]) -> str:
         line = ask(">>> ")
@@ -50,118 +60,121 @@ class ChatSession:
             lines.append(line)
         return "\n".join(lines)
 
-    def autosave(self) -> None:
-        """Save as the chat goes; a failure is said once (until saving works again), and the
-        chat goes on with everything still in memory."""
-        try:
-            self.conv.save()
-        except LocalmixError as e:
-            if str(e) != self.save_problem:
-                self.err.print(f"[yellow]not saved:[/yellow] {e}", soft_wrap=True)
-            self.save_problem = str(e)
-        else:
-            if self.save_problem is not None:
-                self.err.print(f"[dim]saved again as {self.conv.name}[/dim]")
-            self.save_problem = None
-
     def command(self, line: str) -> bool:
         """Run a slash command; False when the session should end. A LocalmixError leaves the
         session as it was."""
+        session = self.session
         name, _, arg = line[1:].partition(" ")
         arg = arg.strip()
         if name in ("bye", "exit", "quit"):
             return False
         if name == "help":
-            self.out.print(HELP)
+            self.out.print(HELP, markup=False)
         elif name == "system":
-            self.conv.system = arg
+            session.system = arg
             self.out.print("system prompt set" if arg else "system prompt removed")
-            self.autosave()
+            session.save()
         elif name == "set":
             key, _, value = arg.partition(" ")
-            if key not in SETTABLE or not value.strip():
-                self.err.print(f"usage: /set NAME VALUE, NAME one of {', '.join(SETTABLE)}")
+            if key not in SETTINGS or not value.strip():
+                self.err.print(f"usage: /set NAME VALUE, NAME one of {', '.join(SETTINGS)}")
                 return True
-            self.conv.settings[key] = SamplingOptions.parse(key, value.strip())
-            self.out.print(f"{key} = {self.conv.settings[key]}")
-            self.autosave()
+            value = session.set(key, value.strip())
+            self.out.print(f"{key} = {format_setting(value)}", markup=False)
+            session.save()
         elif name == "clear":
-            self.conv = Conversation(
-                name=new_name(),
-                model=self.engine.name,
-                system=self.conv.system,
-                settings=self.conv.settings,
-            )
-            self.engine.reset()
+            session.new_chat()
+            self.cut_said = False
             self.out.print("new conversation")
         elif name == "stats":
-            if self.last is None:
-                self.out.print("no reply yet")
+            if session.last is None:
+                self.out.print("no finished reply yet")
             else:
-                print_stats(self.last, self.err)
+                print_stats(session.last, self.err)
         elif name == "save":
             self.save_as(arg)
+        elif name == "list":
+            self.list()
         elif name == "load":
-            self.conv = Conversation.load(arg)  # checked whole: a bad file is refused here
-            self.out.print(f"loaded {arg}: {len(self.conv.messages)} messages")
+            session.open(arg)
+            self.cut_said = False
+            self.show()
+        elif name == "rename":
+            path = session.save_as(arg)
+            self.out.print(f"renamed to {arg} ({path})", markup=False)
+        elif name == "delete":
+            if arg == session.conversation.name:
+                raise LocalmixError("that is this conversation; /clear first, then delete it")
+            path = delete_conversation(arg)
+            self.out.print(f"deleted {arg} ({path})", markup=False)
         else:
-            self.err.print(f"unknown command /{name}; /help lists them")
+            self.err.print(f"unknown command /{name}; /help lists them", markup=False)
         return True
 
     def save_as(self, arg: str) -> None:
         """/save NAME [--force]: never replaces another conversation unless told to."""
         words = arg.split()
-        force = "--force" in words
         names = [w for w in words if w != "--force"]
         if len(names) != 1:
             self.err.print("usage: /save NAME  (or /save NAME --force to replace another)")
             return
-        name = names[0]
-        check_name(name)
-        if name != self.conv.name and conversation_path(name).exists() and not force:
-            raise LocalmixError(
-                f"a conversation named '{name}' is already saved; `/save {name} --force` "
-                "replaces it"
-            )
-        previous = self.conv.name
-        self.conv.name = name
-        try:
-            path = self.conv.save()
-        except LocalmixError:
-            self.conv.name = previous
-            raise
-        self.save_problem = None
-        self.out.print(f"saved as {name} ({path})")
+        path = self.session.save_as(names[0], force="--force" in words)
+        self.out.print(f"saved as {names[0]} ({path})", markup=False)
+
+    def list(self) -> None:
+        conversations, problems = list_conversations()
+        for problem in problems:
+            self.err.print(f"[yellow]{escape(problem)}[/yellow]")
+        if not conversations:
+            self.out.print("no saved conversations")
+        for line in conversation_lines(conversations, self.session.conversation.name):
+            self.out.print(line, markup=False)
+
+    def show(self) -> None:
+        """The loaded conversation, as it was written."""
+        conv = self.session.conversation
+        self.err.print(f"[dim]{escape(conv.name)}: {len(conv.messages)} messages[/dim]")
+        if conv.system:
+            self.err.print(f"[dim]system: {escape(conv.system)}[/dim]")
+        for m in conv.messages:
+            if m["role"] == "user":
+                self.out.print(f">>> {m['content']}", markup=False, highlight=False)
+            else:
+                self.out.print(m["content"], markup=False, highlight=False)
 
     def reply(self, text: str) -> None:
-        """Send a user message and stream the reply. Ctrl+C stops the reply and keeps what was
-        written, even when a second Ctrl+C comes while it stops."""
-        self.conv.messages.append({"role": "user", "content": text})
-        self.autosave()
-        pieces: list[str] = []
-        try:
-            self.stream(pieces)
-        except KeyboardInterrupt:
-            self.err.print("[dim](reply stopped)[/dim]")
-        finally:
-            self.conv.messages.append({"role": "assistant", "content": "".join(pieces)})
-        self.autosave()
-
-    def stream(self, pieces: list[str]) -> None:
-        """Write the reply as it comes, collecting its text in `pieces`."""
+        """Stream the reply to `text`. Ctrl+C stops it and keeps what was written (the session
+        does), even when a second Ctrl+C comes while it stops."""
         progress = prefill_progress(self.err) if self.err.is_terminal else None
-        events = self.engine.chat(self.conv.for_engine(), progress=progress, **self.conv.settings)
+        events = self.session.send(text, progress=progress)
         try:
             for event in events:
-                if hasattr(event, "token_id"):
-                    pieces.append(event.text)
+                if isinstance(event, TokenEvent):
                     self.out.file.write(event.text)
                     self.out.file.flush()
-                else:
-                    self.last = event
+        except KeyboardInterrupt:
+            self.out.file.write("\n")
+            self.err.print("[dim](reply stopped)[/dim]")
+            return
         finally:
             events.close()
-            self.out.file.write("\n")
+        self.out.file.write("\n")
+        note = context_note(self.session.last) if self.session.last else None
+        if note and not self.cut_said:
+            self.cut_said = True
+            self.err.print(f"[yellow]note:[/yellow] {note}")
+
+
+def conversation_lines(conversations: list[Conversation], current: str = "") -> list[str]:
+    """One line per saved conversation: name, date, messages, first words."""
+    lines = []
+    for conv in conversations:
+        mark = "*" if conv.name == current else " "
+        when = conv.updated[:16].replace("T", " ")
+        lines.append(
+            f"{mark} {conv.name:<28} {when:<16} {len(conv.messages):>3} messages  {conv.title[:40]}"
+        )
+    return lines
 
 
 def line_editing(history: Path) -> Callable[[], None]:
@@ -199,25 +212,27 @@ def repl(
     system: str | None,
     load: str | None,
     ask: Callable[[str], str] = input,
-) -> None:
-    """Read, reply, repeat until /bye or Ctrl+D.
+) -> ChatSession:
+    """Read, reply, repeat until /bye or Ctrl+D; returns the session.
 
     The session's error barrier: an error a user can cause (a bad name or file, a setting out
     of range, a disk that refuses the save) is said in one line and the session goes on with
     nothing typed lost; a bug in localmix still shows its traceback.
     """
-    session = ChatSession(engine, out, err, settings)
+    session = ChatSession(engine)
+    repl = Repl(session, out, err)
     editing = ask is input and _terminal(sys.stdin)
     save_history = line_editing(home() / "history") if editing else (lambda: None)
     if load:
-        session.conv = Conversation.load(load)
-        session.conv.settings.update(settings)  # the command line's options win
+        session.open(load)
+        repl.show()
+    session.update(settings)  # the command line's options win over a loaded chat's
     if system is not None:
-        session.conv.system = system
+        session.system = system
     err.print("[dim]/help for commands, Ctrl+D or /bye to leave[/dim]")
     while True:
         try:
-            line = session.read(ask)
+            line = repl.read(ask)
         except EOFError:
             out.file.write("\n")
             break
@@ -229,20 +244,21 @@ def repl(
             continue
         try:
             if line.startswith("/"):
-                if not session.command(line.strip()):
+                if not repl.command(line.strip()):
                     break
             else:
-                session.reply(line)
+                repl.reply(line)
         except KeyboardInterrupt:
             out.file.write("\n")
             err.print("[dim](stopped)[/dim]")
         except LocalmixError as e:
-            err.print(f"[red]error:[/red] {e}", soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         except OSError as e:
-            err.print(f"[red]error:[/red] {os_error_line(e)}", soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(os_error_line(e))}", soft_wrap=True)
     save_history()
-    if session.conv.messages:
-        session.autosave()
+    if session.messages:
+        session.save()
         if session.save_problem is None:
-            err.print(f"[dim]conversation saved as {session.conv.name}[/dim]")
+            err.print(f"[dim]conversation saved as {session.conversation.name}[/dim]")
     sys.stdout.flush()
+    return session

@@ -41,6 +41,13 @@ class Conversation:
     settings: dict[str, object] = field(default_factory=dict)
     updated: str = ""
 
+    @property
+    def title(self) -> str:
+        """The first line of the first user message (what a list of chats shows)."""
+        first = next((m["content"] for m in self.messages if m["role"] == "user"), "")
+        lines = first.strip().splitlines()
+        return lines[0] if lines else "(empty)"
+
     def for_engine(self) -> list[dict[str, str]]:
         """Messages with the system prompt in front, as `Engine.chat` takes them."""
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -151,6 +158,45 @@ def list_conversations() -> tuple[list[Conversation], list[str]]:
         except LocalmixError as e:
             problems.append(f"skipped {path.name}: {e}")
     return sorted(out, key=lambda c: c.updated, reverse=True), problems
+
+
+def latest_conversation() -> Conversation:
+    """The conversation saved last (what `run --continue` goes on with)."""
+    conversations, _ = list_conversations()
+    if not conversations:
+        raise LocalmixError(f"no saved conversation in {conversations_dir()} to continue")
+    return conversations[0]
+
+
+def remove_file(path: Path) -> None:
+    """Delete a conversation's file; one already gone is fine."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        raise LocalmixError(f"cannot delete {path}: {e.strerror or e}") from e
+
+
+def delete_conversation(name: str) -> Path:
+    """Delete the saved conversation `name`; returns the path it had."""
+    path = conversation_path(name)
+    if not path.exists():
+        raise LocalmixError(f"no saved conversation '{name}' in {conversations_dir()}")
+    remove_file(path)
+    return path
+
+
+def rename_conversation(old: str, new: str, *, force: bool = False) -> Path:
+    """Give the saved conversation `old` the name `new` (never over another unless `force`)."""
+    source, target = conversation_path(old), conversation_path(new)
+    if not source.exists():
+        raise LocalmixError(f"no saved conversation '{old}' in {conversations_dir()}")
+    if target.exists() and old != new and not force:
+        raise LocalmixError(f"a conversation named '{new}' is already saved; choose another name")
+    try:
+        os.replace(source, target)
+    except OSError as e:
+        raise LocalmixError(f"cannot rename {source}: {e.strerror or e}") from e
+    return target
 
 
 def new_name() -> str:

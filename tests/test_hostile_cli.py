@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from localmix.cli.chat import ChatSession, repl
+from localmix.cli.chat import Repl, repl
 from localmix.cli.main import app
 from rich.console import Console
 from typer.testing import CliRunner, _NamedTextIOWrapper
@@ -26,6 +26,7 @@ from localmix.conversations import Conversation, conversations_dir, list_convers
 from localmix.demo import DEMO_CONFIG, demo_tokenizer_path, write_checkpoint
 from localmix.errors import CheckpointError, LocalmixError
 from localmix.sampling import SamplingOptions
+from localmix.session import ChatSession
 from localmix.store import models_dir
 
 runner = CliRunner()
@@ -65,12 +66,6 @@ def chat_lines(engine, lines, *, load=None) -> tuple[str, ChatSession]:
     """Drive the REPL with typed lines; return what it said on stderr and its session."""
     out, err, err_text = consoles()
     feed = iter(lines)
-    sessions = []
-    real = ChatSession.__init__
-
-    def keep(self, *a, **k):
-        real(self, *a, **k)
-        sessions.append(self)
 
     def ask(_prompt):
         try:
@@ -78,12 +73,8 @@ def chat_lines(engine, lines, *, load=None) -> tuple[str, ChatSession]:
         except StopIteration:
             raise EOFError from None
 
-    ChatSession.__init__ = keep
-    try:
-        repl(engine, out, err, {}, None, load, ask=ask)
-    finally:
-        ChatSession.__init__ = real
-    return err_text.getvalue(), sessions[0]
+    session = repl(engine, out, err, {}, None, load, ask=ask)
+    return err_text.getvalue(), session
 
 
 def saved(name: str) -> dict:
@@ -99,7 +90,10 @@ def test_save_refuses_to_replace_another_conversation(home, engine):
     said, session = chat_lines(engine, ["hello", "/save mine", "again"])
     assert "/save mine --force" in said
     assert (conversations_dir() / "mine.json").read_bytes() == before
-    assert session.conv.name != "mine" and len(saved(session.conv.name)["messages"]) == 4
+    assert (
+        session.conversation.name != "mine"
+        and len(saved(session.conversation.name)["messages"]) == 4
+    )
     said, session = chat_lines(engine, ["hello", "/save mine --force"])
     assert saved("mine")["messages"][0]["content"] == "hello"
 
@@ -109,7 +103,7 @@ def test_a_loaded_copy_saves_to_the_copy(home, engine):
     original = (conversations_dir() / "orig.json").read_bytes()
     (conversations_dir() / "copy.json").write_bytes(original)
     said, session = chat_lines(engine, ["/load copy", "more"])
-    assert session.conv.name == "copy"
+    assert session.conversation.name == "copy"
     assert (conversations_dir() / "orig.json").read_bytes() == original
     assert [m["content"] for m in saved("copy")["messages"]][:2] == ["a", "more"]
 
@@ -129,7 +123,11 @@ def test_chat_goes_on_when_the_home_cannot_be_written(tmp_path, monkeypatch, eng
         home.chmod(0o500)
     monkeypatch.setenv("LOCALMIX_HOME", str(home))
     said, session = chat_lines(engine, ["first", "second", "/save named", "third"])
-    assert [m["content"] for m in session.conv.messages[::2]] == ["first", "second", "third"]
+    assert [m["content"] for m in session.conversation.messages[::2]] == [
+        "first",
+        "second",
+        "third",
+    ]
     assert said.count("not saved") == 1 and "cannot save" in said
     assert "Traceback" not in said
 
@@ -148,9 +146,9 @@ def test_a_hostile_file_is_refused_at_load(home, engine):
     names = [*bad, "bad_utf8"]
     said, session = chat_lines(engine, ["hello", *(f"/load {n}" for n in names), "still here"])
     assert said.count("error:") == len(names) and "Traceback" not in said
-    contents = [m["content"] for m in session.conv.messages if m["role"] == "user"]
+    contents = [m["content"] for m in session.conversation.messages if m["role"] == "user"]
     assert contents == ["hello", "still here"]
-    assert all(m["content"] for m in session.conv.messages if m["role"] == "assistant")
+    assert all(m["content"] for m in session.conversation.messages if m["role"] == "assistant")
 
 
 def test_set_checks_values_when_they_are_set(home, engine):
@@ -159,13 +157,15 @@ def test_set_checks_values_when_they_are_set(home, engine):
         ["/set seed 18446744073709551616", "/set seed -1", "/set top_k x", "/set seed 7", "hi"],
     )
     assert said.count("error:") == 3 and "seed" in said
-    assert session.conv.settings == {"seed": 7} and session.conv.messages[1]["content"]
+    assert (
+        session.conversation.settings == {"seed": 7} and session.conversation.messages[1]["content"]
+    )
 
 
 def test_a_refused_save_name_does_not_stick(home, engine):
     said, session = chat_lines(engine, ["/save ../escape", "hello", "again"])
     assert said.count("error:") == 1 and "not a valid name" in said
-    assert len(saved(session.conv.name)["messages"]) == 4
+    assert len(saved(session.conversation.name)["messages"]) == 4
     assert not (home / "escape.json").exists()
 
 
@@ -192,13 +192,13 @@ def test_a_second_ctrl_c_keeps_the_partial_reply(home, engine, monkeypatch):
         engine, "chat", lambda *a, **k: Interrupted(real(*a, **{**k, "max_tokens": 20}))
     )
     out, err, _ = consoles()
-    session = ChatSession(engine, out, err, {})
+    session = ChatSession(engine)
     try:
-        session.reply("write")
+        Repl(session, out, err).reply("write")
     except KeyboardInterrupt:
         pass  # the old code let it out; what matters is the reply
-    assert [m["role"] for m in session.conv.messages] == ["user", "assistant"]
-    assert session.conv.messages[1]["content"]
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]
+    assert session.messages[1]["content"] and session.stopped
 
 
 def test_invalid_utf8_typed_in_a_terminal(home):
@@ -403,7 +403,7 @@ def test_a_bug_still_shows_its_traceback(home, monkeypatch):
 def test_the_chat_barrier_reports_user_errors_and_goes_on(home, engine):
     said, session = chat_lines(engine, ["/load nothing-here", "/load ../up", "hello"])
     assert said.count("error:") == 2 and "Traceback" not in said
-    assert session.conv.messages[0]["content"] == "hello"
+    assert session.conversation.messages[0]["content"] == "hello"
     with pytest.raises(LocalmixError):
         Conversation.load("nothing-here")
 
