@@ -22,13 +22,12 @@ from localmix.cli.render import (
     prefill_progress,
     print_stats,
 )
-from localmix.quant.formats import DEFAULT_METHOD, METHODS
 from rich.console import Console
 from rich.table import Table
 
+from localmix.defaults import DEFAULT_METHOD, DEFAULT_POLICY, DEFAULT_PREFETCH
+from localmix.defaults import QUANT_METHODS as METHODS
 from localmix.errors import LocalmixError
-from localmix.expert_cache import DEFAULT_POLICY
-from localmix.offload import DEFAULT_PREFETCH
 
 app = typer.Typer(
     name="localmix",
@@ -140,6 +139,9 @@ def load_engine(
 ):
     """`localmix.load`, which checks every option before it reads anything, with a spinner;
     the CPU threads are set first."""
+    from localmix.cli import import_runtime
+
+    import_runtime()  # PyTorch, with Ctrl+C exiting at once while it loads
     import localmix
     from localmix.demo import builtin_note
     from localmix.store import BUILTIN

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from rich.console import Console
 
-from localmix.engine import Summary
+from localmix.events import Summary
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     import torch
 
     from .config import ModelConfig
-    from .engine import Engine, Summary, TokenEvent
+    from .engine import Engine
     from .errors import LocalmixError
+    from .events import Summary, TokenEvent
     from .sampling import SamplingOptions
 
 __all__ = [
@@ -32,8 +33,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Engine": ".engine",
-    "Summary": ".engine",
-    "TokenEvent": ".engine",
+    "Summary": ".events",
+    "TokenEvent": ".events",
     "ModelConfig": ".config",
     "LocalmixError": ".errors",
     "SamplingOptions": ".sampling",

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import ModelConfig
+from .defaults import DEFAULT_CONTEXT
 from .errors import CheckpointError, MemoryBudgetError, OptionError
+from .events import Event, Summary, TokenEvent
 from .kv_cache import RollingKVCache
 from .model import Transformer
 from .quant.kernels import describe as describe_cpu_kernels
@@ -23,7 +24,6 @@ from .tokenizer import ChatTemplate, ConversationFormat, Tokenizer
 if TYPE_CHECKING:
     from .offload import Machine, Plan
 
-DEFAULT_CONTEXT = 4096
 PREFILL_CHUNK = 512
 
 Progress = Callable[[int, int], None]  # (prompt tokens prefilled so far, prompt tokens to prefill)
@@ -33,38 +33,6 @@ def valid_text(text: str) -> str:
     """`text` with what is not valid Unicode replaced by U+FFFD: lone surrogates come from
     bytes that were not UTF-8 (in argv, a terminal, a file) and no tokenizer or file takes them."""
     return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token and the text it completes ("" while a character or stop is pending)."""
-
-    token_id: int
-    text: str
-
-
-@dataclass(frozen=True)
-class Summary:
-    """The last event of a generation."""
-
-    prompt_tokens: int  # the whole prompt
-    prefilled_tokens: int  # the part that was not already in the KV cache
-    generated_tokens: int
-    text: str
-    token_ids: list[int]
-    time_to_first_token_s: float
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float
-    stop_reason: str  # "eos", "length" (max_tokens), "stop" (a stop string)
-    context_used: int  # KV cache slots in use afterwards
-    context_size: int
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-Event = TokenEvent | Summary
 
 
 def _rss() -> int:

@@ -1,0 +1,39 @@
+"""The events a generation yields, importable without PyTorch (a client builds them from a
+server's answer): a TokenEvent per token, then one Summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it completes ("" while a character or stop is pending)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The last event of a generation."""
+
+    prompt_tokens: int  # the whole prompt
+    prefilled_tokens: int  # the part that was not already in the KV cache
+    generated_tokens: int
+    text: str
+    token_ids: list[int]
+    time_to_first_token_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    stop_reason: str  # "eos", "length" (max_tokens), "stop" (a stop string)
+    context_used: int  # KV cache slots in use afterwards
+    context_size: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+Event = TokenEvent | Summary

@@ -1,0 +1,45 @@
+"""What importing parts of localmix loads: the command line's help and the client side of `run`
+start without PyTorch, and `localmix.quant` without the runtime (read from `-X importtime`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+RUNTIME = {"localmix.engine", "localmix.model", "localmix.offload", "localmix.tokenizer"}
+
+
+def imported(*args: str) -> set[str]:
+    """The modules a fresh interpreter imports to run `python -X importtime ARGS`."""
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", *args], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [line.split("|")[-1].strip() for line in r.stderr.splitlines() if "|" in line]
+    return set(lines)
+
+
+def test_quant_does_not_import_the_runtime():
+    assert not imported("-c", "import localmix.quant") & RUNTIME
+
+
+@pytest.mark.parametrize(
+    "args", [("--help",), ("-h",), ("--version",), ("run", "--help"), ("chat", "--help")]
+)
+def test_help_and_version_do_not_import_torch(args):
+    modules = imported("-m", "localmix.cli", *args)
+    assert "torch" not in modules and not modules & RUNTIME
+
+
+def test_the_defaults_are_the_runtimes():
+    from localmix.quant import formats
+
+    from localmix import defaults, engine, expert_cache, offload
+
+    assert defaults.DEFAULT_POLICY == expert_cache.DEFAULT_POLICY
+    assert defaults.DEFAULT_PREFETCH == offload.DEFAULT_PREFETCH
+    assert defaults.QUANT_METHODS == formats.METHODS
+    assert defaults.DEFAULT_METHOD == formats.DEFAULT_METHOD
+    assert defaults.DEFAULT_CONTEXT == engine.DEFAULT_CONTEXT
