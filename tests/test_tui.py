@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from datetime import datetime
 
 import pytest
 from localmix.tui.app import LocalmixApp, PromptArea
@@ -65,20 +66,31 @@ async def test_chat_model_reply_is_markdown(engine):
         assert not app.query(".plain")
 
 
+async def stop_a_long_reply(pilot) -> None:
+    app = pilot.app
+    app.query_one("#set-max_tokens").value = "100000"
+    app.query_one(PromptArea).focus()
+    await pilot.press(*"go")
+    await pilot.press("enter")
+    await pilot.press("escape")
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+
+
 async def test_escape_stops_the_reply(engine):
     app = LocalmixApp(engine, blink=False)
     async with app.run_test(size=(130, 40)) as pilot:
-        app.query_one("#set-max_tokens").value = "100000"
-        app.query_one(PromptArea).focus()
-        await pilot.press(*"go")
-        await pilot.press("enter")
-        await pilot.press("escape")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
-        assert not app.generating
-        assert app.last is None or app.last.generated_tokens < 100000
-        assert len(app.conv.messages) == 2  # the partial reply is kept
-        assert "(stopped)" in app.query("ChatMessage").last().content
+        await send(pilot, "first")
+        assert app.last is not None  # the first reply's figures...
+        await stop_a_long_reply(pilot)
+        assert not app.generating and app.session.stopped
+        assert app.last is None  # ...are not shown for the stopped one
+        assert "decode" not in str(app.query_one("#stats-text").render())
+        assert "stopped" in str(app.query_one("#stats-text").render())
+        assert len(app.conv.messages) == 4  # the partial reply is kept
+        reply = app.query("ChatMessage").last()
+        assert reply.content == app.conv.messages[-1]["content"]  # no *(stopped)* in a base
+        assert "stopped" not in reply.content and reply.border_subtitle == "stopped"  # model's text
 
 
 async def test_ctrl_n_starts_a_new_chat(engine):
@@ -91,6 +103,9 @@ async def test_ctrl_n_starts_a_new_chat(engine):
         assert app.conv.name != old and app.conv.messages == []
         assert len(app.query("ChatMessage")) == 0
         assert engine.cache.used == 0
+        assert f"context      0/{engine.cache.capacity}" in str(
+            app.query_one("#stats-text").render()
+        )
 
 
 async def test_reopen_saved_conversation_after_restart(home):
@@ -192,7 +207,16 @@ def deterministic(engine, monkeypatch):
     clock = itertools.count(0, 0.02)
     monkeypatch.setattr("localmix.engine.time.perf_counter", lambda: next(clock))
     monkeypatch.setattr(engine, "memory", lambda: {"host": 300_000_000})
+    monkeypatch.setattr("localmix.conversations.datetime", FixedClock)
     return engine
+
+
+class FixedClock(datetime):
+    """A clock at 2026-01-02 03:04, for the sidebar's dates in snapshots."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return cls(2026, 1, 2, 3, 4, 5, tzinfo=tz)
 
 
 def test_snapshot_main_screen(deterministic, snap_compare):

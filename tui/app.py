@@ -1,7 +1,8 @@
 """The Textual chat app: streaming Markdown replies, saved conversations, settings, live stats.
 
-The model runs in a worker thread; the UI only renders the engine's events. Keys: Enter sends,
-Ctrl+J inserts a newline, Esc stops a reply, Ctrl+N starts a new chat, Ctrl+Q quits.
+The conversation is a `ChatSession` (localmix.session); the model runs in a worker thread and
+the UI only renders the session's events. Keys: Enter sends, Ctrl+J inserts a newline, Esc
+stops a reply, Ctrl+N starts a new chat, F2 opens Settings, F3 Stats, Ctrl+Q quits.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, ScrollableContainer, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import (
     Footer,
@@ -32,12 +33,11 @@ from textual.widgets import (
     TextArea,
 )
 
-from localmix.conversations import Conversation, list_conversations, new_name
+from localmix.conversations import list_conversations
 from localmix.engine import Engine, Summary
-from localmix.errors import LocalmixError
-from localmix.sampling import SamplingOptions
+from localmix.errors import LocalmixError, OptionError
+from localmix.session import ChatSession, format_setting
 
-SAVE_EVERY = 32  # tokens between saves of a reply being written
 REFRESH_S = 0.05  # at most this often the streaming reply is re-rendered
 ACTIVITY_DECAY = 0.9  # per token, for the heatmap's "recently routed"
 HEAT = ["grey19", "dark_blue", "blue3", "dodger_blue2", "green3", "yellow1", "dark_orange", "red1"]
@@ -113,7 +113,8 @@ class Heatmap(Static):
 
 class ChatMessage(Vertical):
     """One message in the chat log: Markdown for a chat model, the text as it is (line breaks and
-    indentation kept) for a base model, whose replies continue code or prose."""
+    indentation kept) for a base model, whose replies continue code or prose. A base model's
+    lines do not wrap: a long line scrolls sideways, so code keeps its indentation."""
 
     def __init__(self, role: str, content: str, *, markdown: bool = True) -> None:
         super().__init__(classes=f"message {role}")
@@ -124,18 +125,41 @@ class ChatMessage(Vertical):
         if self.markdown:
             yield Markdown(printable(self.content))
         else:
-            yield Static(Text(printable(self.content)), classes="plain")
+            with ScrollableContainer(classes="lines"):
+                yield Static(self.plain(self.content), classes="plain")
+
+    @staticmethod
+    def plain(content: str) -> Text:
+        return Text(printable(content), no_wrap=True, overflow="ignore")
 
     async def set_content(self, content: str) -> None:
         self.content = content
         if self.markdown:
             await self.query_one(Markdown).update(printable(content))
         else:
-            self.query_one(".plain", Static).update(Text(printable(content)))
+            self.query_one(".plain", Static).update(self.plain(content))
+
+
+SETTING_FIELDS = (  # (setting, label); the values come from the session
+    ("system", "system prompt"),
+    ("temperature", "temperature (0 = greedy)"),
+    ("top_k", "top-k (0 = off)"),
+    ("top_p", "top-p (1 = off)"),
+    ("min_p", "min-p (0 = off)"),
+    ("repetition_penalty", "repetition penalty (1 = off)"),
+    ("seed", "seed (empty = random)"),
+    ("max_tokens", "max tokens per reply"),
+    ("stop", "stop strings (separated by |)"),
+    ("context", "context window (tokens; Enter applies)"),
+)
 
 
 class LocalmixApp(App):
-    """Chat with a local model, with the expert machinery in view."""
+    """Chat with a local model, with the expert machinery in view.
+
+    `settings` (sampling options by name), `system` and `load` (a saved conversation to open)
+    are the command line's `chat` options; they show in Settings.
+    """
 
     TITLE = "localmix"
     CSS = """
@@ -147,41 +171,63 @@ class LocalmixApp(App):
     .message { height: auto; margin: 0 0 1 0; padding: 0 1; border: round $secondary; }
     .message.user { border: round $accent; }
     .message Markdown { margin: 0; padding: 0; }
+    .message .lines { height: auto; overflow-x: auto; overflow-y: hidden; }
+    .message .plain { width: auto; }
     PromptArea { height: 5; border: round $accent; }
     #stats-text { height: auto; }
     .setting { height: auto; }
-    .setting Label { margin: 1 0 0 0; }
+    .setting Label { margin: 0; color: $text-muted; }
     """
     BINDINGS = [
         Binding("escape", "stop", "Stop reply"),
         Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("f2", "show_tab('settings')", "Settings"),
+        Binding("f3", "show_tab('stats')", "Stats"),
         Binding("ctrl+q", "quit", "Quit"),
     ]
 
-    def __init__(self, engine: Engine, *, blink: bool = True) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        settings: dict | None = None,
+        system: str | None = None,
+        load: str | None = None,
+        blink: bool = True,
+    ) -> None:
         super().__init__()
         self.engine = engine
         self.blink = blink
-        self.conv = Conversation(name=new_name(), model=engine.name)
+        self.session = ChatSession(engine, on_save_problem=self.save_problem)
+        if load:
+            self.session.open(load)
+        self.session.update(settings or {})  # the command line's options win over a saved chat's
+        if system is not None:
+            self.session.system = system
         self.stop_flag = threading.Event()
         self.generating = False
         layers = len(engine.model.moe_layers())
         self.activity = [[0.0] * engine.config.num_local_experts for _ in range(layers)]
-        self.last: Summary | None = None
         self.sub_title = engine.name
         self.said: set[str] = set()  # problems already shown (a save that fails, a bad file)
+
+    @property
+    def conv(self):
+        """The conversation on screen."""
+        return self.session.conversation
+
+    @property
+    def last(self) -> Summary | None:
+        """The figures of the reply on screen (None while none has finished)."""
+        return self.session.last
 
     def say_once(self, problem: str) -> None:
         if problem not in self.said:
             self.said.add(problem)
             self.notify(problem, severity="warning", timeout=10)
 
-    def autosave(self) -> None:
-        """Save as the chat goes; a failure is shown once and the chat goes on."""
-        try:
-            self.conv.save()
-        except LocalmixError as e:
-            self.say_once(f"not saved: {e}")
+    def save_problem(self, problem: str) -> None:
+        self.say_once(f"not saved: {problem}")
 
     # -- layout ----------------------------------------------------------------------------
 
@@ -201,29 +247,43 @@ class LocalmixApp(App):
                 with TabPane("Stats", id="stats"):
                     yield Static(id="stats-text")
                     yield Heatmap(id="heatmap")
-                with TabPane("Settings", id="settings"):
-                    yield from self._settings()
+                with TabPane("Settings", id="settings"), VerticalScroll():
+                    for key, label in SETTING_FIELDS:
+                        with Vertical(classes="setting"):
+                            yield Label(label)
+                            yield Input(value=self.setting_text(key), id=f"set-{key}", compact=True)
         yield Footer()
 
-    def _settings(self) -> ComposeResult:
-        d = self.engine.defaults
-        fields = [
-            ("system", "system prompt", ""),
-            ("temperature", "temperature (0 = greedy)", str(d.temperature)),
-            ("top_p", "top-p", str(d.top_p)),
-            ("max_tokens", "max tokens per reply", str(d.max_tokens)),
-            ("context", "context window (tokens)", str(self.engine.context)),
-        ]
-        for key, label, value in fields:
-            with Vertical(classes="setting"):
-                yield Label(label)
-                yield Input(value=value, id=f"set-{key}")
+    def setting_text(self, key: str) -> str:
+        """A setting's current value as its field shows it."""
+        if key == "system":
+            return self.session.system
+        if key == "context":
+            return str(self.engine.context)
+        value = getattr(self.session.options, key)
+        return "" if value is None else format_setting(value)
 
     @shows_errors
-    def on_mount(self) -> None:
+    async def on_mount(self) -> None:
         self.refresh_sidebar()
         self.refresh_stats()
         self.query_one(PromptArea).focus()
+        if self.conv.messages:  # opened with --load
+            await self.show_conversation()
+
+    def on_key(self, event) -> None:
+        """A key that reaches the app with nothing focused (typed while the app was starting)
+        goes into the prompt instead of being lost."""
+        if self.focused is None and event.is_printable and event.character:
+            prompt = self.query_one(PromptArea)
+            prompt.focus()
+            prompt.insert(event.character)
+            event.stop()
+
+    def action_show_tab(self, tab: str) -> None:
+        self.query_one("#panel", TabbedContent).active = tab
+        if tab == "settings":
+            self.query_one("#set-system", Input).focus()
 
     # -- conversations ---------------------------------------------------------------------
 
@@ -234,18 +294,17 @@ class LocalmixApp(App):
         for problem in problems:  # one unreadable file does not hide the others
             self.say_once(problem)
         for conv in conversations:
-            first = next((m["content"] for m in conv.messages if m["role"] == "user"), "(empty)")
-            title = first.strip().splitlines()[0][:24] if first.strip() else "(empty)"
-            item = ListItem(Label(title), name=conv.name)
-            view.append(item)
+            when = conv.updated[5:16].replace("T", " ")  # MM-DD HH:MM
+            label = Text(conv.title[:24])
+            label.append(f"\n{when}", style="dim")
+            view.append(ListItem(Label(label), name=conv.name))
 
     @on(ListView.Selected, "#conversations")
     @shows_errors
     async def open_conversation(self, event: ListView.Selected) -> None:
         if self.generating or event.item.name is None:
             return
-        self.conv = Conversation.load(event.item.name)
-        self.engine.reset()
+        self.session.open(event.item.name)
         await self.show_conversation()
 
     async def show_conversation(self) -> None:
@@ -253,24 +312,24 @@ class LocalmixApp(App):
         await log.remove_children()
         await log.mount_all([self.message(m["role"], m["content"]) for m in self.conv.messages])
         log.scroll_end(animate=False)
-        self.query_one("#set-system", Input).value = self.conv.system
-        for key in ("temperature", "top_p", "max_tokens"):
-            if key in self.conv.settings:
-                self.query_one(f"#set-{key}", Input).value = str(self.conv.settings[key])
+        self.show_settings()
+        self.refresh_stats()
+
+    def show_settings(self) -> None:
+        for key, _ in SETTING_FIELDS:
+            field = self.query_one(f"#set-{key}", Input)
+            with field.prevent(Input.Changed):
+                field.value = self.setting_text(key)
+            field.remove_class("-invalid")
 
     @shows_errors
     async def action_new_chat(self) -> None:
         if self.generating:
             self.action_stop()
             return
-        self.conv = Conversation(
-            name=new_name(),
-            model=self.engine.name,
-            system=self.conv.system,
-            settings=dict(self.conv.settings),
-        )
-        self.engine.reset()
+        self.session.new_chat()
         await self.query_one("#log", VerticalScroll).remove_children()
+        self.refresh_stats()
         self.query_one(PromptArea).focus()
 
     # -- settings --------------------------------------------------------------------------
@@ -278,19 +337,45 @@ class LocalmixApp(App):
     @on(Input.Changed)
     @shows_errors
     def setting_changed(self, event: Input.Changed) -> None:
+        """A sampling setting applies as it is typed (a wrong value marks the field and keeps
+        the last good one); the context applies on Enter or when the field is left."""
         key = (event.input.id or "").removeprefix("set-")
-        value = event.value.strip()
         event.input.remove_class("-invalid")
+        if key == "system":
+            self.session.system = event.value
+        elif key == "seed" and not event.value.strip():
+            self.session.conversation.settings.pop("seed", None)
+        elif key not in ("context", ""):
+            try:
+                self.session.set(key, event.value.strip() if key != "stop" else event.value)
+            except OptionError:
+                event.input.add_class("-invalid")
+
+    @on(Input.Submitted, "#set-context")
+    @on(Input.Blurred, "#set-context")
+    @shows_errors
+    def context_changed(self, event: Input.Submitted | Input.Blurred) -> None:
+        """A new context window, applied once (resizing the KV cache is not a keystroke's work)."""
+        field = event.input
+        field.remove_class("-invalid")
         try:
-            if key == "system":
-                self.conv.system = event.value
-            elif key in ("temperature", "top_p", "max_tokens"):
-                self.conv.settings[key] = SamplingOptions.parse(key, value)
-            elif key == "context" and int(value) != self.engine.context and not self.generating:
-                self.engine.set_context(int(value))
-                self.refresh_stats()
+            context = int(field.value)
         except ValueError:
-            event.input.add_class("-invalid")
+            field.add_class("-invalid")
+            return
+        if context == self.engine.context:
+            return
+        if self.generating:
+            self.notify("the context changes after this reply", severity="warning")
+            return
+        try:
+            self.engine.set_context(context)
+        except OptionError:
+            field.add_class("-invalid")
+            raise
+        with field.prevent(Input.Changed):
+            field.value = str(self.engine.context)  # at most the model's own window
+        self.refresh_stats()
 
     # -- chatting --------------------------------------------------------------------------
 
@@ -300,15 +385,13 @@ class LocalmixApp(App):
         if self.generating:
             self.bell()
             return
-        self.conv.messages.append({"role": "user", "content": event.text})
-        self.autosave()
         log = self.query_one("#log", VerticalScroll)
         reply = self.message("assistant", "…")
         await log.mount_all([self.message("user", event.text), reply])
         log.scroll_end(animate=False)
         self.generating = True
         self.stop_flag.clear()
-        self.generate(reply)
+        self.generate(event.text, reply)
 
     def message(self, role: str, content: str) -> ChatMessage:
         return ChatMessage(role, content, markdown=self.engine.template.chat_format)
@@ -318,21 +401,17 @@ class LocalmixApp(App):
             self.stop_flag.set()
 
     @work(thread=True, exclusive=True, group="generate")
-    def generate(self, reply: ChatMessage) -> None:
+    def generate(self, text: str, reply: ChatMessage) -> None:
         """Run the model in this worker thread; hand text to the UI at most every REFRESH_S."""
         pieces: list[str] = []
         shown = 0.0
-        events = None
+        events = self.session.send(text)
         try:
-            events = self.engine.chat(self.conv.for_engine(), **self.conv.settings)
             for event in events:
                 if isinstance(event, Summary):
-                    self.last = event
                     break
                 pieces.append(event.text)
                 self.record_routing()
-                if len(pieces) % SAVE_EVERY == 0:
-                    self.save_partial("".join(pieces))
                 if time.monotonic() - shown > REFRESH_S:
                     shown = time.monotonic()
                     self.call_from_thread(self.show_reply, reply, "".join(pieces))
@@ -341,17 +420,8 @@ class LocalmixApp(App):
         except (LocalmixError, OSError) as e:  # the barrier, in this thread
             self.call_from_thread(self.notify, str(e), severity="error", timeout=10)
         finally:
-            if events is not None:
-                events.close()
+            events.close()  # the session keeps the reply, whole or stopped
             self.call_from_thread(self.finish_reply, reply, "".join(pieces))
-
-    def save_partial(self, text: str) -> None:
-        conv = Conversation(**{**vars(self.conv), "messages": list(self.conv.messages)})
-        conv.messages.append({"role": "assistant", "content": text})
-        try:
-            conv.save()
-        except LocalmixError:
-            pass  # the save at the end of the reply says what is wrong
 
     def record_routing(self) -> None:
         for layer, chosen in enumerate(self.engine.expert_routing()):
@@ -372,12 +442,10 @@ class LocalmixApp(App):
     @shows_errors
     async def finish_reply(self, reply: ChatMessage, text: str) -> None:
         self.generating = False
-        stopped = self.stop_flag.is_set()
-        await self.show_reply(reply, text + ("\n\n*(stopped)*" if stopped else ""))
-        self.conv.messages.append({"role": "assistant", "content": text})
-        self.autosave()
+        if self.session.stopped:
+            reply.border_subtitle = "stopped"  # not in the text: a base model's is shown as is
+        await self.show_reply(reply, text)
         self.refresh_sidebar()
-        self.refresh_stats()
 
     # -- stats -----------------------------------------------------------------------------
 
@@ -391,6 +459,8 @@ class LocalmixApp(App):
                 f"prefill      {s.prefill_tokens_per_s:.1f} tok/s",
                 f"first token  {s.time_to_first_token_s * 1000:.0f} ms",
             ]
+        elif self.session.stopped and not self.generating:
+            lines.append("last reply   stopped: no figures")
         lines.append(f"context      {e.cache.used}/{e.cache.capacity} tokens")
         lines.append(f"host memory  {mem['host'] / 1e6:.0f} MB")
         if "device" in mem:
@@ -408,7 +478,4 @@ class LocalmixApp(App):
 
     def on_unmount(self) -> None:
         if self.conv.messages:
-            try:
-                self.conv.save()
-            except LocalmixError:
-                pass  # already shown while the app ran (`autosave`)
+            self.session.save()  # a failure was already shown while the app ran
