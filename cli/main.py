@@ -744,3 +744,9 @@ def export_cmd(
         f"on average (worst {change['worst_relative']:.4f})"
     )
     err.print(f"serve it with: vllm serve {dst} --tensor-parallel-size 2")
+
+
+# Last: `serve` takes the options defined above.
+from localmix.cli.serve import serve  # noqa: E402
+
+app.command()(friendly_errors(serve))

@@ -123,11 +123,13 @@ class Engine:
         `progress(done, total)` is called after each chunk of a prompt longer than one chunk.
         """
         opts = self.defaults.updated(**sampling)
+        return self._generate(self.prompt_ids(prompt), opts, progress, continuation=True)
+
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """The token ids `generate` starts from: a text gets BOS; token ids are used as is."""
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(valid_text(prompt), bos=True)
-        else:
-            ids = list(prompt)
-        return self._generate(ids, opts, progress, continuation=True)
+            return self.tokenizer.encode(valid_text(prompt), bos=True)
+        return list(prompt)
 
     def chat(
         self,
@@ -142,12 +144,17 @@ class Engine:
         new tokens: the engine keeps the ids it generated for the conversation's replies.
         """
         opts = self.defaults.updated(**sampling)
-        messages = [{**m, "content": valid_text(m["content"])} for m in messages]
-        replies = {m["content"] for m in messages if m["role"] == "assistant"}
+        replies = {valid_text(m["content"]) for m in messages if m["role"] == "assistant"}
         self._reply_ids = {t: ids for t, ids in self._reply_ids.items() if t in replies}
-        ids = self.template.encode(messages, self._reply_ids)
+        ids = self.chat_ids(messages)
         continuation = not self.template.chat_format  # a base model continues the text
         return self._generate(ids, opts, progress, remember_reply=True, continuation=continuation)
+
+    def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """The token ids `chat` replies to: the conversation in the model's format, with the
+        replies this engine generated as the ids it generated (what the KV cache holds)."""
+        messages = [{**m, "content": valid_text(m["content"])} for m in messages]
+        return self.template.encode(messages, self._reply_ids)
 
     @torch.inference_mode()
     def _prefill(self, ids: list[int], progress: Progress | None) -> tuple[torch.Tensor, int]:
