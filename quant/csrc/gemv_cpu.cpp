@@ -14,10 +14,12 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -110,37 +112,69 @@ void int4_block(const uint8_t* qb, const c10::BFloat16* sz, const float* x, cons
   if (kTwoRows) std::copy(out1, out1 + kTile, y + N + block * kTile);
 }
 
-// Activations quantized to int8 per group (the weights' groups), as llama.cpp multiplies its
-// 4-bit formats: `dx` (groups,) scales and, for every 4 columns k..k+3, a 32-byte pattern
-// (x_k, x_k+2) x 8 | (x_k+1, x_k+3) x 8 that lines up with the interleaved weight bytes below.
-struct Q8Row {
-  std::vector<int8_t> pattern;  // (K/4, 32)
-  std::vector<float> dx;        // (groups,)
-  std::vector<int32_t> qsum;    // (groups,) sum of the int8 codes
+// Working memory reused from call to call (grown, never shrunk), so that a decode step makes no
+// allocation beyond its result tensor. One per calling thread; the parallel regions only read
+// the caller's.
+struct Scratch {
+  std::vector<float> x, y, h, xsum, hsum, xdx, hdx;
+  std::vector<int8_t> xpattern, hpattern, q8;
+  std::vector<int32_t> xqsum, hqsum;
 };
 
-Q8Row quantize_row(const float* x, int64_t K, int64_t group) {
-  Q8Row r{std::vector<int8_t>(K * 8), std::vector<float>(K / group),
-          std::vector<int32_t>(K / group, 0)};
-  std::vector<int8_t> q(K);
-  for (int64_t g = 0; g < K / group; ++g) {
-    float amax = 0.0f;
-    for (int64_t k = g * group; k < (g + 1) * group; ++k) amax = std::max(amax, std::abs(x[k]));
+Scratch& scratch() {
+  static thread_local Scratch s;
+  return s;
+}
+
+template <class T>
+T* grown(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// Activations quantized to int8 per group (the weights' groups), as llama.cpp multiplies its
+// 4-bit formats. For row m: `dx` scales, `qsum` sums of the codes, `xsum` sums of the float
+// values, each (groups,), and for every 4 columns k..k+3 a 32-byte pattern
+// (x_k, x_k+2) x 8 | (x_k+1, x_k+3) x 8 that lines up with the interleaved weight bytes below.
+struct Q8Rows {
+  int8_t* pattern;  // (M, K/4, 32)
+  float* dx;        // (M, groups)
+  int32_t* qsum;    // (M, groups)
+  float* xsum;      // (M, groups)
+  int64_t K, groups;
+};
+
+Q8Rows q8_rows(std::vector<int8_t>& pattern, std::vector<float>& dx, std::vector<int32_t>& qsum,
+               std::vector<float>& xsum, int64_t M, int64_t K, int64_t group) {
+  const int64_t groups = K / group;
+  return {grown(pattern, M * K * 8), grown(dx, M * groups), grown(qsum, M * groups),
+          grown(xsum, M * groups), K, groups};
+}
+
+// Quantizes groups g0..g1 of row m of `r` from x, that row's K float values.
+void quantize_groups(const float* x, int64_t m, int64_t g0, int64_t g1, int64_t group,
+                     const Q8Rows& r) {
+  int8_t q[128];  // one group (group sizes are 32, 64 or 128)
+  for (int64_t g = g0; g < g1; ++g) {
+    const float* xg = x + g * group;
+    float amax = 0.0f, sum = 0.0f;
+    for (int64_t i = 0; i < group; ++i) amax = std::max(amax, std::abs(xg[i])), sum += xg[i];
     const float dx = amax > 0.0f ? amax / 127.0f : 1.0f;
-    r.dx[g] = dx;
-    for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-      q[k] = static_cast<int8_t>(std::nearbyint(x[k] / dx));
-      r.qsum[g] += q[k];
+    int32_t qsum = 0;
+    for (int64_t i = 0; i < group; ++i) {
+      q[i] = static_cast<int8_t>(std::nearbyint(xg[i] / dx));
+      qsum += q[i];
+    }
+    const int64_t at = m * r.groups + g;
+    r.dx[at] = dx, r.qsum[at] = qsum, r.xsum[at] = sum;
+    int8_t* p = r.pattern + (m * r.K + g * group) * 8;
+    for (int64_t s = 0; s < group / 4; ++s, p += 32) {
+      for (int i = 0; i < 8; ++i) {
+        p[2 * i] = q[4 * s], p[2 * i + 1] = q[4 * s + 2];
+        p[16 + 2 * i] = q[4 * s + 1], p[16 + 2 * i + 1] = q[4 * s + 3];
+      }
     }
   }
-  for (int64_t s = 0; s < K / 4; ++s) {
-    int8_t* p = r.pattern.data() + s * 32;
-    for (int i = 0; i < 8; ++i) {
-      p[2 * i] = q[4 * s], p[2 * i + 1] = q[4 * s + 2];
-      p[16 + 2 * i] = q[4 * s + 1], p[16 + 2 * i + 1] = q[4 * s + 3];
-    }
-  }
-  return r;
 }
 
 // Adds the int16 partial sums of 16 rows (two 128-bit lanes, each 8 rows) into 8 int32 rows.
@@ -150,16 +184,17 @@ inline __m256i widen_lanes(__m256i acc16, __m256i acc32) {
   return _mm256_add_epi32(acc32, _mm256_add_epi32(lo, hi));
 }
 
-// One 32-row block times one int8-quantized activation row, with integer multiply-adds.
+// One 32-row block (of a weight with N rows) times row m of int8-quantized activations, with
+// integer multiply-adds, into out[0..32).
 // Four columns at a time: two 32-byte loads hold columns (k, k+1) and (k+2, k+3); interleaving
 // their bytes pairs two columns of the same row, so one maddubs multiplies and adds 32 codes.
 // Partial sums stay int16 for 8 steps (|sum| <= 8 * 2 * 15 * 127 < 32768), then widen.
-void int4_block_q8(const uint8_t* qb, const c10::BFloat16* sz, const Q8Row& xr,
-                   const float* xsum, int64_t K, int64_t N, int64_t group, int64_t block,
-                   float* y) {
-  alignas(32) float out[kTile] = {};
+void int4_block_q8(const uint8_t* qb, const c10::BFloat16* sz, const Q8Rows& xr, int64_t m,
+                   int64_t N, int64_t group, int64_t block, float* out) {
+  std::fill(out, out + kTile, 0.0f);
   const __m256i mask = _mm256_set1_epi8(0x0F);
-  for (int64_t g = 0; g < K / group; ++g) {
+  const int8_t* pattern = xr.pattern + m * xr.K * 8;
+  for (int64_t g = 0; g < xr.groups; ++g) {
     __m256i r0 = _mm256_setzero_si256(), r1 = r0, r2 = r0, r3 = r0;  // rows 0-7 .. 24-31
     for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 32) {
       __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
@@ -171,7 +206,7 @@ void int4_block_q8(const uint8_t* qb, const c10::BFloat16* sz, const Q8Row& xr,
         __m256i c23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + (k + 2) * 16));
         __m256i u0 = _mm256_unpacklo_epi8(c01, c23);  // rows 0-7 (low nibbles), 16-23 (high)
         __m256i u1 = _mm256_unpackhi_epi8(c01, c23);  // rows 8-15, 24-31
-        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.pattern.data() + k * 8));
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pattern + k * 8));
         a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(_mm256_and_si256(u0, mask), xv));
         a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(_mm256_and_si256(u1, mask), xv));
         a2 = _mm256_add_epi16(
@@ -184,34 +219,15 @@ void int4_block_q8(const uint8_t* qb, const c10::BFloat16* sz, const Q8Row& xr,
     }
     // Centred on code 8 in integers, with the quantized activations' own sum: the codes average
     // about 8, so centring with the exact sum of x would multiply x's rounding errors by 8.
-    const __m256i c = _mm256_set1_epi32(8 * xr.qsum[g]);
-    const __m256 dx = _mm256_set1_ps(xr.dx[g]);
+    const int64_t at = m * xr.groups + g;
+    const __m256i c = _mm256_set1_epi32(8 * xr.qsum[at]);
+    const __m256 dx = _mm256_set1_ps(xr.dx[at]);
     const __m256 dot[4] = {_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(r0, c)), dx),
                            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(r1, c)), dx),
                            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(r2, c)), dx),
                            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(r3, c)), dx)};
-    finish_group(sz + (g * N + block * kTile) * 2, dot, xsum[g], out);
+    finish_group(sz + (g * N + block * kTile) * 2, dot, xr.xsum[at], out);
   }
-  std::copy(out, out + kTile, y + block * kTile);
-}
-
-// Activations rounded to int8 per block of 32 columns (llama.cpp's Q8_0), for 8-bit weights.
-struct Q8Blocks {
-  std::vector<int8_t> q;  // (K,)
-  std::vector<float> d;   // (K/32,) scales
-};
-
-Q8Blocks quantize_blocks(const float* x, int64_t K) {
-  Q8Blocks r{std::vector<int8_t>(K), std::vector<float>(K / 32)};
-  for (int64_t b = 0; b < K / 32; ++b) {
-    float amax = 0.0f;
-    for (int64_t k = 32 * b; k < 32 * b + 32; ++k) amax = std::max(amax, std::abs(x[k]));
-    const float d = amax > 0.0f ? amax / 127.0f : 1.0f;
-    r.d[b] = d;
-    for (int64_t k = 32 * b; k < 32 * b + 32; ++k)
-      r.q[k] = static_cast<int8_t>(std::nearbyint(x[k] / d));
-  }
-  return r;
 }
 
 // Eight int32 partial sums of 32 int8 x int8 products. maddubs takes one unsigned operand, so
@@ -222,34 +238,42 @@ inline __m256i dot32(const int8_t* w, __m256i xv) {
   return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
-// Activation rows as float32. Done by hand: each ATen op costs microseconds, as much as a
-// small matrix-vector product.
-std::vector<float> rows_as_float(const torch::Tensor& x, int64_t K) {
+// Activation rows as float32 in `buffer`. Done by hand: each ATen op costs microseconds, as
+// much as a small matrix-vector product.
+const float* rows_as_float(const torch::Tensor& x, int64_t K, std::vector<float>& buffer) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "activations must be (rows, ", K, ")");
-  torch::Tensor xc = x.contiguous();
-  std::vector<float> out(xc.numel());
+  if (x.scalar_type() == torch::kFloat32 && x.is_contiguous()) return x.data_ptr<float>();
+  const torch::Tensor xc = x.contiguous();  // a no-op for the contiguous rows callers pass
+  const int64_t n = xc.numel();
+  float* out = grown(buffer, n);
   if (xc.scalar_type() == torch::kBFloat16) {
     const auto* p = xc.data_ptr<c10::BFloat16>();
-    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(p[i]);
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(p[i]);
   } else {
-    torch::Tensor xf = xc.to(torch::kFloat32);
-    std::copy(xf.data_ptr<float>(), xf.data_ptr<float>() + out.size(), out.begin());
+    const torch::Tensor xf = xc.to(torch::kFloat32);
+    std::copy(xf.data_ptr<float>(), xf.data_ptr<float>() + n, out);
   }
   return out;
 }
 
-// (M, N) in `like`'s dtype from float32 results.
-torch::Tensor result(const std::vector<float>& y, int64_t M, int64_t N, const torch::Tensor& like) {
+// An (M, N) result in `like`'s dtype, and where to write its float32 values: the tensor itself
+// when float32, else `buffer`, to be stored by `store_result`.
+std::pair<torch::Tensor, float*> new_result(int64_t M, int64_t N, const torch::Tensor& like,
+                                            std::vector<float>& buffer) {
   torch::Tensor out = torch::empty({M, N}, like.options());
-  if (out.scalar_type() == torch::kFloat32) {
-    std::copy(y.begin(), y.end(), out.data_ptr<float>());
-  } else if (out.scalar_type() == torch::kBFloat16) {
+  float* y = out.scalar_type() == torch::kFloat32 ? out.data_ptr<float>() : grown(buffer, M * N);
+  return {out, y};
+}
+
+void store_result(torch::Tensor& out, const float* y) {
+  const int64_t n = out.numel();
+  if (out.scalar_type() == torch::kFloat32) return;
+  if (out.scalar_type() == torch::kBFloat16) {
     auto* p = out.data_ptr<c10::BFloat16>();
-    for (size_t i = 0; i < y.size(); ++i) p[i] = c10::BFloat16(y[i]);
+    for (int64_t i = 0; i < n; ++i) p[i] = c10::BFloat16(y[i]);
   } else {
-    out.copy_(torch::from_blob(const_cast<float*>(y.data()), {M, N}, torch::kFloat32));
+    out.copy_(torch::from_blob(const_cast<float*>(y), out.sizes(), torch::kFloat32));
   }
-  return out;
 }
 
 void check_int4(const torch::Tensor& qweight, const torch::Tensor& scales_zeros, int64_t group) {
@@ -258,47 +282,36 @@ void check_int4(const torch::Tensor& qweight, const torch::Tensor& scales_zeros,
   TORCH_CHECK(scales_zeros.dtype() == torch::kBFloat16 && scales_zeros.is_contiguous(),
               "scales_zeros must be contiguous bfloat16");
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
-  TORCH_CHECK(N % kTile == 0 && group % 32 == 0 && K % group == 0, "bad 4-bit shape");
+  TORCH_CHECK(N % kTile == 0 && group % 32 == 0 && group <= 128 && K % group == 0,
+              "bad 4-bit shape");
   TORCH_CHECK(scales_zeros.numel() == K / group * N * 2, "scales_zeros does not match qweight");
 }
 
-// (M, N) float32 products of M rows of x (M, K) with a 4-bit weight. `exact`: float32 FMAs;
-// otherwise x is rounded to int8 per group and multiplied in integers.
-std::vector<float> int4_product(const std::vector<float>& xf, int64_t M, bool exact,
-                                const torch::Tensor& qweight, const torch::Tensor& scales_zeros,
-                                int64_t group) {
+// y (M, N) = x (M, K) times a 4-bit weight, float32 throughout (float32 activations).
+void int4_product_exact(const float* xp, int64_t M, const torch::Tensor& qweight,
+                        const torch::Tensor& scales_zeros, int64_t group, float* yp) {
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2, groups = K / group;
   std::vector<float> xsum(M * groups, 0.0f);  // (M, groups)
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xsum[m * groups + k / group] += xf[m * K + k];
-  std::vector<float> y(M * N);
+    for (int64_t k = 0; k < K; ++k) xsum[m * groups + k / group] += xp[m * K + k];
   const uint8_t* q = qweight.data_ptr<uint8_t>();
   const auto* sz = scales_zeros.data_ptr<c10::BFloat16>();
-  const float* xp = xf.data();
   const float* sp = xsum.data();
-  float* yp = y.data();
-  if (exact) {
-    at::parallel_for(0, N / kTile, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const uint8_t* qb = q + b * K * 16;
-        int64_t m = 0;
-        for (; m + 2 <= M; m += 2)
-          int4_block<true>(qb, sz, xp + m * K, sp + m * groups, K, N, group, b, yp + m * N);
-        if (m < M)
-          int4_block<false>(qb, sz, xp + m * K, sp + m * groups, K, N, group, b, yp + m * N);
-      }
-    });
-  } else {
-    std::vector<Q8Row> rows;
-    for (int64_t m = 0; m < M; ++m) rows.push_back(quantize_row(xp + m * K, K, group));
-    at::parallel_for(0, N / kTile, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b)
-        for (int64_t m = 0; m < M; ++m)
-          int4_block_q8(q + b * K * 16, sz, rows[m], sp + m * groups, K, N, group, b, yp + m * N);
-    });
-  }
-  return y;
+  at::parallel_for(0, N / kTile, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* qb = q + b * K * 16;
+      int64_t m = 0;
+      for (; m + 2 <= M; m += 2)
+        int4_block<true>(qb, sz, xp + m * K, sp + m * groups, K, N, group, b, yp + m * N);
+      if (m < M)
+        int4_block<false>(qb, sz, xp + m * K, sp + m * groups, K, N, group, b, yp + m * N);
+    }
+  });
 }
+
+// The threads a kernel's own parallel region runs on: PyTorch's count, one inside another
+// parallel region.
+int region_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
 
 }  // namespace
 
@@ -309,15 +322,32 @@ std::vector<float> int4_product(const std::vector<float>& xf, int64_t M, bool ex
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& qweight,
                       const torch::Tensor& scales_zeros, int64_t group) {
   check_int4(qweight, scales_zeros, group);
-  const int64_t K = qweight.size(1) * 2;
-  const std::vector<float> xf = rows_as_float(x, K);
-  const bool exact = x.scalar_type() == torch::kFloat32;
-  std::vector<float> y = int4_product(xf, x.size(0), exact, qweight, scales_zeros, group);
-  return result(y, x.size(0), qweight.size(0), x);
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2, M = x.size(0);
+  Scratch& s = scratch();
+  const float* xf = rows_as_float(x, K, s.x);
+  auto [out, y] = new_result(M, N, x, s.y);
+  if (x.scalar_type() == torch::kFloat32) {
+    int4_product_exact(xf, M, qweight, scales_zeros, group, y);
+    return out;
+  }
+  const Q8Rows xr = q8_rows(s.xpattern, s.xdx, s.xqsum, s.xsum, M, K, group);
+  for (int64_t m = 0; m < M; ++m) quantize_groups(xf + m * K, m, 0, K / group, group, xr);
+  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  const auto* sz = scales_zeros.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, N / kTile, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t m = 0; m < M; ++m)
+        int4_block_q8(q + b * K * 16, sz, xr, m, N, group, b, y + m * N + b * kTile);
+  });
+  store_result(out, y);
+  return out;
 }
 
-// A whole SwiGLU expert, w2(silu(w1 x) * w3 x), in one call: for a decode step this saves the
-// five dispatches between the three products, and the hidden activations stay float32.
+// A whole SwiGLU expert, w2(silu(w1 x) * w3 x), in one call. For 16-bit activations: x is
+// quantized once for w1 and w3, which run block by block in the same pass, and the whole
+// expert is one parallel region. Each thread computes whole weight groups of the hidden
+// activations h and quantizes them itself; after one barrier, w2's blocks are shared out.
+// Float32 activations take the exact path, product by product.
 torch::Tensor int4_swiglu(const torch::Tensor& x, const torch::Tensor& q1,
                           const torch::Tensor& s1, const torch::Tensor& q3,
                           const torch::Tensor& s3, const torch::Tensor& q2,
@@ -325,15 +355,49 @@ torch::Tensor int4_swiglu(const torch::Tensor& x, const torch::Tensor& q1,
   check_int4(q1, s1, group);
   check_int4(q3, s3, group);
   check_int4(q2, s2, group);
-  const int64_t K = q1.size(1) * 2, H = q1.size(0), M = x.size(0);
+  const int64_t K = q1.size(1) * 2, H = q1.size(0), D = q2.size(0), M = x.size(0);
   TORCH_CHECK(q3.size(0) == H && q3.size(1) * 2 == K && q2.size(1) * 2 == H,
               "w1, w3 and w2 do not chain");
-  const std::vector<float> xf = rows_as_float(x, K);
-  const bool exact = x.scalar_type() == torch::kFloat32;
-  std::vector<float> h = int4_product(xf, M, exact, q1, s1, group);
-  const std::vector<float> up = int4_product(xf, M, exact, q3, s3, group);
-  for (size_t i = 0; i < h.size(); ++i) h[i] = h[i] / (1.0f + std::exp(-h[i])) * up[i];
-  return result(int4_product(h, M, exact, q2, s2, group), M, q2.size(0), x);
+  Scratch& s = scratch();
+  const float* xf = rows_as_float(x, K, s.x);
+  auto [out, y] = new_result(M, D, x, s.y);
+  float* h = grown(s.h, 2 * M * H);  // (M, H) gated activations, then (M, H) of w3's products
+  if (x.scalar_type() == torch::kFloat32) {
+    int4_product_exact(xf, M, q1, s1, group, h);
+    int4_product_exact(xf, M, q3, s3, group, h + M * H);
+    for (int64_t i = 0; i < M * H; ++i) h[i] = h[i] / (1.0f + std::exp(-h[i])) * h[M * H + i];
+    int4_product_exact(h, M, q2, s2, group, y);
+    return out;
+  }
+  const Q8Rows xr = q8_rows(s.xpattern, s.xdx, s.xqsum, s.xsum, M, K, group);
+  for (int64_t m = 0; m < M; ++m) quantize_groups(xf + m * K, m, 0, K / group, group, xr);
+  const Q8Rows hr = q8_rows(s.hpattern, s.hdx, s.hqsum, s.hsum, M, H, group);
+  const uint8_t *p1 = q1.data_ptr<uint8_t>(), *p3 = q3.data_ptr<uint8_t>();
+  const uint8_t* p2 = q2.data_ptr<uint8_t>();
+  const auto *z1 = s1.data_ptr<c10::BFloat16>(), *z3 = s3.data_ptr<c10::BFloat16>();
+  const auto* z2 = s2.data_ptr<c10::BFloat16>();
+  const int64_t hidden_groups = H / group, blocks_per_group = group / kTile, out_blocks = D / kTile;
+#pragma omp parallel num_threads(region_threads())
+  {
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t g0 = hidden_groups * t / T, g1 = hidden_groups * (t + 1) / T;
+    alignas(32) float gate[kTile], up[kTile];
+    for (int64_t b = g0 * blocks_per_group; b < g1 * blocks_per_group; ++b) {
+      for (int64_t m = 0; m < M; ++m) {
+        int4_block_q8(p1 + b * K * 16, z1, xr, m, H, group, b, gate);
+        int4_block_q8(p3 + b * K * 16, z3, xr, m, H, group, b, up);
+        float* hb = h + m * H + b * kTile;
+        for (int i = 0; i < kTile; ++i) hb[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) quantize_groups(h + m * H, m, g0, g1, group, hr);
+#pragma omp barrier
+    for (int64_t b = out_blocks * t / T; b < out_blocks * (t + 1) / T; ++b)
+      for (int64_t m = 0; m < M; ++m)
+        int4_block_q8(p2 + b * H * 16, z2, hr, m, D, group, b, y + m * D + b * kTile);
+  }
+  store_result(out, y);
+  return out;
 }
 
 // x (M, K); qweight int8 (N, K); scales bf16 (N,). Returns (M, N) in x's dtype. As in int4_mm,
@@ -345,31 +409,39 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& qweight,
   TORCH_CHECK(scales.dtype() == torch::kBFloat16 && scales.is_contiguous() &&
                   scales.numel() == qweight.size(0),
               "scales must be bfloat16 (N,)");
-  const int64_t N = qweight.size(0), K = qweight.size(1);
+  const int64_t N = qweight.size(0), K = qweight.size(1), M = x.size(0);
   TORCH_CHECK(K % 16 == 0 && N % 4 == 0, "int8 weights need in % 16 == 0 and out % 4 == 0");
-  const std::vector<float> xf = rows_as_float(x, K);
-  const int64_t M = x.size(0);
-  std::vector<float> y(M * N);
+  Scratch& scr = scratch();
+  const float* xp = rows_as_float(x, K, scr.x);
+  auto [out, yp] = new_result(M, N, x, scr.y);
   const int8_t* q = qweight.data_ptr<int8_t>();
   const auto* s = scales.data_ptr<c10::BFloat16>();
-  const float* xp = xf.data();
-  float* yp = y.data();
   if (x.scalar_type() != torch::kFloat32 && K % 32 == 0) {
-    // 16-bit activations: rounded to int8 per 32 columns, integer products, four rows at once.
-    std::vector<Q8Blocks> rows;
-    for (int64_t m = 0; m < M; ++m) rows.push_back(quantize_blocks(xp + m * K, K));
+    // 16-bit activations: rounded to int8 per 32 columns (llama.cpp's Q8_0), integer products,
+    // four weight rows at once.
+    int8_t* xq = grown(scr.q8, M * K);
+    float* xd = grown(scr.xdx, M * K / 32);
+    for (int64_t b = 0; b < M * K / 32; ++b) {
+      float amax = 0.0f;
+      for (int64_t k = 32 * b; k < 32 * b + 32; ++k) amax = std::max(amax, std::abs(xp[k]));
+      const float d = amax > 0.0f ? amax / 127.0f : 1.0f;
+      xd[b] = d;
+      for (int64_t k = 32 * b; k < 32 * b + 32; ++k)
+        xq[k] = static_cast<int8_t>(std::nearbyint(xp[k] / d));
+    }
     at::parallel_for(0, N / 4, 4, [&](int64_t begin, int64_t end) {
       for (int64_t n = 4 * begin; n < 4 * end; n += 4) {
         for (int64_t m = 0; m < M; ++m) {
-          const Q8Blocks& xr = rows[m];
+          const int8_t* xr = xq + m * K;
+          const float* dr = xd + m * K / 32;
           __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
           const int8_t* r0 = q + n * K;
           for (int64_t k = 0; k < K; k += 32) {
             if (k % 64 == 0)  // the next four rows, at the same offset, one line each
               for (int r = 4; r < 8; ++r)
                 _mm_prefetch(reinterpret_cast<const char*>(r0 + r * K + k), _MM_HINT_T0);
-            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&xr.q[k]));
-            const __m256 d = _mm256_set1_ps(xr.d[k / 32]);
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k));
+            const __m256 d = _mm256_set1_ps(dr[k / 32]);
             a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(r0 + k, xv)), d, a0);
             a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(r0 + K + k, xv)), d, a1);
             a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(r0 + 2 * K + k, xv)), d, a2);
@@ -382,7 +454,8 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& qweight,
         }
       }
     });
-    return result(y, M, N, x);
+    store_result(out, yp);
+    return out;
   }
   // Four weight rows at a time, two accumulators each: eight independent FMA chains.
   at::parallel_for(0, N / 4, 4, [&](int64_t begin, int64_t end) {
@@ -414,7 +487,8 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& qweight,
       }
     }
   });
-  return result(y, M, N, x);
+  store_result(out, yp);
+  return out;
 }
 
 // float32 -> bfloat16 -> float32, rounding to nearest even (as torch's .to(bfloat16)).

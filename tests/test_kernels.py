@@ -1,0 +1,90 @@
+"""localmix's own CPU kernels against plain PyTorch references, on the CPU that runs the tests."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from localmix.quant import quantize_tensor
+from localmix.quant.kernels import cpu_kernels, unavailable_reason
+
+from tests.test_quant import int4_reference, int8_activations
+
+
+@pytest.fixture
+def kernels():
+    k = cpu_kernels()
+    assert k is not None, unavailable_reason()  # CI machines have AVX2 and a compiler
+    return k
+
+
+@pytest.fixture
+def threads():
+    """Restores PyTorch's thread count after a test that sets it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def swiglu_reference(x: torch.Tensor, q1, q3, q2, group_size: int) -> torch.Tensor:
+    """What the fused expert computes, in float64: for 16-bit x, x rounded to int8 per group for
+    w1 and w3, and the gated hidden activations rounded likewise for w2; float32 x exactly."""
+    gate = int4_reference(x, q1, group_size)
+    h = torch.nn.functional.silu(gate) * int4_reference(x, q3, group_size)
+    if x.dtype != torch.float32:
+        h = int8_activations(h, group_size)
+    return int4_reference(h.float(), q2, group_size)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_fused_expert_is_its_reference(kernels, threads, group_size, n_threads):
+    """int4_swiglu against float64 math for 1 and 3 rows, bf16 and fp32 activations, with thread
+    counts that divide the hidden groups unevenly (each thread quantizes its own groups)."""
+    threads(n_threads)
+    gen = torch.Generator().manual_seed(group_size + n_threads)
+    dim, hidden = 256, 640  # 640 / group: 20, 10 or 5 groups among 1..3 threads
+    q1, q3 = (
+        quantize_tensor(torch.randn(hidden, dim, generator=gen), group_size=group_size)
+        for _ in range(2)
+    )
+    q2 = quantize_tensor(torch.randn(dim, hidden, generator=gen) / 8, group_size=group_size)
+    for rows in (1, 3):
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(rows, dim, generator=gen).to(dtype)
+            got = kernels.int4_swiglu(
+                x,
+                q1.qweight,
+                q1.scales_zeros,
+                q3.qweight,
+                q3.scales_zeros,
+                q2.qweight,
+                q2.scales_zeros,
+                group_size,
+            )
+            expected = swiglu_reference(x, q1, q3, q2, group_size)
+            assert got.dtype == dtype and got.shape == (rows, dim)
+            tol = 1e-5 if dtype == torch.float32 else 2**-7
+            atol = tol * float(expected.abs().max())
+            torch.testing.assert_close(got.double(), expected, rtol=tol, atol=atol)
+
+
+def test_kernels_reuse_their_memory_across_shapes(kernels):
+    """Working memory kept between calls: a large call then a small one, and the reverse, give
+    what fresh calls give."""
+    gen = torch.Generator().manual_seed(0)
+    big = quantize_tensor(torch.randn(128, 512, generator=gen), group_size=64)
+    small = quantize_tensor(torch.randn(64, 128, generator=gen), group_size=64)
+    xb = torch.randn(7, 512, generator=gen).bfloat16()
+    xs = torch.randn(1, 128, generator=gen).bfloat16()
+    first = [kernels.int4_mm(x, q.qweight, q.scales_zeros, 64) for x, q in ((xs, small), (xb, big))]
+    again = [kernels.int4_mm(x, q.qweight, q.scales_zeros, 64) for x, q in ((xb, big), (xs, small))]
+    assert torch.equal(first[0], again[1]) and torch.equal(first[1], again[0])
+    exact = dataclasses.replace(small, dtype=torch.float32).dequantize()
+    torch.testing.assert_close(
+        kernels.int4_mm(xs.float(), small.qweight, small.scales_zeros, 64),
+        xs.float() @ exact.t(),
+        rtol=1e-5,
+        atol=1e-4,
+    )
