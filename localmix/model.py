@@ -51,7 +51,13 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (rotate-half convention of the Hugging Face weights)."""
+    """Rotary position embedding (rotate-half convention of the Hugging Face weights).
+
+    cos and sin are tabled per dtype for positions 0..end, the table doubling when a position
+    passes its end: a decode step slices two rows instead of computing them (some ten dispatches).
+    """
+
+    FIRST_TABLE = 4096  # positions in the first table made for a dtype
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
@@ -60,11 +66,20 @@ class Rotary(nn.Module):
         steps = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu")
         inv_freq = 1.0 / (theta ** (steps / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (tokens, head_dim/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (tokens, head_dim)
-        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+    def cos_sin(self, start: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """cos and sin (n, 1, head_dim) for the positions start..start+n-1."""
+        key = (dtype, self.inv_freq.device)
+        cos, sin = self._tables.get(key, (None, None))
+        if cos is None or cos.shape[0] < start + n:
+            size = max(self.FIRST_TABLE, 1 << (start + n - 1).bit_length())
+            positions = torch.arange(size, dtype=torch.float32, device=self.inv_freq.device)
+            freqs = positions[:, None] * self.inv_freq[None, :]  # (positions, head_dim/2)
+            emb = torch.cat([freqs, freqs], dim=-1)  # (positions, head_dim)
+            cos, sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+            self._tables[key] = cos, sin
+        return cos[start : start + n], sin[start : start + n]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -291,9 +306,10 @@ class Transformer(nn.Module):
 
         With `last_only`, only the last position goes through the output head.
         """
-        step = cache.begin(tokens.shape[0])
+        start = cache.next_pos
+        cache.begin(tokens.shape[0])
         x = self.embed_tokens(tokens)  # (tokens, hidden)
-        rope = self.rotary.cos_sin(step.positions, x.dtype)
+        rope = self.rotary.cos_sin(start, tokens.shape[0], x.dtype)
         for block in self.layers:
             x = block(x, cache, rope)
         cache.commit()
