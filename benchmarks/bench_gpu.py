@@ -125,8 +125,10 @@ def kernel_times(device: torch.device) -> dict[str, float]:
     }
 
 
-def run_budget(cfg, model, tokenizer, device, budget, args) -> dict:
-    """Decode and prefill on one emulated card (budget in bytes, None: the whole GPU)."""
+def run_budget(cfg, model, tokenizer, device, budget, args, mode: str = "gpu") -> dict:
+    """Decode and prefill on one emulated card (budget in bytes, None: the whole GPU), with
+    missed experts run as `mode` says, next to the decode speed the simulator predicted for
+    it from this machine's measured speeds."""
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory
     if budget is not None:
@@ -141,12 +143,15 @@ def run_budget(cfg, model, tokenizer, device, budget, args) -> dict:
         dtype=torch.bfloat16,
         context=4096,
     )
-    engine.offload_experts(budget, None, "transition", 1)
+    engine.offload_experts(budget, None, "transition", 1, experts=mode)
     plan = engine.plan
+    predicted = engine.predictions.get(mode)
     prompt = list(range(3, 3 + args.prompt))
     s = engine.complete(prompt, temperature=0, max_tokens=args.tokens)
     stats = engine.stats()
     row = {
+        "experts": mode,
+        "predicted_decode_tok_s": predicted.tokens_per_s if predicted else None,
         "budget_gib": None if budget is None else budget / GiB,
         "slots": plan.slots,
         "plan_device_gib": plan.device_bytes / GiB,
@@ -156,7 +161,7 @@ def run_budget(cfg, model, tokenizer, device, budget, args) -> dict:
         "hit_rate": stats.get("hit_rate"),
         "link_mb_per_token": stats.get("bytes_per_token", 0) / 1e6,
     }
-    engine.offload.store.close()
+    engine.offload.close()
     torch.cuda.set_per_process_memory_fraction(1.0, device)
     return row
 
@@ -174,6 +179,9 @@ def main() -> None:
     ap.add_argument("--budgets", type=int, nargs="*", default=[12, 16, 24])
     ap.add_argument(
         "--trace", type=Path, default=ROOT / "tests" / "data" / "humaneval_2_routing.jsonl"
+    )
+    ap.add_argument(
+        "--experts", nargs="*", default=["gpu", "hybrid"], help="modes to run each budget in"
     )
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=256)
@@ -213,20 +221,23 @@ def main() -> None:
     tokenizer = Tokenizer(demo_tokenizer_path())
     budgets = [gb * GiB for gb in args.budgets] + [None]
     for budget in budgets:
-        model = random_model(cfg)
-        row = run_budget(cfg, model, tokenizer, device, budget, args)
-        row["link_ms_per_token"] = (
-            row["link_mb_per_token"] * 1e6 / (results["host_to_device_gb_s"] * 1e9) * 1e3
-        )
-        results["runs"].append(row)
-        name = "whole GPU" if budget is None else f"{budget / GiB:.0f} GB"
-        print(
-            f"  {name:>9}: decode {row['decode_tok_s']:.2f} tok/s, prefill {row['prefill_tok_s']:.1f} "
-            f"tok/s, hit rate {row['hit_rate']:.3f}, {row['link_mb_per_token']:.0f} MB "
-            f"({row['link_ms_per_token']:.0f} ms) on the link per token, peak "
-            f"{row['peak_device_gib']:.2f} GiB of {row['plan_device_gib']:.2f} planned"
-        )
-        del model
+        for mode in args.experts if budget is not None else ["gpu"]:
+            model = random_model(cfg)
+            row = run_budget(cfg, model, tokenizer, device, budget, args, mode)
+            row["link_ms_per_token"] = (
+                row["link_mb_per_token"] * 1e6 / (results["host_to_device_gb_s"] * 1e9) * 1e3
+            )
+            results["runs"].append(row)
+            name = "whole GPU" if budget is None else f"{budget / GiB:.0f} GB"
+            predicted = row["predicted_decode_tok_s"]
+            print(
+                f"  {name:>9} {mode:>6}: decode {row['decode_tok_s']:.2f} tok/s (predicted "
+                f"{predicted or float('nan'):.2f}), prefill {row['prefill_tok_s']:.1f} tok/s, "
+                f"hit rate {row['hit_rate']:.3f}, {row['link_mb_per_token']:.0f} MB "
+                f"({row['link_ms_per_token']:.0f} ms) on the link per token, peak "
+                f"{row['peak_device_gib']:.2f} GiB of {row['plan_device_gib']:.2f} planned"
+            )
+            del model
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(f"raw figures: {args.out}")

@@ -132,15 +132,7 @@ class Repl:
 
     def show(self) -> None:
         """The loaded conversation, as it was written."""
-        conv = self.session.conversation
-        self.err.print(f"[dim]{escape(conv.name)}: {len(conv.messages)} messages[/dim]")
-        if conv.system:
-            self.err.print(f"[dim]system: {escape(conv.system)}[/dim]")
-        for m in conv.messages:
-            if m["role"] == "user":
-                self.out.print(f">>> {m['content']}", markup=False, highlight=False)
-            else:
-                self.out.print(m["content"], markup=False, highlight=False)
+        print_conversation(self.session.conversation, self.out, self.err)
 
     def reply(self, text: str) -> None:
         """Stream the reply to `text`. Ctrl+C stops it and keeps what was written (the session
@@ -163,6 +155,16 @@ class Repl:
         if note and not self.cut_said:
             self.cut_said = True
             self.err.print(f"[yellow]note:[/yellow] {note}")
+
+
+def print_conversation(conv: Conversation, out: Console, err: Console) -> None:
+    """A saved conversation as the chat showed it: typed lines after >>>, replies as written."""
+    err.print(f"[dim]{escape(conv.name)}: {len(conv.messages)} messages, {conv.model}[/dim]")
+    if conv.system:
+        err.print(f"[dim]system: {escape(conv.system)}[/dim]")
+    for m in conv.messages:
+        text = f">>> {m['content']}" if m["role"] == "user" else m["content"]
+        out.print(text, markup=False, highlight=False)
 
 
 def conversation_lines(conversations: list[Conversation], current: str = "") -> list[str]:

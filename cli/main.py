@@ -6,7 +6,6 @@ import contextlib
 import functools
 import json
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -28,6 +27,7 @@ from rich.table import Table
 from localmix.defaults import DEFAULT_METHOD, DEFAULT_POLICY, DEFAULT_PREFETCH
 from localmix.defaults import QUANT_METHODS as METHODS
 from localmix.errors import LocalmixError
+from localmix.workflows import PULL_HINT
 
 app = typer.Typer(
     name="localmix",
@@ -62,7 +62,6 @@ def _main(
 
 
 EXIT_USER_ERROR = 1
-PULL_HINT = "localmix pull mistralai/Mixtral-8x7B-Instruct-v0.1"
 # Piped text kept per token of context: more than any token's bytes, so cutting to this loses
 # only text that would roll out of the context window before the reply.
 STDIN_BYTES_PER_TOKEN = 16
@@ -108,32 +107,6 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(EXIT_USER_ERROR)
 
 
-def is_model(name: str) -> bool:
-    """Whether `name` names a model (a directory, a store entry or a built-in one)."""
-    from localmix.errors import LocalmixError
-    from localmix.store import resolve
-
-    try:
-        resolve(name)
-    except LocalmixError:
-        return False
-    return True
-
-
-def default_model() -> str:
-    """The only model in the store, or an error that says how to get one."""
-    from localmix.store import list_models
-
-    models = [m["name"] for m in list_models() if m["name"] != "demo"]
-    if len(models) == 1:
-        return str(models[0])
-    if not models:
-        raise LocalmixError(
-            f"no model in the store yet: pull one with `{PULL_HINT}`, or try the built-in `demo`"
-        )
-    raise LocalmixError(f"several models in the store ({', '.join(map(str, models))}): name one")
-
-
 def load_engine(
     model: str | None, context: int | None = None, threads: int | None = None, **options
 ):
@@ -146,6 +119,7 @@ def load_engine(
     from localmix.demo import builtin_note
     from localmix.store import BUILTIN
     from localmix.threads import set_threads
+    from localmix.workflows import default_model
 
     set_threads(threads)
     name = model or default_model()
@@ -196,6 +170,7 @@ Slots = Annotated[int | None, typer.Option(help="offload experts: device slots p
 Policy = Annotated[str, typer.Option(help="expert cache eviction: transition or lru")]
 Prefetch = Annotated[int, typer.Option(help="layers of router-driven prefetch (0: off)")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads (default: one per physical core)")]
+Load = Annotated[str | None, typer.Option(help="continue a saved conversation")]
 
 
 def placement(device, device_memory, slots, policy, prefetch) -> dict:
@@ -231,11 +206,22 @@ def run(
     raw: Annotated[bool, typer.Option(help="no chat template: continue the text")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="timings on stderr")] = False,
+    cont: Annotated[
+        bool, typer.Option("--continue", "-c", help="continue the last conversation")
+    ] = False,
+    conversation: Annotated[
+        str | None,
+        typer.Option("--conversation", help="continue this saved conversation (or start it)"),
+    ] = None,
 ) -> None:
     """Answer one prompt and exit: for scripts and pipelines (`cat f | localmix run M "Sum up:"`).
 
-    Only the reply goes to stdout; everything else goes to stderr.
+    Only the reply goes to stdout; everything else goes to stderr. A chat (not --raw) is saved
+    as a conversation that `-c` or `--conversation NAME` continues.
     """
+    from localmix.workflows import is_model
+
+    where = placement(device, device_memory, slots, policy, prefetch)
     piped = not sys.stdin.isatty()
     if model is not None and prompt is None and not is_model(model):
         model, prompt = None, model  # `localmix run "Hello"`: a prompt for the default model
@@ -243,6 +229,11 @@ def run(
         raise fail("no prompt: give one as an argument or on stdin")
     if raw and system:
         raise fail("--system needs the chat template; drop --raw")
+    if raw and (cont or conversation):
+        raise fail("--continue and --conversation need the chat template; drop --raw")
+    if cont and conversation:
+        raise fail("give --continue or --conversation NAME, not both")
+    resumed = continued(cont, conversation)  # a bad name or file is refused before loading
     sampling = sampling_args(
         temperature=temperature,
         top_p=top_p,
@@ -251,13 +242,7 @@ def run(
         max_tokens=max_tokens,
         stop=stop,
     )
-    engine = load_engine(
-        model,
-        context=context,
-        threads=threads,
-        **placement(device, device_memory, slots, policy, prefetch),
-        **sampling,
-    )
+    engine = load_engine(model, context=context, threads=threads, **where, **sampling)
     parts = []
     if piped:
         text = read_stdin(STDIN_BYTES_PER_TOKEN * engine.context, engine.context)
@@ -281,10 +266,14 @@ def run(
     if raw:
         events = engine.generate(text, progress=progress)
     else:
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": text}
-        ]
-        events = engine.chat(messages, progress=progress)
+        from localmix.session import ChatSession
+
+        session = ChatSession(
+            engine, resumed, on_save_problem=lambda p: err.print(f"not saved: {p}")
+        )
+        if system is not None:
+            session.system = system
+        events = session.send(text, progress=progress)
     summary = None
     out = sys.stdout
     try:
@@ -306,8 +295,38 @@ def run(
         out.write("\n")
     else:
         out.write("\n")
+    say_context_cut(summary)
     if verbose:
         print_stats(summary)
+
+
+def continued(cont: bool, name: str | None):
+    """The saved conversation `run` goes on with (`-c`: the last one; `--conversation NAME`:
+    that one, or a new one of that name), or None for a new chat."""
+    from localmix.conversations import (
+        Conversation,
+        check_name,
+        conversation_path,
+        latest_conversation,
+    )
+
+    if cont:
+        return latest_conversation()
+    if name is None:
+        return None
+    check_name(name)
+    if conversation_path(name).exists():
+        return Conversation.load(name)
+    return Conversation(name=name, model="")
+
+
+def say_context_cut(summary) -> None:
+    """A note on stderr when the prompt was longer than the context window."""
+    from localmix.session import context_note
+
+    note = context_note(summary)
+    if note:
+        err.print(f"[yellow]note:[/yellow] {note}")
 
 
 def read_stdin(limit: int, context: int) -> str:
@@ -398,43 +417,16 @@ def show(model: Annotated[str, typer.Argument(help="model name or path")]) -> No
     for f in sorted(p for p in path.iterdir() if p.is_file()):
         out.print(f"    {f.name:<40}{human_bytes(f.stat().st_size):>10}")
     if cfg.is_moe:
-        out.print(machine_plan(cfg, path))
+        from localmix.workflows import placement_here
+
+        first, *rest = placement_here(cfg, path).splitlines()
+        out.print(f"  {'placement':<13}{first}")
+        for line in rest:
+            out.print(f"  {'':<13}{line}")
     if model_format(path).startswith("q"):  # quantized: which kernels would multiply it here
         from localmix.quant.kernels import describe as describe_kernels
 
         out.print(f"  {'CPU kernels':<13}{describe_kernels()}")
-
-
-def machine_plan(cfg, path: Path) -> str:
-    """How the model would be placed here: on the GPU's free memory, or in host RAM."""
-    import torch
-    from localmix.quant.linear import cuda_int4_kernel
-
-    from localmix.errors import MemoryBudgetError
-    from localmix.loader import read_manifest
-    from localmix.offload import plan_for, probe_machine
-
-    manifest = read_manifest(path)
-    quantization = manifest["quantization"] if manifest else None
-    context = min(4096, cfg.sliding_window or cfg.max_position_embeddings)
-    if not torch.cuda.is_available():
-        plan = plan_for(cfg, quantization, None, "cpu", context)
-        total = sum(plan.trunk.values()) + plan.kv_cache + plan.host_bytes
-        return f"  placement    no GPU here: runs on the CPU in about {human_bytes(total)} of RAM"
-    device = torch.device("cuda")
-    try:
-        plan = plan_for(
-            cfg,
-            quantization,
-            None,
-            "cuda",
-            context,
-            machine=probe_machine(device),
-            fused_int4=cuda_int4_kernel(device),
-        )
-    except MemoryBudgetError as e:
-        return f"  placement    does not fit this machine: {e}"
-    return str(plan)
 
 
 @app.command()
@@ -465,6 +457,7 @@ def chat(
     top_k: TopK = None,
     seed: Seed = None,
     max_tokens: MaxTokens = None,
+    stop: Stop = None,
     context: Context = None,
     device: Device = None,
     device_memory: DeviceMemory = None,
@@ -472,23 +465,38 @@ def chat(
     policy: Policy = DEFAULT_POLICY,
     prefetch: Prefetch = DEFAULT_PREFETCH,
     threads: Threads = None,
-    load: Annotated[str | None, typer.Option(help="continue a saved conversation")] = None,
+    load: Load = None,
     use_tui: Annotated[
         bool, typer.Option("--tui", help="open the full-screen app instead")
     ] = False,
 ) -> None:
     """Chat in the terminal, replies streaming as they are written. /help inside lists commands."""
-    from localmix.cli.chat import repl
-
     if not sys.stdin.isatty():
         raise fail("chat needs a terminal; for pipes and scripts use `localmix run MODEL PROMPT`")
-    where = placement(device, device_memory, slots, policy, prefetch)
-    if use_tui:
-        return tui(model, context, device, device_memory, slots, policy, prefetch, threads)
+    if load is not None:  # a bad name or file is refused before the model loads
+        from localmix.conversations import Conversation
+
+        Conversation.load(load)
     settings = sampling_args(
-        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        max_tokens=max_tokens,
+        stop=stop,
     )
+    where = placement(device, device_memory, slots, policy, prefetch)
     engine = load_engine(model, context=context, threads=threads, **where, **settings)
+    if use_tui:
+        from localmix.tui.app import LocalmixApp
+
+        app = LocalmixApp(engine, settings=settings, system=system, load=load)
+        app.run()
+        if app.return_code:
+            raise typer.Exit(app.return_code)
+        return
+    from localmix.cli.chat import repl
+
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdin.reconfigure(errors="replace")  # a line typed in another encoding is kept
     repl(engine, Console(highlight=False), err, settings, system, load)
@@ -501,35 +509,29 @@ def quantize(
     dst: Annotated[Path, typer.Argument(help="output directory")],
     group_size: Annotated[int, typer.Option("--group-size", help="32, 64 or 128")] = 64,
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEFAULT_METHOD,
-    attn: Annotated[str, typer.Option(help="attention weights: bf16 or int8")] = "bf16",
-    lm_head: Annotated[str, typer.Option("--lm-head", help="output head: bf16 or int8")] = "bf16",
+    attn: Annotated[
+        str | None, typer.Option(help="attention weights: bf16 or int8 (default: the converter's)")
+    ] = None,
+    lm_head: Annotated[
+        str | None,
+        typer.Option("--lm-head", help="output head: bf16 or int8 (default: the converter's)"),
+    ] = None,
 ) -> None:
     """Quantize a checkpoint's experts to 4 bits (resumable: rerun after an interruption)."""
     from localmix.store import resolve
+    from localmix.workflows import quant_settings, quantize_model
 
     settings = quant_settings(group_size, method, attn, lm_head)
     _, path = resolve(src)
-    manifest = run_conversion(path, dst, settings)
+    with conversion_bar() as report:
+        manifest = quantize_model(path, dst, settings, report)
     err.print(f"wrote {dst}")
     print_quality(manifest)
 
 
-def quant_settings(group_size: int, method: str, attn: str = "bf16", lm_head: str = "bf16"):
-    """The converter's settings, checked before anything is downloaded, read or written."""
-    from localmix.quant.convert import Settings, check_settings
-    from localmix.quant.formats import QuantError
-
-    try:
-        return check_settings(Settings(group_size, method, attn, lm_head))
-    except QuantError as e:
-        raise LocalmixError(str(e)) from e
-
-
-def run_conversion(src: Path, dst: Path, settings):
-    """The converter with a progress bar (bytes, speed, ETA) on stderr; a source whose config
-    does not describe its checkpoint is refused first."""
-    from localmix.quant.convert import convert
-    from localmix.quant.formats import QuantError
+@contextlib.contextmanager
+def conversion_bar():
+    """A progress bar (bytes, speed, ETA) on stderr, and the converter's `progress` for it."""
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -539,10 +541,6 @@ def run_conversion(src: Path, dst: Path, settings):
         TransferSpeedColumn,
     )
 
-    from localmix.config import ModelConfig
-    from localmix.loader import check_config
-
-    check_config(ModelConfig.from_file(src), src)
     columns = [
         TextColumn("quantizing"),
         BarColumn(),
@@ -551,16 +549,13 @@ def run_conversion(src: Path, dst: Path, settings):
         TimeRemainingColumn(),
         TextColumn("{task.description}"),
     ]
-    try:
-        with Progress(*columns, console=err, transient=False) as bar:
-            task = bar.add_task("", total=None)
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task("", total=None)
 
-            def report(done: int, total: int, what: str) -> None:
-                bar.update(task, completed=done, total=total, description=what)
+        def report(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
 
-            return convert(src, dst, settings, progress=report)
-    except QuantError as e:
-        raise LocalmixError(str(e)) from e
+        yield report
 
 
 def print_quality(manifest: dict) -> None:
@@ -587,6 +582,7 @@ def bench_cache(
     """Replay a routing trace through the expert cache: hit rate, loads and bytes per token."""
     from localmix.expert_cache import POLICIES
     from localmix.trace import MIXTRAL_EXPERT_PARAMS, PREDICTORS, read_trace, replay
+    from localmix.workflows import quantized_bytes
 
     if policy not in (*POLICIES, "belady"):
         raise fail(f"unknown policy '{policy}'; use {', '.join((*POLICIES, 'belady'))}")
@@ -595,7 +591,7 @@ def bench_cache(
     data, n_layers, n_experts = read_trace(trace)
     if not 1 <= slots <= n_experts:
         raise fail(f"--slots must be between 1 and {n_experts}")
-    expert_bytes = int(MIXTRAL_EXPERT_PARAMS * (4 + 32 / group_size) / 8)
+    expert_bytes = quantized_bytes(MIXTRAL_EXPERT_PARAMS, group_size)
     result = replay(data, n_layers, slots, policy, prefetch, expert_bytes)
     optimum = replay(data, n_layers, slots, "belady", None, expert_bytes)
     result.update(
@@ -645,12 +641,10 @@ def pull(
         TransferSpeedColumn,
     )
 
-    from localmix import hub
-    from localmix.store import models_dir, store_name
+    from localmix.store import model_format
+    from localmix.workflows import pull_model, quant_settings
 
     settings = None if no_quantize else quant_settings(group_size, method)
-    repo, _ = hub.parse_ref(ref)
-    dst = models_dir() / store_name(repo)
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),
@@ -661,39 +655,40 @@ def pull(
     with Progress(*columns, console=err) as bar:
         tasks: dict[str, int] = {}
 
-        def report(name: str, done: int, size: int) -> None:
-            if name not in tasks:
-                tasks[name] = bar.add_task(name, total=size)
+        def download(name: str, done: int, size: int) -> None:
+            if name not in tasks:  # a file's first report: where it starts
+                resumed = 0 < done < size
+                label = f"{name} (resuming at {human_bytes(done)})" if resumed else name
+                # the bytes already there are not counted in the speed: they start the bar
+                tasks[name] = bar.add_task(label, total=size, completed=done)
             bar.update(tasks[name], completed=done)
 
-        snapshot = hub.pull(ref, models_dir(), quantize=not no_quantize, progress=report)
-    if no_quantize:
-        link_snapshot(snapshot, dst)
-        from localmix.store import model_format
+        def quantizing(done: int, total: int, what: str) -> None:
+            if "quantizing" not in tasks:
+                tasks["quantizing"] = bar.add_task("quantizing", total=total)
+            bar.update(tasks["quantizing"], completed=done, total=total)
 
+        pulled = pull_model(ref, settings, download=download, quantizing=quantizing)
+    repo, dst = pulled.repo, pulled.path
+    if pulled.manifest is None:
         err.print(f"pulled {repo} ({model_format(dst)}, not quantized) into {dst}")
     else:
-        manifest = run_conversion(snapshot, dst, settings)
-        print_quality(manifest)
+        print_quality(pulled.manifest)
         err.print(f"pulled and quantized {repo} into {dst}")
     err.print(f'run it with: localmix run {repo} "Hello"  or  localmix chat {repo}')
-
-
-def link_snapshot(snapshot: Path, dst: Path) -> None:
-    """A store entry for unquantized weights: links to the files in the Hugging Face cache."""
-    if dst.exists():
-        if any(p.name == "localmix.json" for p in dst.iterdir()):
-            raise LocalmixError(f"{dst} holds a quantized copy; `localmix rm` it first")
-        shutil.rmtree(dst)
-    dst.mkdir(parents=True)
-    for f in snapshot.iterdir():
-        (dst / f.name).symlink_to(f.resolve())
 
 
 @app.command()
 @friendly_errors
 def tui(
     model: Annotated[str | None, typer.Argument(help="model name or path")] = None,
+    system: System = None,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    seed: Seed = None,
+    max_tokens: MaxTokens = None,
+    stop: Stop = None,
     context: Context = None,
     device: Device = None,
     device_memory: DeviceMemory = None,
@@ -701,20 +696,94 @@ def tui(
     policy: Policy = DEFAULT_POLICY,
     prefetch: Prefetch = DEFAULT_PREFETCH,
     threads: Threads = None,
+    load: Load = None,
 ) -> None:
-    """The full-screen chat app: saved conversations, settings, live expert-cache view."""
-    from localmix.tui.app import LocalmixApp
-
-    engine = load_engine(
+    """The full-screen chat app: saved conversations, settings, live expert-cache view
+    (`localmix chat --tui`, with the same options)."""
+    chat(
         model,
-        context=context,
-        threads=threads,
-        **placement(device, device_memory, slots, policy, prefetch),
+        system,
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        max_tokens,
+        stop,
+        context,
+        device,
+        device_memory,
+        slots,
+        policy,
+        prefetch,
+        threads,
+        load,
+        use_tui=True,
     )
-    app = LocalmixApp(engine)
-    app.run()
-    if app.return_code:
-        raise typer.Exit(app.return_code)
+
+
+conversations_app = typer.Typer(
+    help="Saved conversations: list (the default), show, rename, rm.", no_args_is_help=False
+)
+app.add_typer(conversations_app, name="conversations")
+
+
+@conversations_app.callback(invoke_without_command=True)
+def conversations(ctx: typer.Context) -> None:
+    """Saved conversations: list (the default), show, rename, rm."""
+    if ctx.invoked_subcommand is None:
+        conversations_list()
+
+
+@conversations_app.command("list")
+@friendly_errors
+def conversations_list() -> None:
+    """Saved conversations, newest first: name, date, messages, first words."""
+    from localmix.cli.chat import conversation_lines
+
+    from localmix.conversations import conversations_dir, list_conversations
+
+    found, problems = list_conversations()
+    for problem in problems:
+        err.print(f"[yellow]{problem}[/yellow]", markup=False)
+    for line in conversation_lines(found):
+        print(line)
+    if not found:
+        err.print(f"no saved conversations in {conversations_dir()}")
+
+
+@conversations_app.command("show")
+@friendly_errors
+def conversations_show(name: Annotated[str, typer.Argument(help="conversation name")]) -> None:
+    """A saved conversation, message by message."""
+    from localmix.cli.chat import print_conversation
+
+    from localmix.conversations import Conversation
+
+    print_conversation(Conversation.load(name), Console(highlight=False), err)
+
+
+@conversations_app.command("rename")
+@friendly_errors
+def conversations_rename(
+    old: Annotated[str, typer.Argument(help="conversation name")],
+    new: Annotated[str, typer.Argument(help="its new name")],
+    force: Annotated[bool, typer.Option(help="replace a conversation named NEW")] = False,
+) -> None:
+    """Give a saved conversation another name."""
+    from localmix.conversations import rename_conversation
+
+    path = rename_conversation(old, new, force=force)
+    err.print(f"renamed {old} to {new} ({path})")
+
+
+@conversations_app.command("rm")
+@friendly_errors
+def conversations_rm(name: Annotated[str, typer.Argument(help="conversation name")]) -> None:
+    """Delete a saved conversation."""
+    from localmix.conversations import delete_conversation
+
+    path = delete_conversation(name)
+    err.print(f"deleted {name} ({path})")
 
 
 @app.command("export")

@@ -57,6 +57,7 @@ def load(
     device_memory: str | int | None = None,
     expert_slots: int | None = None,
     policy: str | None = None,
+    experts: str = "auto",
     prefetch: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     **options: Any,
@@ -70,8 +71,13 @@ def load(
     Offloading: with `device_memory` (e.g. "12GB") or `expert_slots` (per layer), the trunk and
     KV cache go on the device and experts stay in host RAM, served through a per-layer expert
     cache with the eviction `policy` ("transition" or "lru"), prefetching `prefetch` layers
-    ahead from router predictions (0: off). `Engine.plan` describes the placement, and
-    `progress(done, total)` follows the experts as they fill the host store.
+    ahead from router predictions (0: off). `experts` says where a missed expert runs: "gpu"
+    (copied to the device), "cpu" (every expert computed on the CPU from host RAM), "hybrid"
+    (per miss, whichever a cost model of this machine's measured speeds says is faster) or
+    "auto" (the mode predicted fastest, on CUDA; "gpu" elsewhere); "cpu" and "hybrid" offload
+    by themselves. `Engine.plan` describes the placement, `Engine.predictions` the decode speed
+    predicted for each mode, and `progress(done, total)` follows the experts as they fill the
+    host store.
     Other options set sampling defaults.
 
     Every option is checked before anything is read (`options.load_options`, `SamplingOptions`):
@@ -100,6 +106,7 @@ def load(
         device_memory=device_memory,
         expert_slots=expert_slots,
         policy=DEFAULT_POLICY if policy is None else policy,
+        experts=experts,
         prefetch=DEFAULT_PREFETCH if prefetch is None else prefetch,
     )
     defaults = SamplingOptions().updated(**options)
@@ -145,7 +152,12 @@ def load(
     )
     if offloading:
         engine.offload_experts(
-            opts.device_memory, opts.expert_slots, opts.policy, opts.prefetch, progress=progress
+            opts.device_memory,
+            opts.expert_slots,
+            opts.policy,
+            opts.prefetch,
+            progress=progress,
+            experts=opts.experts,
         )
         use_device_kernels(engine.model)
     return engine

@@ -19,20 +19,16 @@ from .model import Transformer
 from .quant.kernels import describe as describe_cpu_kernels
 from .quant.linear import QuantLinear, describe_device_kernels
 from .sampling import SamplingOptions, StopMatcher, make_sampler
+from .text import valid_text
 from .tokenizer import ChatTemplate, ConversationFormat, Tokenizer
 
 if TYPE_CHECKING:
+    from .hybrid import Prediction, Speeds
     from .offload import Machine, Plan
 
 PREFILL_CHUNK = 512
 
 Progress = Callable[[int, int], None]  # (prompt tokens prefilled so far, prompt tokens to prefill)
-
-
-def valid_text(text: str) -> str:
-    """`text` with what is not valid Unicode replaced by U+FFFD: lone surrogates come from
-    bytes that were not UTF-8 (in argv, a terminal, a file) and no tokenizer or file takes them."""
-    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def _rss() -> int:
@@ -81,6 +77,7 @@ class Engine:
         self._reply_ids: dict[str, list[int]] = {}
         self.offload = None  # an Offload once experts are served from an expert cache
         self.plan = None
+        self.predictions: dict[str, Prediction] = {}  # decode speed of each experts mode
 
     def new_cache(
         self, window: int, *, sinks: int = 0, capacity: int | None = None
@@ -275,13 +272,19 @@ class Engine:
         prefetch: int,
         machine: Machine | None = None,
         progress: Callable[[int, int], None] | None = None,
+        experts: str = "auto",
+        speeds: Speeds | None = None,
     ) -> None:
         """Move the trunk to the device and serve experts from host RAM through a cache.
 
         On CUDA the plan takes what `machine` (default: probed now) has free, the runtime's
         working memory included, and is checked before anything is allocated.
-        `progress(done, total)` follows the experts as the host store fills.
+        `progress(done, total)` follows the experts as the host store fills. `experts` says
+        where missed experts run ("gpu", "cpu", "hybrid"; see `localmix.hybrid`); "auto" takes
+        the mode the decode simulator predicts fastest with this machine's `speeds` (measured
+        once per machine when not given) on a CUDA device, and "gpu" elsewhere.
         """
+        from .hybrid import MODES, fastest, machine_speeds, predict_plans
         from .offload import Offload, parse_bytes, probe_machine
 
         cfg = self.config
@@ -294,13 +297,47 @@ class Engine:
                 f"expert_slots must be between top_k ({cfg.num_experts_per_tok}) and the number "
                 f"of experts ({cfg.num_local_experts})"
             )
+        if experts not in ("auto", *MODES):
+            raise OptionError(f"unknown experts mode '{experts}'; use auto, {', '.join(MODES)}")
         if machine is None and self.device.type == "cuda":
             machine = probe_machine(self.device)
-        self.plan = self._plan(budget, expert_slots, machine, self.cache.nbytes, self.context)
+        cuda = self.device.type == "cuda"
+        if speeds is None and (experts in ("hybrid", "cpu") or (experts == "auto" and cuda)):
+            first = self.model.moe_layers()[0].experts[0]
+            speeds = machine_speeds(
+                first, str(self.device), cfg.hidden_size, self.dtype, self._expert_bytes()
+            )
+        plans = {}
+        for mode in MODES if speeds is not None else ("gpu",):
+            try:
+                plans[mode] = self._plan(
+                    budget, expert_slots, machine, self.cache.nbytes, self.context, mode
+                )
+            except MemoryBudgetError:
+                if mode == experts:
+                    raise
+        if not plans:  # no mode fits: the pure-offload plan's refusal says by how much
+            self._plan(budget, expert_slots, machine, self.cache.nbytes, self.context, "gpu")
+        self.predictions = predict_plans(cfg, plans, speeds, policy) if speeds is not None else {}
+        if experts == "auto":
+            experts = fastest(self.predictions) if self.predictions else "gpu"
+        self.plan = plans[experts]
         self.offload = Offload(
-            self.model, self.plan, self.device, policy, prefetch, progress=progress
+            self.model,
+            self.plan,
+            self.device,
+            policy,
+            prefetch,
+            progress=progress,
+            mode=experts,
+            speeds=speeds,
         )
         self.model.to(self.device)
+
+    def _expert_bytes(self) -> int:
+        from .offload import expert_layout
+
+        return expert_layout(self.model.moe_layers()[0].experts[0])[1]
 
     def _plan(
         self,
@@ -309,6 +346,7 @@ class Engine:
         machine: Machine | None,
         kv_bytes: int,
         context: int,
+        mode: str = "gpu",
     ) -> Plan:
         from .offload import plan_model
         from .quant.linear import cuda_int4_kernel
@@ -329,6 +367,7 @@ class Engine:
             machine=machine,
             max_slots=slots,
             fused_int4=cuda and cuda_int4_kernel(self.device),
+            mode=mode,
         )
 
     def set_context(self, context: int) -> None:
@@ -344,7 +383,8 @@ class Engine:
         context = min(context, window)
         if self.plan is not None:
             kv = self.cache.nbytes // self.cache.capacity * context
-            replanned = self._plan(self.plan.budget, None, None, kv, context)
+            mode = self.offload.mode if self.offload is not None else "gpu"
+            replanned = self._plan(self.plan.budget, None, None, kv, context, mode)
             if sum(replanned.slots) < sum(self.plan.slots):
                 raise MemoryBudgetError(
                     f"a context of {context} tokens needs {(kv - self.cache.nbytes) / 1024**3:.2f} "

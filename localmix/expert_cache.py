@@ -8,7 +8,7 @@ mover the same code replays routing traces, counting what would move. The runtim
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -32,6 +32,15 @@ class Policy(Protocol):
 
     def victim(self, layer: int, candidates: list[int]) -> int:
         """One of `candidates` (resident, not needed now) to evict."""
+        ...
+
+
+class ReusePolicy(Policy, Protocol):
+    """A policy that also estimates how likely an expert is to be used again soon."""
+
+    def reuse(self, layer: int, expert: int, current: list[int]) -> float:
+        """The chance (0..1) that the request after one for `current` at `layer` asks for
+        `expert`."""
         ...
 
 
@@ -89,14 +98,21 @@ class Transition:
         self.mass[layer] = self.mass[layer] * self.decay + 1.0
         self.current[layer] = list(experts)
 
-    def next_use(self, layer: int, e: int) -> float:
-        """How likely the next token at `layer` uses expert e, up to a constant."""
+    def next_use(self, layer: int, e: int, current: list[int] | None = None) -> float:
+        """How likely the next token at `layer` uses expert e, up to a constant, after a token
+        that used `current` (default: the last request's experts)."""
         base = self.freq[layer][e] / max(self.mass[layer], 1.0)
         score = 0.0
-        for a in self.current.get(layer, []):
+        for a in self.current.get(layer, []) if current is None else current:
             row = self.trans[layer][a]
             score += (row[e] + self.prior * base) / (sum(row.values()) + self.prior)
         return score
+
+    def reuse(self, layer: int, expert: int, current: list[int]) -> float:
+        """`next_use` read as a probability: each current expert's row, normalised, gives the
+        share of the next token's top_k picks that went to `expert`, so the sum over the top_k
+        current experts estimates the chance it is among them."""
+        return min(self.next_use(layer, expert, current), 1.0)
 
     def victim(self, layer: int, candidates: list[int]) -> int:
         return min(candidates, key=lambda e: (self.next_use(layer, e), e))
@@ -117,6 +133,7 @@ class LayerStats:
     hits: int = 0
     misses: int = 0
     prefetch_hits: int = 0  # hits on experts that a prefetch brought in
+    elsewhere: int = 0  # misses computed off the device (on the CPU, from the host store)
     loads: int = 0  # demand loads
     prefetch_loads: int = 0
     predicted: int = 0  # experts a prefetch predicted
@@ -149,6 +166,7 @@ class CacheStats:
         tokens = max(self.tokens, 1)
         return {
             "hit_rate": t.hits / max(t.requests, 1),
+            "computed_on_host": t.elsewhere,
             "prefetch_hits": t.prefetch_hits,
             "loads_per_token": loads / tokens,
             "bytes_per_token": loads * self.expert_bytes / tokens,
@@ -187,7 +205,24 @@ class ExpertCache:
         self.stats = CacheStats(expert_bytes, [LayerStats() for _ in slots_per_layer])
 
     def resident(self, layer: int) -> list[int]:
+        """The experts of `layer` that hold a device slot, ascending."""
         return sorted(self.where[layer])
+
+    def copy_value(self, layer: int, expert: int, needed: list[int]) -> float:
+        """How much likelier the request after this one (for `needed`) at `layer` is to use
+        `expert` than the expert that loading it would evict (0 with a free slot to fill, or
+        where the policy makes no estimate): the future miss a copy may save, as a
+        probability."""
+        reuse = getattr(self.policy, "reuse", None)
+        if reuse is None or not self.slots[layer]:
+            return 0.0
+        gain = reuse(layer, expert, needed)
+        if -1 not in self.slots[layer]:
+            candidates = [e for e in self.where[layer] if e not in needed]
+            if not candidates:
+                return 0.0
+            gain -= reuse(layer, self.policy.victim(layer, candidates), needed)
+        return max(gain, 0.0)
 
     def _place(self, layer: int, expert: int, protected: set[int]) -> int:
         """A slot for `expert` (free, or freed by the policy); starts its load."""
@@ -207,8 +242,16 @@ class ExpertCache:
             self.mover.load(layer, expert, slot)
         return slot
 
-    def request(self, layer: int, experts: list[int], tokens: int = 1) -> Iterator[tuple[int, int]]:
-        """Yield (expert, slot) for each expert a forward call of `tokens` tokens needs.
+    def request(
+        self,
+        layer: int,
+        experts: list[int],
+        tokens: int = 1,
+        elsewhere: Collection[int] = (),
+    ) -> Iterator[tuple[int, int]]:
+        """Yield (expert, slot) for each expert a forward call of `tokens` tokens needs, except
+        those in `elsewhere`: missing experts computed off the device, which count as misses
+        and are neither loaded nor served.
 
         The loads of missing experts that fit beside the resident ones start here, when it is
         called, before anything else is queued (a prefetch issued after this call lands behind
@@ -225,11 +268,12 @@ class ExpertCache:
         self.policy.touch(layer, experts)
         where = self.where[layer]
         hits = [e for e in experts if e in where]
-        missing = [e for e in experts if e not in where]
+        missing = [e for e in experts if e not in where and e not in elsewhere]
         stats.requested_predicted += len(experts) if self.predicted_any[layer] else 0
         self.predicted_any[layer] = False
         stats.hits += len(hits)
-        stats.misses += len(missing)
+        stats.misses += len(experts) - len(hits)
+        stats.elsewhere += len(experts) - len(hits) - len(missing)
         stats.prefetch_hits += sum(e in self.prefetched[layer] for e in hits)
         self.prefetched[layer] -= set(hits)
         # Start every load that fits beside this request's experts now, so they land while
@@ -238,7 +282,7 @@ class ExpertCache:
         started = [(e, self._place(layer, e, set(experts))) for e in missing[:room]]
         stats.loads += len(started)
         ready = [(e, where[e]) for e in hits] + started
-        return self._serve(layer, experts, ready, missing[room:])
+        return self._serve(layer, hits + missing, ready, missing[room:])
 
     def _serve(
         self, layer: int, experts: list[int], ready: list[tuple[int, int]], rest: list[int]
@@ -256,6 +300,19 @@ class ExpertCache:
                 self.mover.ready(layer, slot)
             pending.discard(e)
             yield e, slot
+
+    def load_behind(self, layer: int, experts: list[int], needed: list[int]) -> int:
+        """Start loading `experts` of `layer`, computed elsewhere for this request, so that
+        they are resident next time (never evicting one of `needed`); how many it started."""
+        room = len(self.slots[layer]) - sum(e in self.where[layer] for e in needed)
+        started = 0
+        for e in experts:
+            if started >= room or e in self.where[layer]:
+                continue
+            self._place(layer, e, set(needed))
+            started += 1
+        self.stats.layers[layer].loads += started
+        return started
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Start loading predicted experts of `layer` that are not resident."""

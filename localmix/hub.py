@@ -227,6 +227,8 @@ def download_file(
                 else:
                     mode = "ab" if start and response.status_code == 206 else "wb"
                     done = start if mode == "ab" else 0
+                    if progress and done:  # resumed: where it starts, before any new byte
+                        progress(name, done, size)
                     with open(partial, mode) as f:
                         for chunk in response.iter_bytes(CHUNK):
                             done += len(chunk)

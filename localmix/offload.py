@@ -12,7 +12,7 @@ import copy
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from .config import ModelConfig
 from .errors import MemoryBudgetError, OptionError
 from .expert_cache import ExpertCache, make_policy
 from .model import MoeLayer, Transformer, route
+
+if TYPE_CHECKING:
+    from .hybrid import Scheduler, Speeds
 
 ALIGN = 64  # byte alignment of each tensor inside a packed expert
 DEFAULT_PREFETCH = 1  # layers looked ahead; 2 rarely pays (see benchmarks/bench_nano.py)
@@ -192,6 +195,7 @@ def make_plan(
     *,
     machine: Machine | None = None,
     reserve: dict[str, int] | None = None,
+    experts_on_device: bool = True,
 ) -> Plan:
     """Give the device memory left after trunk, KV cache and runtime reserve to expert slots,
     spread over the layers, and check that the rest fits in host RAM.
@@ -201,9 +205,12 @@ def make_plan(
     same share; slots left over go to the last layers, whose routing is the hardest to
     predict ahead of time. A plan that cannot work is refused with the numbers, before
     anything is allocated: fewer than top_k slots per layer on the device, or an expert store
-    larger than the host RAM available.
+    larger than the host RAM available. Without `experts_on_device` (every expert computed on
+    the CPU) the device holds no slots.
     """
     layers, experts, top_k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
+    if not experts_on_device:
+        max_slots, top_k = 0, 0
     reserve = dict(reserve or {})
     notes = []
     free = machine.device_free if machine is not None else None
@@ -223,7 +230,7 @@ def make_plan(
             f"{_gb(minimum - limit)} short of the {_gb(minimum)} needed; shrink the context "
             "or free the GPU"
         )
-    total = layers * (max_slots or experts)
+    total = layers * (experts if max_slots is None else max_slots)
     if limit is not None:
         total = min((limit - fixed) // expert_bytes, total)
     per_layer = [min(total // layers, experts)] * layers
@@ -234,6 +241,8 @@ def make_plan(
         if per_layer[i] < experts:
             per_layer[i] += 1
             extra -= 1
+    if not experts_on_device:
+        notes.append("every expert is computed on the CPU: the device holds the trunk only")
     host = layers * experts * expert_bytes
     if min(per_layer) < experts and machine is not None and machine.host_free is not None:
         if host + HOST_MARGIN_BYTES > machine.host_free:
@@ -325,6 +334,8 @@ class ExpertStore:
     For a CUDA device each layer's block is page-locked where it lies (`pinner`, normally
     `cuda_host_register`: no rounding of a 24 GB request up to 32); a layer whose block cannot
     be locked stays pageable, and the copy engine stages its copies through pinned buffers.
+    With `for_cpu`, the store keeps localmix's own layout, which the CPU kernels read (hybrid
+    execution computes experts from it); the device's form is then made after each copy.
     `progress(done, total)` is called as experts are filled in.
     """
 
@@ -334,9 +345,11 @@ class ExpertStore:
         device: torch.device,
         pinner: Pinner | None = None,
         progress: Callable[[int, int], None] | None = None,
+        for_cpu: bool = False,
     ) -> None:
         moes = model.moe_layers()
-        first = stored_form(moes[0].experts[0], device)
+        form = (lambda expert, device: expert) if for_cpu else stored_form
+        first = form(moes[0].experts[0], device)
         self.layout, self.expert_bytes = expert_layout(first)
         self.template = bind(first, {n: t.to("meta") for n, t in _tensors(first)})
         n_layers, n_experts = len(moes), len(moes[0].experts)
@@ -347,7 +360,7 @@ class ExpertStore:
         for li, moe in enumerate(moes):
             for ei, expert in enumerate(moe.experts):
                 dst = views(self.host[li, ei], self.layout)
-                for name, t in _tensors(stored_form(expert, device)):
+                for name, t in _tensors(form(expert, device)):
                     dst[name].copy_(t)
                 done += 1
                 if progress:
@@ -355,6 +368,11 @@ class ExpertStore:
 
     def module(self, layer: int, expert: int) -> nn.Module:
         return bind(self.template, views(self.host[layer, expert], self.layout))
+
+    def modules(self) -> list[list[nn.Module]]:
+        """Every stored expert as a module over its bytes (no copy), per layer."""
+        n_layers, n_experts = self.host.shape[:2]
+        return [[self.module(li, ei) for ei in range(n_experts)] for li in range(n_layers)]
 
     def close(self) -> None:
         """Unlock what was page-locked (before the memory is freed)."""
@@ -368,12 +386,21 @@ class ExpertStore:
 class CopyEngine(Protocol):
     """Moves bytes host -> device beside the compute, ordered by events.
 
-    `copy` starts dst <- src once `after` (an event from `reader_done`, or None) has passed and
-    returns an event marking its completion (`pinned`: src is page-locked); `wait` makes the compute that follows wait for an
-    event; `reader_done` marks the compute queued so far (the last reader of what it read).
+    `copy` starts dst <- src once `after` (an event from `reader_done`, or None) has passed,
+    then runs `then()` (device work that reads dst) in the same order, and returns an event
+    marking the completion of both (`pinned`: src is page-locked); `wait` makes the compute
+    that follows wait for an event; `reader_done` marks the compute queued so far (the last
+    reader of what it read).
     """
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any, pinned: bool) -> Any: ...
+    def copy(
+        self,
+        dst: torch.Tensor,
+        src: torch.Tensor,
+        after: Any,
+        pinned: bool,
+        then: Callable[[], None] | None = None,
+    ) -> Any: ...
 
     def wait(self, event: Any) -> None: ...
 
@@ -383,8 +410,17 @@ class CopyEngine(Protocol):
 class ImmediateCopies:
     """The copy engine of a CPU "device": copies happen at once, in program order."""
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any, pinned: bool) -> Any:
+    def copy(
+        self,
+        dst: torch.Tensor,
+        src: torch.Tensor,
+        after: Any,
+        pinned: bool,
+        then: Callable[[], None] | None = None,
+    ) -> Any:
         dst.copy_(src)
+        if then is not None:
+            then()
         return None
 
     def wait(self, event: Any) -> None:
@@ -407,7 +443,14 @@ class CudaCopies:
         self.staged: list[Any] = []
         self.next = 0
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any, pinned: bool) -> Any:
+    def copy(
+        self,
+        dst: torch.Tensor,
+        src: torch.Tensor,
+        after: Any,
+        pinned: bool,
+        then: Callable[[], None] | None = None,
+    ) -> Any:
         ring = None
         if not pinned:
             ring, src = self._stage(src)
@@ -415,6 +458,8 @@ class CudaCopies:
             if after is not None:
                 self.stream.wait_event(after)
             dst.copy_(src, non_blocking=True)
+            if then is not None:
+                then()  # queued on the copy stream, behind the copy
             event = torch.cuda.Event()
             event.record(self.stream)
         if ring is not None:
@@ -446,6 +491,61 @@ class CudaCopies:
         return event
 
 
+class Repack:
+    """Turns an expert copied to the device in the host store's layout (localmix's own, which
+    the CPU kernels read) into the device kernels' layout in its slot, on the device.
+
+    One staging buffer takes each copy; the repack that reads it is queued behind the copy on
+    the same stream, so the next copy into it waits for that read.
+    """
+
+    def __init__(self, store: ExpertStore, device: torch.device) -> None:
+        self.store = store
+        self.staging = torch.empty(store.expert_bytes, dtype=torch.uint8, device=device)
+        self.staged = bind(store.template, views(self.staging, store.layout))
+        form = stored_form(bind(store.template, self._empty_like(store, device)), device)
+        self.layout, self.slot_bytes = expert_layout(form)
+        self.template = bind(form, {n: t.to("meta") for n, t in _tensors(form)})
+
+    @staticmethod
+    def _empty_like(store: ExpertStore, device: torch.device) -> dict[str, torch.Tensor]:
+        return {s.name: torch.empty(s.shape, dtype=s.dtype, device=device) for s in store.layout}
+
+    def into(self, dst: torch.Tensor) -> None:
+        """Repack what the staging buffer holds into the slot bytes `dst`."""
+        from .quant.linear import use_device_kernels
+
+        fresh = bind(self.staged, dict(_tensors(self.staged)))  # repacking replaces tensors
+        use_device_kernels(fresh)
+        out = views(dst, self.layout)
+        for name, t in _tensors(fresh):
+            out[name].copy_(t)
+
+
+class HostExperts:
+    """Computes experts on the CPU from the host store, on a worker thread, while the device
+    computes the resident ones. A decode step's hidden state goes to the host once per layer
+    and each output comes back to the device."""
+
+    def __init__(self, store: ExpertStore) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.modules = store.modules()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localmix-cpu-experts")
+
+    def submit(self, layer: int, experts: list[int], x: torch.Tensor) -> list[Any]:
+        """Start computing `experts` of `layer` on the host copy `x`; one future each."""
+        return [self.pool.submit(self._run, self.modules[layer][e], x) for e in experts]
+
+    @staticmethod
+    def _run(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():  # thread-local: the worker's own
+            return expert(x)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
 class SlotMover:
     """Copies packed experts from the host store into device slots, through a copy engine.
 
@@ -454,11 +554,17 @@ class SlotMover:
     """
 
     def __init__(
-        self, store: ExpertStore, slots: list[int], device: torch.device, engine: CopyEngine
+        self,
+        store: ExpertStore,
+        slots: list[int],
+        device: torch.device,
+        engine: CopyEngine,
+        repack: Repack | None = None,
     ) -> None:
-        self.store, self.device, self.engine = store, device, engine
+        self.store, self.device, self.engine, self.repack = store, device, engine, repack
+        slot_bytes = repack.slot_bytes if repack is not None else store.expert_bytes
         self.buffers = [
-            torch.empty((n, store.expert_bytes), dtype=torch.uint8, device=device) for n in slots
+            torch.empty((n, slot_bytes), dtype=torch.uint8, device=device) for n in slots
         ]
         self.landed: dict[tuple[int, int], Any] = {}  # the copy each slot waits for
         self.last_read: dict[tuple[int, int], Any] = {}  # each slot's last reader
@@ -467,7 +573,22 @@ class SlotMover:
         src, dst = self.store.host[layer, expert], self.buffers[layer][slot]
         after = self.last_read.pop((layer, slot), None)
         pinned = self.store.pinned[layer]
-        self.landed[layer, slot] = self.engine.copy(dst, src, after, pinned)
+        if self.repack is None:
+            self.landed[layer, slot] = self.engine.copy(dst, src, after, pinned)
+        else:  # into the staging buffer, then repacked into the slot, on the copy stream
+            then = lambda: self.repack.into(dst)  # noqa: E731
+            self.landed[layer, slot] = self.engine.copy(
+                self.repack.staging, src, after, pinned, then
+            )
+
+    def slot_modules(self, layer: int) -> list[nn.Module]:
+        """The modules that read each of `layer`'s slots (views of the slot bytes)."""
+        template, layout = (
+            (self.repack.template, self.repack.layout)
+            if self.repack is not None
+            else (self.store.template, self.store.layout)
+        )
+        return [bind(template, views(buf, layout)) for buf in self.buffers[layer]]
 
     def ready(self, layer: int, slot: int) -> None:
         self.engine.wait(self.landed.pop((layer, slot), None))
@@ -483,6 +604,10 @@ class CachedExperts:
     While serving layer L in a decode step, it applies the gates of the next layers (the last
     layers: of the next token's first layers) to L's input and prefetches the experts they
     pick, behind L's own copies (the prediction only changes timing).
+
+    With a `scheduler` and `host` (hybrid execution), a decode step's missed experts that the
+    scheduler gives the CPU are computed there from the host store while the device computes
+    the others; they are served last, as modules that return the CPU's result.
     """
 
     def __init__(
@@ -493,9 +618,12 @@ class CachedExperts:
         next_gates: list[tuple[int, nn.Module]],
         top_k: int,
         mover: SlotMover,
+        scheduler: Scheduler | None = None,
+        host: HostExperts | None = None,
     ) -> None:
         self.layer, self.cache, self.slot_modules = layer, cache, slot_modules
         self.next_gates, self.top_k, self.mover = next_gates, top_k, mover
+        self.scheduler, self.host = scheduler, host
 
     def predict(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """The experts the next layers' gates pick from this decode step's input, on the device
@@ -507,18 +635,77 @@ class CachedExperts:
     def fetch(
         self, layer: int, experts: list[int], hidden: torch.Tensor, predicted: list[int]
     ) -> Iterator:
-        served = self.cache.request(layer, experts, hidden.shape[0])  # demand copies start
+        if not self.slot_modules:  # every expert on the CPU: prefill chunks too, in turn
+            self.cache.request(layer, experts, hidden.shape[0], experts)
+            for e in experts:
+                yield e, _OnHost(self.host.modules[layer][e], hidden.device)
+            return
+        on_cpu = self._choose(layer, experts) if hidden.shape[0] == 1 else []
+        results = []
+        if on_cpu:  # started first: the CPU works while the device computes the rest
+            results = self.host.submit(layer, on_cpu, hidden.to("cpu"))
+        loads = self._loads()
+        served = self.cache.request(layer, experts, hidden.shape[0], on_cpu)  # copies start
         for i, (target, _) in enumerate(self.next_gates):  # then predicted ones, behind them
             chosen = predicted[i * self.top_k : (i + 1) * self.top_k]
             if chosen:
                 self.cache.prefetch(target, chosen)
+        if self.scheduler is not None:  # the link's backlog, as the scheduler estimates it
+            self.scheduler.queued(self._loads() - loads)
         for expert, slot in served:
             yield expert, self.slot_modules[slot]
             self.mover.used(layer, slot)  # the caller has queued the compute that read it
+        for expert, result in zip(on_cpu, results, strict=True):
+            yield expert, _Computed(result.result().to(hidden.device))
+
+    def _loads(self) -> int:
+        """Copies started so far for this layer and the ones it prefetches for."""
+        layers = self.cache.stats.layers
+        return sum(
+            layers[li].loads + layers[li].prefetch_loads
+            for li in (self.layer, *(t for t, _ in self.next_gates))
+        )
+
+    def _choose(self, layer: int, experts: list[int]) -> list[int]:
+        """The missed experts the CPU computes (none without a scheduler)."""
+        if self.scheduler is None:
+            return []
+        where = self.cache.where[layer]
+        missing = [e for e in experts if e not in where]
+        return self.scheduler.choose(
+            missing,
+            len(experts) - len(missing),
+            lambda e: self.cache.copy_value(layer, e, experts),
+        )
+
+
+class _OnHost:
+    """An expert run on the CPU from the host store, for rows of the device's activations."""
+
+    def __init__(self, expert: nn.Module, device: torch.device) -> None:
+        self.expert, self.device = expert, device
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expert(x.to("cpu")).to(self.device)
+
+
+class _Computed:
+    """An expert already computed elsewhere: called on the layer's input, returns its output."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        self.output = output
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output
 
 
 class Offload:
-    """Wires an expert cache into a loaded model (replacing its resident experts)."""
+    """Wires an expert cache into a loaded model (replacing its resident experts).
+
+    `mode` says where missed experts run (see `localmix.hybrid`): "gpu" copies each one, "cpu"
+    computes every expert on the CPU (the plan then has no slots), "hybrid" asks a scheduler
+    built from `speeds` per miss. Outside "gpu" the host store keeps the CPU kernels' layout.
+    """
 
     def __init__(
         self,
@@ -529,33 +716,59 @@ class Offload:
         prefetch: int,
         engine: CopyEngine | None = None,
         progress: Callable[[int, int], None] | None = None,
+        mode: str = "gpu",
+        speeds: Speeds | None = None,
     ) -> None:
+        from .hybrid import MODES, Scheduler
+
+        if mode not in MODES:
+            raise OptionError(f"unknown experts mode '{mode}'; use one of {', '.join(MODES)}")
+        if mode != "gpu" and speeds is None:
+            raise ValueError("hybrid and CPU experts need the machine's speeds")
         cfg = model.cfg
         moes: list[MoeLayer] = model.moe_layers()
-        self.plan, self.device = plan, device
+        self.plan, self.device, self.mode, self.speeds = plan, device, mode, speeds
         cuda = device.type == "cuda"
         pinner = cuda_host_register if cuda else None
-        self.store = ExpertStore(model, device, pinner, progress)
-        if self.store.expert_bytes != plan.expert_bytes:
-            raise RuntimeError("plan and store disagree on the expert size")
+        self.store = ExpertStore(model, device, pinner, progress, for_cpu=mode != "gpu")
+        repack = None
+        if mode == "hybrid" and cuda:
+            repack = Repack(self.store, device)
+            if repack.layout == self.store.layout:
+                repack = None  # the device reads the host layout as it is
         if engine is None:
             engine = CudaCopies(device, self.store.expert_bytes) if cuda else ImmediateCopies()
-        self.mover = SlotMover(self.store, plan.slots, device, engine)
+        self.mover = SlotMover(self.store, plan.slots, device, engine, repack)
+        if self.mover.buffers and self.mover.buffers[0].shape[1] != plan.expert_bytes:
+            raise RuntimeError("plan and store disagree on the expert size")
         self.cache = ExpertCache(plan.slots, make_policy(policy), self.mover, plan.expert_bytes)
+        self.host = HostExperts(self.store) if mode != "gpu" else None
+        self.scheduler = (
+            Scheduler(speeds.costs(self.store.expert_bytes), mode) if speeds is not None else None
+        )
         for li, moe in enumerate(moes):
-            slot_modules = [
-                bind(self.store.template, views(self.mover.buffers[li][s], self.store.layout))
-                for s in range(plan.slots[li])
-            ]
             # The next `prefetch` layers' gates; the last layers' wrap around to the first
             # layers of the next token (a decode step's last hidden state predicts them).
             ahead = [(li + j) % len(moes) for j in range(1, prefetch + 1)]
-            gates = [(t, moes[t].gate) for t in ahead if t != li]
+            gates = [(t, moes[t].gate) for t in ahead if t != li and plan.slots[t]]
             moe.use_experts(
                 CachedExperts(
-                    li, self.cache, slot_modules, gates, cfg.num_experts_per_tok, self.mover
+                    li,
+                    self.cache,
+                    self.mover.slot_modules(li),
+                    gates,
+                    cfg.num_experts_per_tok,
+                    self.mover,
+                    self.scheduler if mode != "gpu" else None,
+                    self.host,
                 )
             )
+
+    def close(self) -> None:
+        """Stop the CPU worker and unlock the host store."""
+        if self.host is not None:
+            self.host.close()
+        self.store.close()
 
     def stats(self) -> dict:
         s = self.cache.stats
@@ -584,6 +797,7 @@ def plan_for(
     machine: Machine | None = None,
     max_slots: int | None = None,
     fused_int4: bool = True,
+    mode: str = "gpu",
 ) -> Plan:
     """The plan for a model described by its config (and manifest), without loading weights:
     the model is built on the meta device. `fused_int4`: the GPU runs PyTorch's fused int4
@@ -615,6 +829,7 @@ def plan_for(
         machine=machine,
         max_slots=max_slots,
         fused_int4=fused_int4,
+        mode=mode,
     )
 
 
@@ -630,17 +845,22 @@ def plan_model(
     machine: Machine | None = None,
     max_slots: int | None = None,
     fused_int4: bool = True,
+    mode: str = "gpu",
 ) -> Plan:
     """The plan for `model` (loaded, or built on the meta device), whose experts are shaped like
     `expert` (one of its own, or the expert store's template once they left the model): trunk
-    and expert sizes from the modules, the runtime's working memory on CUDA."""
+    and expert sizes from the modules, the runtime's working memory on CUDA. In `mode` "cpu"
+    the device holds no expert; in "hybrid" on CUDA it also holds one expert's staging buffer
+    (copies arrive in the CPU kernels' layout and are repacked there)."""
     reserve = None
+    _, expert_bytes = expert_layout(expert)
     if device.startswith("cuda"):
         modules = [*model.modules(), *expert.modules()]
         reserve = runtime_reserve(
             model.cfg, context, dequantize_scratch(modules, dtype, fused_int4)
         )
-    _, expert_bytes = expert_layout(expert)
+        if mode == "hybrid" and fused_int4:
+            reserve["repack staging"] = expert_bytes
     return make_plan(
         model.cfg,
         trunk_bytes(model),
@@ -651,4 +871,5 @@ def plan_model(
         max_slots,
         machine=machine,
         reserve=reserve,
+        experts_on_device=mode != "cpu",
     )

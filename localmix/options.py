@@ -35,10 +35,15 @@ class LoadOptions:
     expert_slots: int | None
     policy: str
     prefetch: int
+    experts: str = "auto"  # where missed experts run: auto, gpu, cpu, hybrid
 
     @property
     def offloading(self) -> bool:
-        return self.device_memory is not None or self.expert_slots is not None
+        return (
+            self.device_memory is not None
+            or self.expert_slots is not None
+            or self.experts in ("cpu", "hybrid")
+        )
 
     def model_dtype(self, cfg: ModelConfig) -> torch.dtype:
         """The dtype asked for, or the checkpoint's (bf16 for an fp16 checkpoint on the CPU)."""
@@ -76,6 +81,7 @@ def load_options(
     expert_slots: int | None = None,
     policy: str = DEFAULT_POLICY,
     prefetch: int = DEFAULT_PREFETCH,
+    experts: str = "auto",
 ) -> LoadOptions:
     """Check raw load options (as typed on a command line or passed to `localmix.load`)."""
     return LoadOptions(
@@ -87,6 +93,7 @@ def load_options(
         expert_slots=None if expert_slots is None else whole("expert slots", expert_slots, 1),
         policy=parse_policy(policy),
         prefetch=whole("prefetch", prefetch, 0),
+        experts=parse_experts(experts),
     )
 
 
@@ -130,6 +137,15 @@ def parse_budget(device_memory: str | int) -> int:
     if budget <= 0:
         raise OptionError(f"the device memory budget must be positive, not '{device_memory}'")
     return budget
+
+
+def parse_experts(experts: str) -> str:
+    from .hybrid import MODES
+
+    modes = ("auto", *MODES)
+    if experts not in modes:
+        raise OptionError(f"unknown experts mode '{experts}'; use {', '.join(modes)}")
+    return experts
 
 
 def parse_policy(policy: str) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from .conversations import Conversation, conversation_path, new_name, remove_file
-from .engine import Engine, Event, Progress, Summary
+from .engine import Engine, Event, Progress, Summary, valid_text
 from .errors import LocalmixError, OptionError
 from .sampling import SETTABLE, SamplingOptions
 
@@ -94,7 +94,7 @@ class ChatSession:
 
     @system.setter
     def system(self, text: str) -> None:
-        self.conversation.system = text
+        self.conversation.system = valid_text(text)
 
     def set(self, name: str, value: object) -> object:
         """Set one sampling option; text is parsed (`parse_setting`), any value is checked.
@@ -178,7 +178,8 @@ class ChatSession:
         consumer stops early (`close()`, a `break`, Ctrl+C), or on an error; `stopped` says
         whether it was cut short. A reply being written is saved every SAVE_EVERY tokens.
         """
-        self.conversation.messages.append({"role": "user", "content": text})
+        self.conversation.model = self.engine.name  # the model that wrote its last reply
+        self.conversation.messages.append({"role": "user", "content": valid_text(text)})
         self.last, self.stopped = None, True
         self._autosave()
         pieces: list[str] = []

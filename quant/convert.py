@@ -9,7 +9,8 @@ Atomic and resumable: a shard is written under a temporary name and renamed when
 its hash and the hashes of the source shards it was made from are recorded in
 `.localmix-progress.json`; a rerun skips shards whose output and sources are unchanged, and
 redoes the others (a source changed in place, with the same sizes, is quantized again). The
-manifest, written last, marks the output complete. The source is only ever read; one conversion
+manifest, written last, marks the output complete and takes the progress record in (a finished
+model has no progress file; a rerun still finds what it needs to skip the work). The source is only ever read; one conversion
 at a time writes into a destination (a lock file in it).
 """
 
@@ -47,7 +48,8 @@ from .safetensors_write import write_file
 # model is a version-2 model whose shapes needed no padding, and is read as it is.
 FORMAT_VERSION = 2
 MANIFEST = "localmix.json"
-PROGRESS = ".localmix-progress.json"
+PROGRESS = ".localmix-progress.json"  # while a conversion is unfinished
+RESUME_KEY = "resume"  # the finished conversion's progress record, in its manifest
 LAYOUT = "localmix-tiled32-padded"  # see quant.formats; the same bytes on every machine
 SHAPES_KEY = "localmix.shapes"  # shard metadata: logical (out, in) of each quantized tensor
 COPIED_FILES = (
@@ -348,6 +350,9 @@ def check_destination(dst: Path, fp: dict) -> dict:
             except QuantError:
                 continue
             if isinstance(record, dict) and record.get("fingerprint") == fp:
+                resume = record.get(RESUME_KEY)  # a finished model's manifest
+                if isinstance(resume, dict) and resume.get("fingerprint") == fp:
+                    return resume
                 return record
             raise ConvertError(
                 f"{dst} holds a different model or settings; choose another destination "
@@ -556,7 +561,8 @@ def _convert_locked(src, dst, settings, weight_map, shards, fp, total, progress)
         "weight_map": {t: n for n, d in sorted(done.items()) for t in d["tensors"]},
     }
     write_json(dst / INDEX, index)
-    write_json(dst / MANIFEST, manifest)
-    record["complete"] = True
-    write_json(dst / PROGRESS, record)
+    # A finished model keeps no progress file: what a rerun checks to skip the work (the
+    # sources' identities and what each shard read) goes into the manifest.
+    write_json(dst / MANIFEST, {**manifest, RESUME_KEY: {**record, "complete": True}})
+    (dst / PROGRESS).unlink(missing_ok=True)
     return manifest

@@ -55,3 +55,16 @@ def save_reference(
     model.save_pretrained(path, **kwargs)
     shutil.copyfile(demo_tokenizer_path(), path / "tokenizer.model")
     return model
+
+
+def quantized_six_experts(tmp_path_factory) -> Path:
+    """A bf16 Mixtral of 3 layers and 6 experts, quantized by localmix (rtn): room for expert
+    slots fewer than the experts and more than top-2."""
+    from localmix.quant.convert import Settings, convert
+
+    src = tmp_path_factory.mktemp("src")
+    config = tiny_mixtral_config(num_local_experts=6, num_hidden_layers=3)
+    save_reference(src, config, dtype=torch.bfloat16)
+    dst = tmp_path_factory.mktemp("quantized") / "q"
+    convert(src, dst, Settings(method="rtn"))
+    return dst

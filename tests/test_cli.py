@@ -104,9 +104,8 @@ def test_user_errors_are_one_line(args, message):
 
 
 def test_default_model(monkeypatch, tmp_path):
-    from localmix.cli.main import default_model
-
     from localmix.errors import LocalmixError
+    from localmix.workflows import default_model
 
     monkeypatch.setenv("LOCALMIX_HOME", str(tmp_path))
     with pytest.raises(LocalmixError, match="localmix pull mistralai/Mixtral-8x7B.*demo"):
@@ -251,3 +250,24 @@ def test_a_context_beyond_the_models_window_is_said():
     r = invoke("run", "demo", "x", "--raw", "--max-tokens", "1", "--context", "100000")
     assert r.exit_code == 0, r.output
     assert "attends to at most 128 tokens" in r.stderr and "not 100000" in r.stderr
+
+
+def test_a_finished_quantization_keeps_no_progress_file(tmp_path, tiny_mixtral, monkeypatch):
+    """The rerun of a finished conversion still skips the work, from the manifest alone."""
+    import localmix.quant.convert as conv
+
+    src, _ = tiny_mixtral
+    dst = tmp_path / "q"
+    r = invoke("quantize", str(src), str(dst), "--method", "rtn")
+    assert r.exit_code == 0, r.output
+    assert not (dst / ".localmix-progress.json").exists() and (dst / "localmix.json").exists()
+    shards = {p.name: p.stat().st_mtime_ns for p in dst.glob("*.safetensors")}
+
+    def no_work(*a, **k):
+        raise AssertionError("a finished model was quantized again")
+
+    monkeypatch.setattr(conv, "quantize_tensor", no_work)
+    r = invoke("quantize", str(src), str(dst), "--method", "rtn")
+    assert r.exit_code == 0, r.output
+    assert {p.name: p.stat().st_mtime_ns for p in dst.glob("*.safetensors")} == shards
+    assert not (dst / ".localmix-progress.json").exists()

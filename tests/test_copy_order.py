@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from localmix.quant.convert import Settings, convert
 
 import localmix
 import localmix.offload as offload_module
-from tests.helpers import save_reference, tiny_mixtral_config
+from tests.helpers import quantized_six_experts
 
 
 class FakeCopies:
@@ -53,12 +52,7 @@ class FakeCopies:
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    src = tmp_path_factory.mktemp("csrc")
-    config = tiny_mixtral_config(num_local_experts=6, num_hidden_layers=3)
-    save_reference(src, config, dtype=torch.bfloat16)
-    dst = tmp_path_factory.mktemp("cq") / "q"
-    convert(src, dst, Settings(method="rtn"))
-    return dst
+    return quantized_six_experts(tmp_path_factory)
 
 
 @pytest.mark.parametrize("prefetch", [0, 1])

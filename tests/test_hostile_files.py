@@ -580,7 +580,7 @@ def test_a_hostile_progress_file_is_redone_not_trusted(tiny, tmp_path):
     convert(tiny, tmp_path / "clean", settings)
     q = tmp_path / "q"
     convert(tiny, q, settings)
-    record = json.loads((q / ".localmix-progress.json").read_text())
+    record = json.loads((q / "localmix.json").read_text())["resume"]  # a finished model's
     record["complete"] = False
     name = next(iter(record["shards"]))
     record["shards"] = {"../../evil.safetensors": record["shards"][name], name: "nonsense"}
