@@ -1,5 +1,6 @@
 """The `localmix` command line: thin wrappers that parse input, call the library, render events."""
 
+import contextlib
 import os
 import signal
 import sys
@@ -16,9 +17,10 @@ def main() -> None:
     """The `localmix` command. Ctrl+C at any moment, even while it starts, ends it with one line
     on stderr and exit status 130.
 
-    While the modules are imported, Ctrl+C exits at once: a KeyboardInterrupt raised inside an
-    import can be swallowed by a library's own `except` and leave a half-imported module behind
-    (numpy then refuses to import again). From the command on, `friendly_errors` handles it.
+    Until the command starts, Ctrl+C exits at once: a KeyboardInterrupt raised inside an
+    import (typer imports pydantic as it parses the options) can be swallowed by a library's
+    own `except` and leave a half-imported module behind (numpy then refuses to import again).
+    From the command on (`command_started`), its error barrier handles it.
     """
     signal.signal(signal.SIGINT, _exit_interrupted)
     from localmix.threads import prepare_process
@@ -28,7 +30,6 @@ def main() -> None:
 
     if needs_runtime(sys.argv[1:]):
         _import_runtime_modules()  # what the command imports, so that none is imported mid-command
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         app(prog_name="localmix")
     except KeyboardInterrupt:  # outside a command (typer's own parsing)
@@ -42,6 +43,12 @@ def needs_runtime(args: list[str]) -> bool:
     if not args or any(a in HELP_FLAGS for a in args):
         return False
     return args[0] not in LIGHT_COMMANDS
+
+
+def command_started() -> None:
+    """From here on Ctrl+C raises KeyboardInterrupt, for the command's error barrier."""
+    with contextlib.suppress(ValueError):  # not the main thread (a test's runner)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def import_runtime() -> None:

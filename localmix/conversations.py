@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .engine import valid_text
 from .errors import LocalmixError
 from .sampling import SamplingOptions
 from .store import home
+from .text import valid_text
 
 NAME_RE = re.compile(r"^[\w.-]{1,100}$")
 ROLES = ("user", "assistant")

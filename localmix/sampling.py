@@ -1,16 +1,22 @@
-"""Token sampling: small pure functions over a logits vector, combined by `make_sampler`."""
+"""Token sampling: small pure functions over a logits vector, combined by `make_sampler`.
+
+`SamplingOptions`, the gate for every sampling setting, is used where no model runs (a client
+of `localmix serve`): PyTorch is imported by the functions that compute, not by the module.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import OptionError
 
-Sampler = Callable[[torch.Tensor, Sequence[int]], int]
+if TYPE_CHECKING:
+    import torch
+
+Sampler = Callable[["torch.Tensor", Sequence[int]], int]
 
 
 SEED_LIMIT = 2**64  # torch.Generator takes seeds in [0, 2**64)
@@ -98,6 +104,8 @@ def apply_repetition_penalty(
     logits: torch.Tensor, history: Sequence[int], penalty: float
 ) -> torch.Tensor:
     """CTRL-style penalty: shrink the logits of tokens already seen (positive ones divided)."""
+    import torch
+
     if penalty == 1.0 or not history:
         return logits
     ids = torch.tensor(sorted(set(history)), device=logits.device)
@@ -110,6 +118,8 @@ def apply_repetition_penalty(
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    import torch
+
     if k <= 0 or k >= logits.shape[-1]:
         return logits
     kth = torch.topk(logits, k).values[-1]
@@ -118,6 +128,8 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches p."""
+    import torch
+
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True)
@@ -128,6 +140,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     """Drop tokens less likely than min_p times the most likely one."""
+    import torch
+
     if min_p <= 0:
         return logits
     probs = torch.softmax(logits, dim=-1)
@@ -136,6 +150,8 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 def make_sampler(opts: SamplingOptions) -> Sampler:
     """A callable (logits (vocab,), history) -> token id; greedy when temperature is 0."""
+    import torch
+
     gen = torch.Generator()
     gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
 

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .conversations import Conversation, conversation_path, new_name, remove_file
-from .engine import Engine, Event, Progress, Summary, valid_text
 from .errors import LocalmixError, OptionError
+from .events import Event, Summary
 from .sampling import SETTABLE, SamplingOptions
+from .text import valid_text
+
+if TYPE_CHECKING:  # a client of `localmix serve` chats without PyTorch (cli/client.py)
+    from .engine import Engine, Progress
 
 SAVE_EVERY = 32  # tokens between saves of a reply being written
 STOP_SEPARATOR = "|"  # stop strings typed as one line: "###|User:"

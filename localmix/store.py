@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 from .errors import LocalmixError, ModelNotFoundError
+from .quant.errors import QuantError
 from .quant.files import is_plain_name, read_json
-from .quant.formats import QuantError
 
 BUILTIN = ("demo", "nano")  # demo is nano, the model shipped in the package
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .formats import QuantError
+from .errors import QuantError
 
 INDEX = "model.safetensors.index.json"
 LOCK = ".localmix.lock"

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import QuantError
 from .kernels import cpu_kernels
 
 METHODS = ("wmse", "mse", "rtn")
@@ -60,10 +61,6 @@ LSQ_STEPS = 3
 # Groups quantized at a time. The fit makes dozens of passes over its temporaries; kept to a few
 # MB they stay in cache, where a Mixtral expert (14336x4096) fitted whole ran several times slower.
 FIT_CHUNK = 16384
-
-
-class QuantError(ValueError):
-    """A tensor or setting the quantizer cannot handle."""
 
 
 @dataclass

@@ -28,8 +28,10 @@ def _cpu_kernels_built():
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
-    """Every test gets its own model store, never the user's."""
+    """Every test gets its own model store, never the user's, and `run` and `chat` find no
+    `localmix serve` (nothing listens on the discard port) unless a test starts one."""
     monkeypatch.setenv("LOCALMIX_HOME", str(tmp_path_factory.getbasetemp() / "home"))
+    monkeypatch.setenv("LOCALMIX_HOST", "127.0.0.1:9")
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,11 @@ def test_help_and_version_do_not_import_torch(args):
     assert "torch" not in modules and not modules & RUNTIME
 
 
+def test_the_client_side_of_run_and_chat_does_not_import_torch():
+    modules = imported("-c", "import localmix.cli.client, localmix.session, localmix.store")
+    assert "torch" not in modules and not modules & RUNTIME
+
+
 def test_the_defaults_are_the_runtimes():
     from localmix.quant import formats
 

@@ -28,6 +28,7 @@ class Server:
     """`localmix serve ARGS --port 0` in its own process, until `stop`."""
 
     def __init__(self, home: Path, *args: str) -> None:
+        self.home = home
         env = {**os.environ, "LOCALMIX_HOME": str(home)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "localmix.cli", "serve", *args, "--port", "0"],
@@ -68,6 +69,18 @@ class Server:
                 return r.status, json.load(r)
         except urllib.error.HTTPError as e:
             return e.code, json.load(e)
+
+    def localmix(self, *args: str, python: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        """The command line, with this server at $LOCALMIX_HOST."""
+        env = {**os.environ, "LOCALMIX_HOME": str(self.home), "LOCALMIX_HOST": self.url}
+        return subprocess.run(
+            [sys.executable, *python, "-m", "localmix.cli", *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
 
     def rss(self) -> int:
         """The server's resident memory, in bytes."""
@@ -272,6 +285,48 @@ def test_sixteen_clients_get_answers_or_a_clean_overloaded(server):
     assert len(outcomes) == 64 and "answered" in outcomes
     assert after - before < 16 * 2**20, (before, after)
     assert server.get("/health")["queue"]["waiting"] == 0
+
+
+def test_run_answers_through_the_server_without_pytorch(server):
+    args = ("run", "demo", "def f(x):", "--max-tokens", "6", "--temperature", "0", "--json")
+    through = server.localmix(*args, python=("-X", "importtime"))
+    assert through.returncode == 0, through.stderr
+    assert not {"torch", "localmix.engine"} & {
+        line.split("|")[-1].strip() for line in through.stderr.splitlines()
+    }
+    here = server.localmix(*args, "--no-server")
+    assert here.returncode == 0, here.stderr
+    assert json.loads(through.stdout)["token_ids"] == json.loads(here.stdout)["token_ids"]
+    lone = server.localmix("run", "def f(x):", "--max-tokens", "2")  # the server's model
+    assert lone.returncode == 0 and lone.stdout.strip(), lone.stderr
+    refused = server.localmix("run", "demo", "x", "--top-p", "2")
+    assert refused.returncode == 1 and "top_p" in refused.stderr
+
+
+def test_a_chat_session_through_the_server(server, monkeypatch):
+    from localmix.cli.client import RemoteEngine, find_server
+
+    from localmix.session import ChatSession
+
+    monkeypatch.setenv("LOCALMIX_HOST", server.url)
+    found = find_server()
+    assert found is not None
+    session = ChatSession(RemoteEngine(found, "demo", {"max_tokens": 4, "temperature": 0}))
+    first = session.reply("import os\n")
+    second = session.reply("import sys\n")
+    assert first.generated_tokens == 4 and session.messages[-1]["content"] == second.text
+    assert second.prefilled_tokens < second.prompt_tokens - first.generated_tokens
+
+
+def test_run_and_chat_load_the_model_themselves_when_told_how(server, monkeypatch):
+    from localmix.cli.client import connect
+
+    monkeypatch.setenv("LOCALMIX_HOST", server.url)
+    assert connect({"model", "temperature", "stop"}, no_server=False) is not None
+    assert connect({"model", "context"}, no_server=False) is None  # a load option: here
+    assert connect(set(), no_server=True) is None
+    monkeypatch.setenv("LOCALMIX_HOST", "127.0.0.1:9")  # nothing listens there
+    assert connect(set(), no_server=False) is None
 
 
 @pytest.fixture(scope="module")
