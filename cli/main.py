@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from localmix.cli import EXIT_INTERRUPTED, command_started
+from localmix.cli import EXIT_INTERRUPTED
 from localmix.cli.render import (
     err,
     human_bytes,
@@ -77,7 +78,6 @@ def friendly_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        command_started()
         try:
             return command(*args, **kwargs)
         except LocalmixError as e:
@@ -171,10 +171,6 @@ Slots = Annotated[int | None, typer.Option(help="offload experts: device slots p
 Policy = Annotated[str, typer.Option(help="expert cache eviction: transition or lru")]
 Prefetch = Annotated[int, typer.Option(help="layers of router-driven prefetch (0: off)")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads (default: one per physical core)")]
-NoServer = Annotated[
-    bool,
-    typer.Option("--no-server", help="load the model here even when `localmix serve` runs"),
-]
 Load = Annotated[str | None, typer.Option(help="continue a saved conversation")]
 
 
@@ -192,7 +188,6 @@ def placement(device, device_memory, slots, policy, prefetch) -> dict:
 @app.command()
 @friendly_errors
 def run(
-    ctx: typer.Context,
     model: Annotated[str | None, typer.Argument(help="model name or path")] = None,
     prompt: Annotated[str | None, typer.Argument(help="prompt; piped stdin goes before it")] = None,
     system: System = None,
@@ -219,22 +214,17 @@ def run(
         str | None,
         typer.Option("--conversation", help="continue this saved conversation (or start it)"),
     ] = None,
-    no_server: NoServer = False,
 ) -> None:
     """Answer one prompt and exit: for scripts and pipelines (`cat f | localmix run M "Sum up:"`).
 
     Only the reply goes to stdout; everything else goes to stderr. A chat (not --raw) is saved
     as a conversation that `-c` or `--conversation NAME` continues.
     """
-    from localmix.cli.client import RemoteEngine, connect, given_options
-
     from localmix.workflows import is_model
 
     where = placement(device, device_memory, slots, policy, prefetch)
-    server = connect(given_options(ctx), no_server)
-    known = server.has_model if server is not None else is_model
     piped = not sys.stdin.isatty()
-    if model is not None and prompt is None and not known(model):
+    if model is not None and prompt is None and not is_model(model):
         model, prompt = None, model  # `localmix run "Hello"`: a prompt for the default model
     if not piped and not prompt:
         raise fail("no prompt: give one as an argument or on stdin")
@@ -253,10 +243,7 @@ def run(
         max_tokens=max_tokens,
         stop=stop,
     )
-    if server is not None:  # the model is loaded there already
-        engine = RemoteEngine(server, model, sampling)
-    else:
-        engine = load_engine(model, context=context, threads=threads, **where, **sampling)
+    engine = load_engine(model, context=context, threads=threads, **where, **sampling)
     parts = []
     if piped:
         text = read_stdin(STDIN_BYTES_PER_TOKEN * engine.context, engine.context)
@@ -464,7 +451,6 @@ def rm(model: Annotated[str, typer.Argument(help="model name in the store")]) ->
 @app.command()
 @friendly_errors
 def chat(
-    ctx: typer.Context,
     model: Annotated[str | None, typer.Argument(help="model name or path")] = None,
     system: System = None,
     temperature: Temperature = None,
@@ -484,11 +470,8 @@ def chat(
     use_tui: Annotated[
         bool, typer.Option("--tui", help="open the full-screen app instead")
     ] = False,
-    no_server: NoServer = False,
 ) -> None:
     """Chat in the terminal, replies streaming as they are written. /help inside lists commands."""
-    from localmix.cli.client import RemoteEngine, connect, given_options
-
     if not sys.stdin.isatty():
         raise fail("chat needs a terminal; for pipes and scripts use `localmix run MODEL PROMPT`")
     if load is not None:  # a bad name or file is refused before the model loads
@@ -504,11 +487,7 @@ def chat(
         stop=stop,
     )
     where = placement(device, device_memory, slots, policy, prefetch)
-    server = connect(given_options(ctx), use_tui or no_server)
-    if server is not None:  # the model is loaded there already (the TUI shows its internals)
-        engine = RemoteEngine(server, model, settings)
-    else:
-        engine = load_engine(model, context=context, threads=threads, **where, **settings)
+    engine = load_engine(model, context=context, threads=threads, **where, **settings)
     if use_tui:
         from localmix.tui.app import LocalmixApp
 
@@ -700,49 +679,19 @@ def pull(
     err.print(f'run it with: localmix run {repo} "Hello"  or  localmix chat {repo}')
 
 
-@app.command()
-@friendly_errors
-def tui(
-    ctx: typer.Context,
-    model: Annotated[str | None, typer.Argument(help="model name or path")] = None,
-    system: System = None,
-    temperature: Temperature = None,
-    top_p: TopP = None,
-    top_k: TopK = None,
-    seed: Seed = None,
-    max_tokens: MaxTokens = None,
-    stop: Stop = None,
-    context: Context = None,
-    device: Device = None,
-    device_memory: DeviceMemory = None,
-    slots: Slots = None,
-    policy: Policy = DEFAULT_POLICY,
-    prefetch: Prefetch = DEFAULT_PREFETCH,
-    threads: Threads = None,
-    load: Load = None,
-) -> None:
+def tui(**options) -> None:
     """The full-screen chat app: saved conversations, settings, live expert-cache view
     (`localmix chat --tui`, with the same options)."""
-    chat(
-        ctx,
-        model,
-        system,
-        temperature,
-        top_p,
-        top_k,
-        seed,
-        max_tokens,
-        stop,
-        context,
-        device,
-        device_memory,
-        slots,
-        policy,
-        prefetch,
-        threads,
-        load,
-        use_tui=True,
-    )
+    chat(**options, use_tui=True)
+
+
+# `tui` takes chat's options (all but --tui), so that the two cannot drift apart.
+_chat_options = inspect.signature(chat, eval_str=True)
+tui.__signature__ = _chat_options.replace(
+    parameters=[p for p in _chat_options.parameters.values() if p.name != "use_tui"]
+)
+tui.__annotations__ = {k: v for k, v in chat.__annotations__.items() if k != "use_tui"}
+app.command()(friendly_errors(tui))
 
 
 conversations_app = typer.Typer(

@@ -621,6 +621,8 @@ def test_disk_full_while_writing_the_records(tiny, tmp_path, monkeypatch, victim
 def test_stale_temporary_files_are_cleaned(tiny, tmp_path):
     q = tmp_path / "q"
     convert(tiny, q, Settings(group_size=32, method="rtn"))
+    record = json.loads((q / "localmix.json").read_text())["resume"]
+    (q / ".localmix-progress.json").write_text(json.dumps({**record, "complete": False}))
     (q / "localmix.json").unlink()  # as if killed before the manifest
     (q / ".model-00001-of-00002.safetensors.tmp").write_bytes(b"half")
     convert(tiny, q, Settings(group_size=32, method="rtn"))
