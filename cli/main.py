@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from localmix.cli import EXIT_INTERRUPTED
+from localmix.cli import EXIT_INTERRUPTED, command_started
 from localmix.cli.render import (
     err,
     human_bytes,
@@ -78,6 +78,7 @@ def friendly_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        command_started()
         try:
             return command(*args, **kwargs)
         except LocalmixError as e:
@@ -171,6 +172,10 @@ Slots = Annotated[int | None, typer.Option(help="offload experts: device slots p
 Policy = Annotated[str, typer.Option(help="expert cache eviction: transition or lru")]
 Prefetch = Annotated[int, typer.Option(help="layers of router-driven prefetch (0: off)")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads (default: one per physical core)")]
+NoServer = Annotated[
+    bool,
+    typer.Option("--no-server", help="load the model here even when `localmix serve` runs"),
+]
 Load = Annotated[str | None, typer.Option(help="continue a saved conversation")]
 
 
@@ -188,6 +193,7 @@ def placement(device, device_memory, slots, policy, prefetch) -> dict:
 @app.command()
 @friendly_errors
 def run(
+    ctx: typer.Context,
     model: Annotated[str | None, typer.Argument(help="model name or path")] = None,
     prompt: Annotated[str | None, typer.Argument(help="prompt; piped stdin goes before it")] = None,
     system: System = None,
@@ -214,17 +220,22 @@ def run(
         str | None,
         typer.Option("--conversation", help="continue this saved conversation (or start it)"),
     ] = None,
+    no_server: NoServer = False,
 ) -> None:
     """Answer one prompt and exit: for scripts and pipelines (`cat f | localmix run M "Sum up:"`).
 
     Only the reply goes to stdout; everything else goes to stderr. A chat (not --raw) is saved
     as a conversation that `-c` or `--conversation NAME` continues.
     """
+    from localmix.cli.client import RemoteEngine, connect, given_options
+
     from localmix.workflows import is_model
 
     where = placement(device, device_memory, slots, policy, prefetch)
+    server = connect(given_options(ctx), no_server)
+    known = server.has_model if server is not None else is_model
     piped = not sys.stdin.isatty()
-    if model is not None and prompt is None and not is_model(model):
+    if model is not None and prompt is None and not known(model):
         model, prompt = None, model  # `localmix run "Hello"`: a prompt for the default model
     if not piped and not prompt:
         raise fail("no prompt: give one as an argument or on stdin")
@@ -243,7 +254,10 @@ def run(
         max_tokens=max_tokens,
         stop=stop,
     )
-    engine = load_engine(model, context=context, threads=threads, **where, **sampling)
+    if server is not None:  # the model is loaded there already
+        engine = RemoteEngine(server, model, sampling)
+    else:
+        engine = load_engine(model, context=context, threads=threads, **where, **sampling)
     parts = []
     if piped:
         text = read_stdin(STDIN_BYTES_PER_TOKEN * engine.context, engine.context)
@@ -451,6 +465,7 @@ def rm(model: Annotated[str, typer.Argument(help="model name in the store")]) ->
 @app.command()
 @friendly_errors
 def chat(
+    ctx: typer.Context,
     model: Annotated[str | None, typer.Argument(help="model name or path")] = None,
     system: System = None,
     temperature: Temperature = None,
@@ -470,8 +485,11 @@ def chat(
     use_tui: Annotated[
         bool, typer.Option("--tui", help="open the full-screen app instead")
     ] = False,
+    no_server: NoServer = False,
 ) -> None:
     """Chat in the terminal, replies streaming as they are written. /help inside lists commands."""
+    from localmix.cli.client import RemoteEngine, connect, given_options
+
     if not sys.stdin.isatty():
         raise fail("chat needs a terminal; for pipes and scripts use `localmix run MODEL PROMPT`")
     if load is not None:  # a bad name or file is refused before the model loads
@@ -487,7 +505,11 @@ def chat(
         stop=stop,
     )
     where = placement(device, device_memory, slots, policy, prefetch)
-    engine = load_engine(model, context=context, threads=threads, **where, **settings)
+    server = connect(given_options(ctx), use_tui or no_server)
+    if server is not None:  # the model is loaded there already (the TUI shows its internals)
+        engine = RemoteEngine(server, model, settings)
+    else:
+        engine = load_engine(model, context=context, threads=threads, **where, **settings)
     if use_tui:
         from localmix.tui.app import LocalmixApp
 
