@@ -252,7 +252,8 @@ def _key_check(api_key: str) -> Callable[[Request], Awaitable[None]]:
         if http.headers.get("authorization", "") != f"Bearer {api_key}":
             raise APIError(
                 401,
-                "Incorrect API key provided: give the key the server was started with",
+                "Incorrect API key provided: send the server's --api-key as a bearer token "
+                "(`localmix run` and `chat` send $LOCALMIX_API_KEY)",
                 code="invalid_api_key",
             )
 
