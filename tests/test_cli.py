@@ -271,3 +271,40 @@ def test_a_finished_quantization_keeps_no_progress_file(tmp_path, tiny_mixtral, 
     assert r.exit_code == 0, r.output
     assert {p.name: p.stat().st_mtime_ns for p in dst.glob("*.safetensors")} == shards
     assert not (dst / ".localmix-progress.json").exists()
+
+
+@pytest.fixture(scope="module")
+def mixtral_tokenizer_model(tmp_path_factory):
+    """A tiny random Mixtral with Mixtral's own tokenizer (32000 pieces, from mistral-common)."""
+    import shutil
+
+    import mistral_common
+
+    from tests.helpers import save_reference, tiny_mixtral_config
+
+    path = tmp_path_factory.mktemp("mixtral_tok")
+    save_reference(path, tiny_mixtral_config(vocab_size=32000))
+    data = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+    shutil.copyfile(data, path / "tokenizer.model")
+    return path
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_json_text_is_the_detokenized_reply_on_mixtrals_tokenizer(mixtral_tokenizer_model, raw):
+    """The reply's text is its ids decoded, first token included: a continuation keeps that
+    token's leading space, a chat answer starts at its first word."""
+    import localmix
+    from localmix.tokenizer import Tokenizer
+
+    path = mixtral_tokenizer_model
+    args = ["run", str(path), "def add(a, b):\n", "--temperature", "0", "--max-tokens", "12"]
+    r = invoke(*args, "--json", *(["--raw"] if raw else []))
+    assert r.exit_code == 0, r.output
+    reply = json.loads(r.stdout)
+    tok = Tokenizer(path / "tokenizer.model")
+    continues = raw or not localmix.load(path, device="cpu").template.chat_format
+    expected = tok.decode_continuation if continues else tok.decode
+    assert reply["token_ids"] and reply["text"] == expected(reply["token_ids"])
+    assert reply["text"].startswith(" ") == raw  # this model's first token is '▁talking'
+    plain = invoke(*args, *(["--raw"] if raw else []))  # what streams is the same text
+    assert plain.stdout == reply["text"] + "\n"
