@@ -47,6 +47,7 @@ def serve(
     from localmix.errors import OptionError
     from localmix.serve import serve as run_server
     from localmix.serve.worker import parse_keep_alive
+    from localmix.store import resolve
     from localmix.threads import set_threads
 
     if not 0 <= port <= 65535:
@@ -56,6 +57,7 @@ def serve(
     alive = parse_keep_alive(keep_alive)
     set_threads(threads)
     if model is not None:
+        resolve(model)  # a name that names no model is refused before anything loads
         err.print(f"loading {model}…")
 
     def ready(url: str) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -359,6 +360,28 @@ def test_models_load_on_first_use_swap_and_unload(swapping):
 def test_a_wrong_key_is_refused(swapping):
     with pytest.raises(openai.AuthenticationError):
         swapping.client("wrong").models.list()
+
+
+def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path):
+    env = {**os.environ, "LOCALMIX_HOME": str(tmp_path)}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for args, message in [
+            (("--port", port), "cannot listen on 127.0.0.1:" + port),
+            (("no-such-model", "--port", "0"), "no model 'no-such-model'"),
+            (("--keep-alive", "soon"), "--keep-alive must be a duration"),
+        ]:
+            r = subprocess.run(
+                [sys.executable, "-m", "localmix.cli", "serve", *args],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=120,
+            )
+            assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+            assert message in r.stderr
 
 
 def test_a_failing_request_does_not_stop_the_worker():

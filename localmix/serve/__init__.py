@@ -53,10 +53,19 @@ def serve(
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on `host:port` (port 0: a free one)."""
+    from ..errors import LocalmixError
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise LocalmixError(
+            f"cannot listen on {host}:{port} ({e.strerror}): another server may hold the port; "
+            "choose another with --port"
+        ) from None
     sock.listen(128)
     return sock
 
