@@ -16,16 +16,17 @@ class QuantLinear(nn.Module):
     """A linear layer over a quantized weight; swapped in for nn.Linear by the loader.
 
     Buffers `qweight` and `scales_zeros` hold the weight in localmix's stored layout, padded to
-    `padded_shape` (see `quant.formats`). Up to KERNEL_MAX_ROWS[bits] activation rows run a
-    matrix-vector kernel: localmix's own CPU kernels straight on the stored layout
-    (`quant.kernels`), else PyTorch's int4/int8 kernels on a copy that PyTorch's own packing
-    function made on this machine (its layout differs between CPUs), kept until the weight
-    changes. Their cost grows with the rows, so a longer prefill chunk dequantizes once and runs
-    one float32 matmul instead. On a 2-core AVX2 machine that wins from about 150 rows on in
-    4 bits, and from about 20 in 8 bits, whose dequantization is a single multiply.
+    `padded_shape` (see `quant.formats`). On the CPU, localmix's own kernels run straight on the
+    stored layout (`quant.kernels`) for any number of activation rows: prefill included, since
+    they share each unpacked weight column between two rows and keep a chunk of rows in cache,
+    their time per row stays flat, and on a 2-core AVX2 machine they beat dequantizing the weight
+    and one float32 matmul at every row count measured (2 to 512). Without them, up to
+    KERNEL_MAX_ROWS[bits] rows run PyTorch's int4/int8 kernels on a copy that PyTorch's own
+    packing function made on this machine (its layout differs between CPUs), kept until the
+    weight changes; more rows dequantize once and run one float32 matmul.
     """
 
-    KERNEL_MAX_ROWS = {4: 128, 8: 16}
+    KERNEL_MAX_ROWS = {4: 128, 8: 16}  # PyTorch's kernels
     layout = "localmix"  # or "tinygemm" once repacked for PyTorch's CUDA kernel
 
     def __init__(
@@ -69,7 +70,9 @@ class QuantLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(
                 self._pad(x).to(torch.bfloat16), self.qweight, self.group_size, self.scales_zeros
             ).to(x.dtype)
-        elif x.device.type == "cpu" and x.shape[0] <= self.KERNEL_MAX_ROWS[self.bits]:
+        elif x.device.type == "cpu" and (
+            cpu_kernels() is not None or x.shape[0] <= self.KERNEL_MAX_ROWS[self.bits]
+        ):
             y = self._cpu_product(self._pad(x))
         else:  # many rows on the CPU, or a GPU without the fused kernel: one dequantized product
             compute = torch.float32 if x.device.type == "cpu" else x.dtype
@@ -140,8 +143,8 @@ class QuantLinear(nn.Module):
 
         A decode step runs each expert on one row; doing the three products and the gating in
         one call saves the dispatches between them. Applies to 4-bit layers on the CPU with
-        localmix's kernels, for as many rows as the single-layer kernels take, where the padded
-        shapes chain (the hidden width padded alike as w1's rows and w2's columns).
+        localmix's kernels, for any number of rows, where the padded shapes chain (the hidden
+        width padded alike as w1's rows and w2's columns).
         """
         if not (
             isinstance(up, QuantLinear)
@@ -151,7 +154,6 @@ class QuantLinear(nn.Module):
             and self.padded == up.padded
             and down.padded[1] == self.padded[0]
             and x.device.type == "cpu"
-            and x.shape[0] <= self.KERNEL_MAX_ROWS[4]
         ):
             return None
         kernels = cpu_kernels()

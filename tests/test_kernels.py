@@ -70,6 +70,35 @@ def test_fused_expert_is_its_reference(kernels, threads, group_size, n_threads):
             torch.testing.assert_close(got.double(), expected, rtol=tol, atol=atol)
 
 
+def test_many_rows_cross_the_row_chunks(kernels):
+    """A prefill's many rows go through the kernels a cache-sized chunk of rows at a time (8 rows
+    for 2048 columns): an odd count across several chunks, against float64 math."""
+    gen = torch.Generator().manual_seed(1)
+    dim, hidden, group = 2048, 256, 64
+    q1, q3 = (quantize_tensor(torch.randn(hidden, dim, generator=gen)) for _ in range(2))
+    q2 = quantize_tensor(torch.randn(dim, hidden, generator=gen) / 8)
+    x = torch.randn(21, dim, generator=gen).bfloat16()
+    expected = int4_reference(x, q1, group)
+    got = kernels.int4_mm(x, q1.qweight, q1.scales_zeros, group)
+    torch.testing.assert_close(
+        got.double(), expected, rtol=2**-8, atol=2**-8 * expected.abs().max()
+    )
+    got = kernels.int4_swiglu(
+        x,
+        q1.qweight,
+        q1.scales_zeros,
+        q3.qweight,
+        q3.scales_zeros,
+        q2.qweight,
+        q2.scales_zeros,
+        group,
+    )
+    expected = swiglu_reference(x, q1, q3, q2, group)
+    torch.testing.assert_close(
+        got.double(), expected, rtol=2**-7, atol=2**-7 * expected.abs().max()
+    )
+
+
 def test_kernels_reuse_their_memory_across_shapes(kernels):
     """Working memory kept between calls: a large call then a small one, and the reverse, give
     what fresh calls give."""
