@@ -1,14 +1,22 @@
-"""Decode and prefill speed of localmix against transformers on the "mini" Mixtral, same run.
+"""Decode and prefill speed of localmix against llama.cpp on the "mini" Mixtral, same run.
 
-    python benchmarks/bench_runtime.py [--prompt 128] [--tokens 32] [--dir /tmp/localmix-bench]
+    python benchmarks/bench_runtime.py [--threads 2] [--tokens 64] [--repeats 3]
+        [--llama-cpp-source DIR] [--dir /tmp/localmix-bench]
 
-Both engines load the same random bf16 checkpoint (hidden 1024, 8 layers, 8 experts, top-2,
-vocab 32000, ~0.8B parameters) and decode greedily. Prints tokens/s and localmix's ratio.
+One random bf16 checkpoint (hidden 1024, 8 layers, 8 experts, top-2, vocab 32000, ~0.8B
+parameters) is loaded by localmix as it is and quantized with localmix's default settings (and
+with the earlier default, 16-bit attention and head), and converted by llama.cpp's own tools to
+F16, Q8_0, Q4_0 and Q4_K_M (benchmarks/llamacpp.py says how llama.cpp is found). Every system
+is timed in turn, round after round: decode (`--tokens` greedy steps after a 128-token prompt)
+and prefill of 128 and 512 tokens from an empty cache. Prints the median of the rounds, the
+weight bytes each system reads per decoded token, the memory bandwidth measured in the same run
+and the speed that bandwidth allows (the roofline), then localmix's ratios to llama.cpp.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -16,68 +24,131 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from localmix.quant.convert import Settings, convert  # noqa: E402
+
 import localmix  # noqa: E402
-from benchmarks.common import mini_checkpoint  # noqa: E402
+from benchmarks import llamacpp  # noqa: E402
+from benchmarks.common import MINI, mini_checkpoint  # noqa: E402
+
+PROMPTS = (128, 512)
 
 
-def bench_localmix(path: Path, prompt: list[int], tokens: int, repeats: int, **load_options):
-    engine = localmix.load(path, device="cpu", **load_options)
-    best = None
+def read_bandwidth(threads: int, size: int = 1 << 28, repeats: int = 5) -> float:
+    """Bytes per second PyTorch sums a float32 buffer of `size` bytes at (best of a few)."""
+    torch.set_num_threads(threads)
+    x = torch.ones(size // 4)
+    best = float("inf")
     for _ in range(repeats):
-        engine.reset()
-        s = engine.complete(prompt, temperature=0, max_tokens=tokens)
-        if best is None or s.decode_tokens_per_s > best[1]:
-            best = (s.prefill_tokens_per_s, s.decode_tokens_per_s)
-    return best
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return size / best
 
 
-def bench_transformers(path: Path, prompt: list[int], tokens: int, repeats: int):
-    from transformers import MixtralForCausalLM
+def localmix_bytes_per_token(engine) -> int:
+    """Weight bytes a decode step reads: all but the embedding table (one row of it), and
+    top_k of every n experts' matrices."""
+    cfg = engine.config
+    share = cfg.num_experts_per_tok / cfg.num_local_experts
+    total = 0.0
+    tensors = [*engine.model.named_parameters(), *engine.model.named_buffers()]
+    for name, t in tensors:
+        if name.startswith(("embed_tokens", "rotary")):
+            continue
+        total += t.numel() * t.element_size() * (share if ".experts." in name else 1)
+    return int(total)
 
-    model = MixtralForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    ids = torch.tensor([prompt])
-    best = None
-    with torch.no_grad():
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-            t_prefill = time.perf_counter() - t
-            t = time.perf_counter()
-            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-            t_all = time.perf_counter() - t
-            result = (len(prompt) / t_prefill, (tokens - 1) / max(t_all - t_prefill, 1e-9))
-            if best is None or result[1] > best[1]:
-                best = result
-    return best
+
+class Localmix:
+    """A localmix engine timed as `llamacpp.LlamaCpp` times llama.cpp."""
+
+    def __init__(self, path: Path):
+        self.engine = localmix.load(path, device="cpu")
+        self.bytes = localmix_bytes_per_token(self.engine)
+
+    def prefill(self, ids: list[int]) -> float:
+        self.engine.reset()
+        return self.engine.complete(ids, temperature=0, max_tokens=1).prefill_tokens_per_s
+
+    def decode(self, prompt: list[int], tokens: int) -> float:
+        self.engine.reset()
+        s = self.engine.complete(prompt, temperature=0, max_tokens=tokens + 1)
+        return s.decode_tokens_per_s
+
+
+def quantized_mini(root: Path, name: str, settings: Settings) -> Path:
+    """The mini checkpoint converted by localmix with `settings`, once, under `root`."""
+    dst = root / name
+    if not (dst / "localmix.json").exists():
+        convert(mini_checkpoint(root), dst, settings)
+    return dst
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/localmix-bench"))
-    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--llama-cpp-source", type=Path, default=None)
     args = ap.parse_args()
-    path = mini_checkpoint(args.dir)
-    prompt = list(range(3, 3 + args.prompt))
+    torch.set_num_threads(args.threads)
+    source = mini_checkpoint(args.dir)
+    default = Settings()
+    systems: dict[str, object] = {
+        "localmix bf16": Localmix(source),
+        "localmix 4-bit, bf16 attn+head": Localmix(
+            quantized_mini(args.dir, "mini-q4-bf16trunk", Settings(attn="bf16", head="bf16"))
+        ),
+        f"localmix 4-bit default ({default.attn} attn, {default.head} head)": Localmix(
+            quantized_mini(args.dir, f"mini-q4-{default.attn}-{default.head}", default)
+        ),
+    }
+    why_not = llamacpp.unavailable_reason(args.llama_cpp_source)
+    if why_not:
+        print(f"llama.cpp: not measured ({why_not}); localmix alone")
+    else:
+        kinds = list(llamacpp.FTYPES)
+        ggufs = llamacpp.convert(source, args.dir / "mini-gguf", args.llama_cpp_source, kinds)
+        for kind, path in ggufs.items():
+            system = llamacpp.LlamaCpp(path, args.threads)
+            system.bytes = llamacpp.bytes_per_token(
+                path, MINI["num_experts_per_tok"], MINI["num_local_experts"]
+            )
+            systems[f"llama.cpp {kind}"] = system
+
+    prompts = {n: list(range(3, 3 + n)) for n in PROMPTS}
+    runs: dict[str, list[tuple[float, ...]]] = {name: [] for name in systems}
+    bandwidths = []
+    for _ in range(args.repeats):  # rounds: every system once per round, in turn
+        bandwidths.append(read_bandwidth(args.threads))
+        for name, system in systems.items():
+            decode = system.decode(prompts[128], args.tokens)
+            runs[name].append((decode, *(system.prefill(prompts[n]) for n in PROMPTS)))
+    bandwidth = statistics.median(bandwidths)
+    medians = {n: [statistics.median(c) for c in zip(*r, strict=True)] for n, r in runs.items()}
+
     print(
-        f"mini Mixtral, bf16, CPU, {torch.get_num_threads()} threads; prompt {args.prompt}, "
-        f"decode {args.tokens} tokens, best of {args.repeats}"
+        f"mini Mixtral on the CPU, {args.threads} threads each; decode {args.tokens} tokens "
+        f"after a 128-token prompt; median of {args.repeats} interleaved rounds; memory read "
+        f"bandwidth {bandwidth / 1e9:.1f} GB/s (torch sum, same run)"
     )
-    rows = [("localmix bf16", *bench_localmix(path, prompt, args.tokens, args.repeats))]
-    if not args.no_transformers:
-        rows.append(
-            ("transformers bf16", *bench_transformers(path, prompt, args.tokens, args.repeats))
-        )
-    print(f"{'engine':<20}{'prefill tok/s':>15}{'decode tok/s':>15}")
-    for name, p, d in rows:
-        print(f"{name:<20}{p:>15.1f}{d:>15.1f}")
-    if len(rows) > 1:
-        print(
-            f"localmix / transformers: prefill {rows[0][1] / rows[1][1]:.2f}x, "
-            f"decode {rows[0][2] / rows[1][2]:.2f}x"
-        )
+    head = f"{'system':<44}{'decode':>8}{'pp128':>8}{'pp512':>8}{'MB/token':>10}{'roofline':>10}"
+    print(head)
+    for name, (decode, *prefill) in medians.items():
+        mb = systems[name].bytes / 1e6
+        cells = f"{decode:>8.1f}" + "".join(f"{p:>8.1f}" for p in prefill)
+        print(f"{name:<44}{cells}{mb:>10.1f}{bandwidth / systems[name].bytes:>10.1f}")
+    print("(tokens/s; roofline: the decode speed the measured bandwidth allows for those bytes)")
+    pairs = [("localmix bf16", "llama.cpp F16")]
+    pairs += [(list(systems)[2], f"llama.cpp {k}") for k in ("Q4_K_M", "Q4_0", "Q8_0")]
+    for ours, theirs in pairs:
+        if theirs in medians:
+            ratios = [a / b for a, b in zip(medians[ours], medians[theirs], strict=True)]
+            print(
+                f"{ours} / {theirs}: decode {ratios[0]:.2f}x, pp128 {ratios[1]:.2f}x, "
+                f"pp512 {ratios[2]:.2f}x"
+            )
 
 
 if __name__ == "__main__":
