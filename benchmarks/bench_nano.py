@@ -1,6 +1,14 @@
 """Benchmarks on nano, the trained model shipped with localmix.
 
     python benchmarks/bench_nano.py [--dir /tmp/localmix-bench] [--tokens 256]
+        [--llama-cpp-source DIR] [--only trunk]
+
+0. The trunk's formats: the KL divergence from the bf16 model that 4-bit experts cost with each
+   format of the attention projections and the output head (16-bit, 8-bit, 4-bit), over
+   128-token chunks of the held-out text, with each variant's bytes read per token; next to it
+   what llama.cpp's F16, Q8_0, Q4_0 and Q4_K_M of the same checkpoint cost, measured the same
+   way (where llama.cpp is installed, see benchmarks/llamacpp.py). Chunks of 128 tokens, nano's
+   sliding window, because llama.cpp's Mixtral graph applies no sliding window.
 
 1. Quantization quality: held-out perplexity (localmix/data/nano/heldout.txt) for bf16 and for
    4-bit experts at groups 32/64/128 with each method (rtn, mse, wmse), and the KL divergence of
@@ -26,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from localmix.quant.convert import Settings, convert  # noqa: E402
+from localmix.quant.convert import DEFAULT_ATTN, DEFAULT_HEAD, Settings, convert  # noqa: E402
 from localmix.quant.formats import (  # noqa: E402
     DEFAULT_METHOD,
     _codes,
@@ -35,6 +43,8 @@ from localmix.quant.formats import (  # noqa: E402
 )
 
 import localmix  # noqa: E402
+from benchmarks import llamacpp  # noqa: E402
+from benchmarks.bench_runtime import localmix_bytes_per_token  # noqa: E402
 from localmix.demo import nano_path  # noqa: E402
 from localmix.evaluate import (  # noqa: E402
     kl_divergence,
@@ -46,11 +56,64 @@ from localmix.model import Expert, route  # noqa: E402
 from localmix.trace import replay  # noqa: E402
 
 PROMPT = "import os\n\n\ndef read_config(path):\n    "
+TRUNKS = [  # (attention, head)
+    ("bf16", "bf16"),
+    ("int8", "bf16"),
+    ("bf16", "int8"),
+    ("int8", "int8"),
+    ("int4", "bf16"),
+    ("bf16", "int4"),
+    ("int4", "int8"),
+    ("int8", "int4"),
+    ("int4", "int4"),
+]
+TRUNK_CHUNK = 128  # nano's sliding window: llama.cpp's Mixtral graph has none
 
 
 def heldout_ids(engine) -> list[int]:
     text = (nano_path() / "heldout.txt").read_text()
     return engine.tokenizer.encode(text, bos=True)
+
+
+def trunk_table(root: Path, llama_source: Path | None, tokens: int) -> None:
+    ref = localmix.load(nano_path(), device="cpu")
+    ids = heldout_ids(ref)[:tokens]
+    chunks = [ids[i : i + TRUNK_CHUNK] for i in range(0, len(ids) - 1, TRUNK_CHUNK)]
+    chunks = [c for c in chunks if len(c) >= 2]
+    want = [ref.logits(c).float().log_softmax(-1) for c in chunks]  # the bf16 model's, once
+
+    def kl(logits) -> float:  # mean KL(bf16 || variant) over the chunks' positions
+        total = sum(
+            float((w.exp() * (w - logits(c).float().log_softmax(-1))).sum())
+            for c, w in zip(chunks, want, strict=True)
+        )
+        return total / sum(len(c) for c in chunks)
+
+    print(
+        f"0. KL divergence from bf16 (x 1e-3) over the first {len(ids)} held-out tokens in "
+        f"{TRUNK_CHUNK}-token chunks; 4-bit g64 {DEFAULT_METHOD} experts; MB read per token"
+    )
+    print(f"   {'attention':<10}{'head':<8}{'KL':>8}{'MB/token':>10}")
+    for attn, head in TRUNKS:
+        dst = root / f"nano-trunk-{attn}-{head}"
+        shutil.rmtree(dst, ignore_errors=True)
+        convert(nano_path(), dst, Settings(attn=attn, head=head))
+        engine = localmix.load(dst, device="cpu")
+        mb = localmix_bytes_per_token(engine) / 1e6
+        mark = "  (default)" if (attn, head) == (DEFAULT_ATTN, DEFAULT_HEAD) else ""
+        print(f"   {attn:<10}{head:<8}{kl(engine.logits) * 1e3:>8.3f}{mb:>10.2f}{mark}")
+    why_not = llamacpp.unavailable_reason(llama_source)
+    if why_not:
+        print(f"   llama.cpp: not measured ({why_not})")
+        return
+    kinds = ["F16", "Q8_0", "Q4_0", "Q4_K_M"]
+    ggufs = llamacpp.convert(nano_path(), root / "nano-gguf", llama_source, kinds)
+    cfg = ref.config
+    for kind, path in ggufs.items():
+        llm = llamacpp.LlamaCpp(path, torch.get_num_threads(), TRUNK_CHUNK, logits_all=True)
+        mb = llamacpp.bytes_per_token(path, cfg.num_experts_per_tok, cfg.num_local_experts) / 1e6
+        got = kl(lambda c, llm=llm: torch.from_numpy(llm.logits(c)))
+        print(f"   llama.cpp {kind:<8}{got * 1e3:>8.3f}{mb:>10.2f}")
 
 
 def quant_table(root: Path) -> None:
@@ -66,7 +129,7 @@ def quant_table(root: Path) -> None:
         for method in methods:
             dst = root / f"nano-q4-g{g}-{method}"
             shutil.rmtree(dst, ignore_errors=True)
-            convert(nano_path(), dst, Settings(group_size=g, method=method))
+            convert(nano_path(), dst, Settings(g, method, attn="bf16", head="bf16"))
             engine = localmix.load(dst, device="cpu")
             losses[method] = token_losses(engine, ids)
             kl = kl_divergence(engine, ref, ids)
@@ -152,9 +215,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/localmix-bench"))
     ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--llama-cpp-source", type=Path, default=None)
+    ap.add_argument("--only", choices=["trunk"], default=None)
+    ap.add_argument("--kl-tokens", type=int, default=8192, help="held-out tokens for table 0")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     cfg = localmix.load(nano_path(), device="cpu").config
+    trunk_table(args.dir, args.llama_cpp_source, args.kl_tokens)
+    if args.only == "trunk":
+        return
     quant_table(args.dir)
     trace = routing_and_prediction(args.tokens)
     cache_table(trace, cfg.num_hidden_layers, cfg.num_local_experts)

@@ -61,6 +61,11 @@ COPIED_FILES = (
 EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts\.\d+)\.(w[123])\.weight$")
 ATTN_RE = re.compile(r"^model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
 HEAD_RE = re.compile(r"^lm_head\.weight$")
+# Attention projections and output head: kept 16-bit, 8-bit per channel or 4-bit grouped.
+TRUNK_FORMATS = {"bf16": 0, "int8": 8, "int4": 4}
+# The defaults, chosen by the KL divergence each costs nano (benchmarks/bench_nano.py, README).
+DEFAULT_ATTN = "int8"
+DEFAULT_HEAD = "int8"
 OUTPUT_RATIO = 0.35  # quantized output / bf16 source, with margin (4.5 of 16 bits for experts)
 
 
@@ -74,8 +79,8 @@ class Settings:
 
     group_size: int = 64
     method: str = DEFAULT_METHOD
-    attn: str = "bf16"  # "bf16" or "int8": attention projections
-    head: str = "bf16"  # "bf16" or "int8": the output head
+    attn: str = DEFAULT_ATTN  # one of TRUNK_FORMATS: attention projections
+    head: str = DEFAULT_HEAD  # one of TRUNK_FORMATS: the output head
 
     def to_dict(self) -> dict:
         return {
@@ -94,13 +99,13 @@ class Settings:
 
 
 def plan_bits(name: str, settings: Settings) -> int:
-    """4 for expert weights, 8 for attention or head when asked, 0 (kept 16-bit) otherwise."""
+    """4 for expert weights, the bits asked for attention and head, 0 (kept 16-bit) otherwise."""
     if EXPERT_RE.match(name):
         return 4
-    if ATTN_RE.match(name) and settings.attn == "int8":
-        return 8
-    if HEAD_RE.match(name) and settings.head == "int8":
-        return 8
+    if ATTN_RE.match(name):
+        return TRUNK_FORMATS[settings.attn]
+    if HEAD_RE.match(name):
+        return TRUNK_FORMATS[settings.head]
     return 0
 
 
@@ -221,8 +226,8 @@ def check_settings(settings: Settings) -> Settings:
     if settings.method not in METHODS:
         raise ConvertError(f"unknown method {settings.method!r}; use one of {', '.join(METHODS)}")
     for what, value in (("attention", settings.attn), ("output head", settings.head)):
-        if value not in ("bf16", "int8"):
-            raise ConvertError(f"{what} weights are bf16 or int8, not {value!r}")
+        if value not in TRUNK_FORMATS:
+            raise ConvertError(f"{what} weights are {', '.join(TRUNK_FORMATS)}, not {value!r}")
     return settings
 
 

@@ -15,7 +15,7 @@ import torch
 from localmix.cli.main import app
 from localmix.quant import QuantLinear, quantize_tensor
 from localmix.quant import kernels as kernels_module
-from localmix.quant.convert import SHAPES_KEY, ConvertError, Settings, convert
+from localmix.quant.convert import SHAPES_KEY, ConvertError, Settings, check_settings, convert
 from localmix.quant.formats import (
     DEFAULT_METHOD,
     QuantError,
@@ -103,8 +103,9 @@ def quant_layer(w: torch.Tensor, bits: int, group_size: int = 64) -> QuantLinear
 
 
 def check_against_dequantized(layer: QuantLinear) -> None:
-    """Every path of `layer` (1 and a few rows on the kernels, 200 on the dequantize path;
-    float32, bfloat16 and float16 activations) against the product with its dequantized weight."""
+    """Every path of `layer` (1 to 200 rows: localmix's kernels take them all, PyTorch's a few,
+    and the dequantize path the rest; float32, bfloat16 and float16 activations) against the
+    product with its dequantized weight."""
     gen = torch.Generator().manual_seed(layer.out_features)
     ref_w = layer.quantized(torch.float32).dequantize()
     for rows in (1, 3, 40, 200):
@@ -334,7 +335,10 @@ def test_converted_model_loads_and_stays_close(source, tmp_path):
     ref = localmix.load(source, device="cpu")
     layer = q.model.layers[0].block_sparse_moe.experts[1].w1
     assert isinstance(layer, QuantLinear) and layer.qweight.dtype == torch.uint8
-    assert isinstance(q.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    # the default trunk: attention projections and output head in 8 bits
+    assert manifest["quantization"]["attn"] == manifest["quantization"]["lm_head"] == "int8"
+    for trunk in (q.model.layers[0].self_attn.q_proj, q.model.lm_head):
+        assert isinstance(trunk, QuantLinear) and trunk.bits == 8
     ids = list(range(3, 40))
     lq, lr = q.logits(ids), ref.logits(ids)
     kl = torch.nn.functional.kl_div(
@@ -425,12 +429,19 @@ def test_version_1_models_load_as_they_are(source, tmp_path):
     assert torch.equal(localmix.load(tmp_path / "q", device="cpu").logits(ids), now)
 
 
-def test_int8_attention_option(source, tmp_path):
-    convert(source, tmp_path / "q8", Settings(attn="int8", head="int8", method="rtn"))
-    q = localmix.load(tmp_path / "q8", device="cpu")
-    assert isinstance(q.model.layers[0].self_attn.q_proj, QuantLinear)
-    assert isinstance(q.model.lm_head, QuantLinear) and q.model.lm_head.bits == 8
+def test_trunk_format_options(source, tmp_path):
+    """Attention and head as asked: 16-bit kept as nn.Linear, 4-bit grouped, 8-bit."""
+    convert(source, tmp_path / "q", Settings(attn="bf16", head="int4", method="rtn"))
+    q = localmix.load(tmp_path / "q", device="cpu")
+    assert not isinstance(q.model.layers[0].self_attn.q_proj, QuantLinear)
+    assert isinstance(q.model.lm_head, QuantLinear) and q.model.lm_head.bits == 4
     assert q.complete("x", max_tokens=3, temperature=0).generated_tokens == 3
+    convert(source, tmp_path / "q4", Settings(attn="int4", head="int8", method="rtn"))
+    q = localmix.load(tmp_path / "q4", device="cpu")
+    assert q.model.layers[0].self_attn.o_proj.bits == 4 and q.model.lm_head.bits == 8
+    assert q.complete("x", max_tokens=3, temperature=0).generated_tokens == 3
+    with pytest.raises(ConvertError, match="bf16, int8, int4"):
+        check_settings(Settings(attn="int2"))
 
 
 def test_resume_after_crash_is_byte_identical(source, tmp_path, monkeypatch):
