@@ -171,6 +171,13 @@ DeviceMemory = Annotated[
 Slots = Annotated[int | None, typer.Option(help="offload experts: device slots per layer")]
 Policy = Annotated[str, typer.Option(help="expert cache eviction: transition or lru")]
 Prefetch = Annotated[int, typer.Option(help="layers of router-driven prefetch (0: off)")]
+Experts = Annotated[
+    str,
+    typer.Option(
+        help="where a missed expert runs: gpu (copied in), cpu (computed in host RAM), hybrid "
+        "(per miss, the faster) or auto (the fastest predicted for this machine)"
+    ),
+]
 Threads = Annotated[int | None, typer.Option(help="CPU threads (default: one per physical core)")]
 NoServer = Annotated[
     bool,
@@ -179,7 +186,7 @@ NoServer = Annotated[
 Load = Annotated[str | None, typer.Option(help="continue a saved conversation")]
 
 
-def placement(device, device_memory, slots, policy, prefetch) -> dict:
+def placement(device, device_memory, slots, policy, prefetch, experts) -> dict:
     """load() options for where the model runs and how experts are offloaded."""
     return {
         "device": device,
@@ -187,6 +194,7 @@ def placement(device, device_memory, slots, policy, prefetch) -> dict:
         "expert_slots": slots,
         "policy": policy,
         "prefetch": prefetch,
+        "experts": experts,
     }
 
 
@@ -209,6 +217,7 @@ def run(
     slots: Slots = None,
     policy: Policy = DEFAULT_POLICY,
     prefetch: Prefetch = DEFAULT_PREFETCH,
+    experts: Experts = "auto",
     threads: Threads = None,
     raw: Annotated[bool, typer.Option(help="no chat template: continue the text")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
@@ -231,7 +240,7 @@ def run(
 
     from localmix.workflows import is_model
 
-    where = placement(device, device_memory, slots, policy, prefetch)
+    where = placement(device, device_memory, slots, policy, prefetch, experts)
     server = connect(given_options(ctx), no_server)
     known = server.has_model if server is not None else is_model
     piped = not sys.stdin.isatty()
@@ -270,6 +279,7 @@ def run(
     text = "\n\n".join(parts)
     if verbose and engine.plan is not None:
         err.print(f"[dim]{engine.plan}[/dim]")
+        err.print(f"[dim]{engine.experts_report()}[/dim]")
     if verbose:
         from localmix.threads import describe as describe_threads
 
@@ -480,6 +490,7 @@ def chat(
     slots: Slots = None,
     policy: Policy = DEFAULT_POLICY,
     prefetch: Prefetch = DEFAULT_PREFETCH,
+    experts: Experts = "auto",
     threads: Threads = None,
     load: Load = None,
     use_tui: Annotated[
@@ -504,7 +515,7 @@ def chat(
         max_tokens=max_tokens,
         stop=stop,
     )
-    where = placement(device, device_memory, slots, policy, prefetch)
+    where = placement(device, device_memory, slots, policy, prefetch, experts)
     server = connect(given_options(ctx), use_tui or no_server)
     if server is not None:  # the model is loaded there already (the TUI shows its internals)
         engine = RemoteEngine(server, model, settings)

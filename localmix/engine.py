@@ -78,6 +78,7 @@ class Engine:
         self.offload = None  # an Offload once experts are served from an expert cache
         self.plan = None
         self.predictions: dict[str, Prediction] = {}  # decode speed of each experts mode
+        self._experts_auto = True
 
     def new_cache(
         self, window: int, *, sinks: int = 0, capacity: int | None = None
@@ -319,6 +320,7 @@ class Engine:
         if not plans:  # no mode fits: the pure-offload plan's refusal says by how much
             self._plan(budget, expert_slots, machine, self.cache.nbytes, self.context, "gpu")
         self.predictions = predict_plans(cfg, plans, speeds, policy) if speeds is not None else {}
+        self._experts_auto = experts == "auto"
         if experts == "auto":
             experts = fastest(self.predictions) if self.predictions else "gpu"
         self.plan = plans[experts]
@@ -333,6 +335,16 @@ class Engine:
             speeds=speeds,
         )
         self.model.to(self.device)
+
+    def experts_report(self) -> str:
+        """Where missed experts run, why, and each mode's predicted decode speed ("" when
+        nothing is offloaded)."""
+        from .hybrid import report
+
+        if self.offload is None:
+            return ""
+        o = self.offload
+        return report(o.mode, self.predictions, o.speeds, self._experts_auto)
 
     def _expert_bytes(self) -> int:
         from .offload import expert_layout

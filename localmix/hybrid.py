@@ -309,6 +309,25 @@ def fastest(predictions: dict[str, Prediction]) -> str:
     return max(predictions, key=lambda m: (predictions[m].tokens_per_s, -order[m]))
 
 
+def report(mode: str, predictions: dict[str, Prediction], speeds: Speeds | None, auto: bool) -> str:
+    """One line for `run -v` and `show`: where missed experts run, why, and what each mode is
+    predicted to decode at on this machine."""
+    what = {
+        "gpu": "copied to the device",
+        "cpu": "all computed on the CPU",
+        "hybrid": "per miss, copied or computed on the CPU",
+    }[mode]
+    if not predictions:
+        return f"experts: {mode} ({what}); nothing to choose between on a CPU device"
+    why = "the fastest predicted here" if auto else "as asked"
+    figures = ", ".join(
+        f"{m} {p.tokens_per_s:.1f}"
+        for m, p in sorted(predictions.items(), key=lambda mp: -mp[1].tokens_per_s)
+    )
+    speeds_text = f"; {speeds.describe()}" if speeds is not None else ""
+    return f"experts: {mode} ({what}), {why}; predicted decode tok/s: {figures}{speeds_text}"
+
+
 def predict_plans(cfg, plans: dict, speeds: Speeds, policy: str = "transition") -> dict:
     """The decode speed each mode's plan (`offload.Plan`) predicts for a model of `cfg` with
     `speeds`, on the routing `routing_for` gives (Mixtral's own for a top-2-of-8 model)."""
@@ -466,3 +485,53 @@ def machine_speeds(expert, device: str, hidden: int, dtype, expert_bytes: int) -
         speeds = measure_speeds(expert, device, hidden, dtype)
         remember_speeds(key, speeds)
     return speeds
+
+
+def random_expert(cfg, quantization: dict | None, dtype):
+    """An expert of the model's shape and format, with random codes: what speeds are measured
+    on before any weights are read (the speeds do not depend on the values)."""
+    import torch
+
+    from .loader import quantize_modules
+    from .model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    if quantization is not None:
+        quantize_modules(model, quantization)
+    expert = model.moe_layers()[0].experts[0].to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    for t in list(expert.parameters()) + list(expert.buffers()):
+        if t.dtype == torch.uint8:
+            t.data.copy_(torch.randint(0, 256, t.shape, dtype=torch.uint8, generator=gen))
+        else:
+            t.data.normal_(0, 0.02, generator=gen)
+    return expert.requires_grad_(False)
+
+
+def modes_here(cfg, quantization: dict | None, device: str, context: int, machine, dtype) -> str:
+    """`report` for a model not loaded yet (`localmix show`): each mode planned on `machine`,
+    speeds remembered for this machine or measured on an expert of random codes."""
+    from .errors import MemoryBudgetError
+    from .offload import plan_for
+
+    plans = {}
+    for mode in MODES:
+        try:
+            plans[mode] = plan_for(
+                cfg, quantization, None, device, context, dtype, machine=machine, mode=mode
+            )
+        except MemoryBudgetError:
+            continue
+    if not plans:
+        return "experts: no mode fits this machine"
+    expert_bytes = next(iter(plans.values())).expert_bytes
+    key = machine_key(device, expert_bytes)
+    speeds = cached_speeds(key)
+    if speeds is None:
+        speeds = measure_speeds(
+            random_expert(cfg, quantization, dtype), device, cfg.hidden_size, dtype
+        )
+        remember_speeds(key, speeds)
+    predictions = predict_plans(cfg, plans, speeds)
+    return report(fastest(predictions), predictions, speeds, auto=True)

@@ -648,8 +648,10 @@ class CachedExperts:
         served = self.cache.request(layer, experts, hidden.shape[0], on_cpu)  # copies start
         for i, (target, _) in enumerate(self.next_gates):  # then predicted ones, behind them
             chosen = predicted[i * self.top_k : (i + 1) * self.top_k]
-            if chosen:
+            if chosen and self._link_idle():
                 self.cache.prefetch(target, chosen)
+        if on_cpu:  # computed on the CPU now, copied behind for next time while the link is idle
+            self.cache.load_behind(layer, self.scheduler.behind(on_cpu), experts)
         if self.scheduler is not None:  # the link's backlog, as the scheduler estimates it
             self.scheduler.queued(self._loads() - loads)
         for expert, slot in served:
@@ -657,6 +659,13 @@ class CachedExperts:
             self.mover.used(layer, slot)  # the caller has queued the compute that read it
         for expert, result in zip(on_cpu, results, strict=True):
             yield expert, _Computed(result.result().to(hidden.device))
+
+    def _link_idle(self) -> bool:
+        """Whether a guess may take the link: always without speeds to go by; with them, only
+        while less than one copy is queued (a copy queued on a stream cannot be taken back, so
+        a guess is held back rather than left to delay the next layers' misses)."""
+        s = self.scheduler
+        return s is None or s.backlog() < s.costs.copy_s
 
     def _loads(self) -> int:
         """Copies started so far for this layer and the ones it prefetches for."""
@@ -667,8 +676,9 @@ class CachedExperts:
         )
 
     def _choose(self, layer: int, experts: list[int]) -> list[int]:
-        """The missed experts the CPU computes (none without a scheduler)."""
-        if self.scheduler is None:
+        """The missed experts the CPU computes (none without a scheduler and a CPU to run
+        them on)."""
+        if self.scheduler is None or self.host is None:
             return []
         where = self.cache.where[layer]
         missing = [e for e in experts if e not in where]
@@ -759,7 +769,7 @@ class Offload:
                     gates,
                     cfg.num_experts_per_tok,
                     self.mover,
-                    self.scheduler if mode != "gpu" else None,
+                    self.scheduler,
                     self.host,
                 )
             )

@@ -146,7 +146,12 @@ def placement_here(cfg, path: Path) -> str:
         )
     except MemoryBudgetError as e:
         return f"does not fit this machine: {e}"
-    return str(plan)
+    if plan.all_resident:
+        return str(plan)
+    from .hybrid import modes_here
+
+    modes = modes_here(cfg, quantization, "cuda", context, probe_machine(device), torch.bfloat16)
+    return f"{plan}\n{modes}"
 
 
 def quantized_bytes(params: int, group_size: int, bits: int = 4) -> int:

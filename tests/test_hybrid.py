@@ -363,3 +363,53 @@ def test_hybrid_on_cuda_matches_resident_decode(quantized, mode):
     assert got.token_ids == reference.token_ids
     assert torch.allclose(e.logits(ids + reference.token_ids[:1]), step, atol=0.05, rtol=0.05)
     assert e.offload.cache.stats.summary()["computed_on_host"] > 0
+
+
+def test_show_predicts_each_mode_for_a_model_not_loaded(tmp_path, monkeypatch, quantized):
+    """`localmix show` on a GPU machine: each mode planned and predicted from speeds measured
+    on an expert of random codes (here the "device" is the CPU), then remembered."""
+    from localmix.config import ModelConfig
+    from localmix.hybrid import modes_here
+    from localmix.loader import read_manifest
+
+    monkeypatch.setenv("LOCALMIX_HOME", str(tmp_path))
+    cfg = ModelConfig.from_file(quantized)
+    quantization = read_manifest(quantized)["quantization"]
+    machine = Machine(None, 64 * 1024**3)
+    line = modes_here(cfg, quantization, "cpu", 256, machine, torch.bfloat16)
+    assert line.startswith("experts: ") and "the fastest predicted here" in line
+    for mode in ("gpu", "cpu", "hybrid"):
+        assert f"{mode} " in line.split("predicted decode tok/s:")[1]
+    assert (tmp_path / "speeds.json").exists()
+
+
+def test_run_verbose_says_where_experts_run_and_why(tmp_path, monkeypatch, quantized):
+    from localmix.cli.main import app
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv("LOCALMIX_HOME", str(tmp_path))
+    args = ["run", str(quantized), "Hi", "--device", "cpu", "--slots", "2", "--max-tokens", "2"]
+    r = CliRunner().invoke(app, [*args, "--experts", "hybrid", "-v", "--no-server"])
+    assert r.exit_code == 0, r.output
+    assert "experts: hybrid (per miss, copied or computed on the CPU), as asked" in r.stderr
+    assert "predicted decode tok/s: " in r.stderr and "measured on this machine" not in r.stderr
+    r = CliRunner().invoke(app, [*args, "--experts", "gpu", "-v", "--no-server"])
+    assert "experts: gpu (copied to the device); nothing to choose" in r.stderr
+    r = CliRunner().invoke(app, [*args, "--experts", "tpu", "--no-server"])
+    assert r.exit_code != 0 and "unknown experts mode 'tpu'" in r.stderr
+
+
+def test_guesses_are_held_back_while_the_link_is_busy(quantized):
+    """With speeds to go by, a prefetch is queued only while less than one copy is ahead of
+    it on the link (a queued copy cannot be taken back); without, every guess goes."""
+    ids = list(range(3, 12))
+    busy = Speeds(link_gbps=1e-6, cpu_gbps=1.0, device_gbps=1e3, handoff_s=0.0)  # copies: hours
+    idle = Speeds(link_gbps=1e6, cpu_gbps=1.0, device_gbps=1e3, handoff_s=0.0)
+    predicted = {}
+    for name, speeds in (("busy", busy), ("idle", idle), ("unknown", None)):
+        e = localmix.load(quantized, device="cpu")
+        e.offload_experts(None, 2, "lru", 1, experts="gpu", speeds=speeds)
+        e.complete(ids, temperature=0, max_tokens=6)
+        predicted[name] = e.offload.cache.stats.total().predicted
+    assert predicted["busy"] == 0
+    assert predicted["idle"] > 0 and predicted["unknown"] == predicted["idle"]
