@@ -408,12 +408,12 @@ class Engine:
         self._cache_ids = []
 
     def expert_routing(self) -> list[list[int]]:
-        """Experts each MoE layer chose for the last token it ran (layers x top_k)."""
-        out = []
-        for moe in self.model.moe_layers():
-            choice = moe.last_choice
-            out.append(choice[-1].tolist() if choice is not None else [])
-        return out
+        """Experts each MoE layer chose for the last token it ran (layers x top_k), read from
+        the device in one synchronisation."""
+        choices = [moe.last_choice for moe in self.model.moe_layers()]
+        ran = [c[-1] for c in choices if c is not None]
+        rows = iter(torch.stack(ran).tolist() if ran else [])
+        return [next(rows) if c is not None else [] for c in choices]
 
     def resident_experts(self) -> list[set[int]]:
         """Experts held on the device, per MoE layer (all of them unless offloaded)."""

@@ -128,3 +128,21 @@ def test_a_decode_step_reads_the_device_once_per_layer(quantized, monkeypatch):
     moe_reads = [r for r in reads if r in {(2,), (4,)}]  # top-2 alone, or with 2 predicted
     assert len(moe_reads) == layers, reads
     assert moe_reads.count((4,)) == layers  # each layer's read carries the next one's guess
+
+
+def test_the_routing_record_is_one_read(quantized, monkeypatch):
+    """The TUI's per-token routing record comes from the device in one read, not one a layer,
+    and says what each layer chose for the last token."""
+    e = localmix.load(quantized, device="cpu")
+    e.complete(list(range(3, 12)), temperature=0, max_tokens=2)
+    expected = [moe.last_choice[-1].tolist() for moe in e.model.moe_layers()]
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counted(self):
+        reads.append(tuple(self.shape))
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    assert e.expert_routing() == expected
+    assert reads == [(e.config.num_hidden_layers, e.config.num_experts_per_tok)]
