@@ -235,3 +235,133 @@ def test_snapshot_stats_panel(deterministic, snap_compare):
 
     app = LocalmixApp(deterministic, blink=False)
     assert snap_compare(app, terminal_size=(130, 40), run_before=chat_then_focus_stats)
+
+
+async def test_chat_tui_takes_the_command_lines_options(home, monkeypatch):
+    """`localmix chat demo --tui` with options: F2 opens Settings, which shows them all."""
+    from localmix.cli.main import app as cli
+    from typer.testing import CliRunner, _NamedTextIOWrapper
+
+    started = []
+    monkeypatch.setattr(LocalmixApp, "run", lambda self: started.append(self))
+    monkeypatch.setattr(_NamedTextIOWrapper, "isatty", lambda self: True, raising=False)
+    args = ["chat", "demo", "--tui", "--temperature", "0", "--max-tokens", "5", "--system", "Hi"]
+    more = ["--top-k", "7", "--seed", "3", "--stop", "###", "--context", "64"]
+    r = CliRunner().invoke(cli, args + more)
+    assert r.exit_code == 0, r.output
+    [app] = started
+    async with app.run_test(size=(130, 40)) as pilot:
+        await pilot.press("f2")
+        await pilot.pause()
+        assert app.query_one("#panel").active == "settings"
+        shown = {k: app.query_one(f"#set-{k}").value for k in ("system", "temperature")}
+        shown |= {k: app.query_one(f"#set-{k}").value for k in ("max_tokens", "top_k", "seed")}
+        shown |= {k: app.query_one(f"#set-{k}").value for k in ("stop", "context")}
+        assert shown == {
+            "system": "Hi",
+            "temperature": "0.0",
+            "max_tokens": "5",
+            "top_k": "7",
+            "seed": "3",
+            "stop": "###",
+            "context": "64",
+        }
+        await send(pilot, "def f():")
+        assert app.last.generated_tokens <= 5 and app.conv.system == "Hi"
+
+
+async def test_tui_has_the_same_options(home, monkeypatch):
+    from localmix.cli.main import app as cli
+    from typer.testing import CliRunner, _NamedTextIOWrapper
+
+    started = []
+    monkeypatch.setattr(LocalmixApp, "run", lambda self: started.append(self))
+    monkeypatch.setattr(_NamedTextIOWrapper, "isatty", lambda self: True, raising=False)
+    r = CliRunner().invoke(cli, ["tui", "demo", "--top-p", "0.5", "--system", "S"])
+    assert r.exit_code == 0, r.output
+    assert started[0].session.options.top_p == 0.5 and started[0].session.system == "S"
+
+
+async def test_a_context_applies_when_submitted_not_per_keystroke(engine, monkeypatch):
+    sizes = []
+    real = engine.set_context
+    monkeypatch.setattr(engine, "set_context", lambda n: (sizes.append(n), real(n)))
+    app = LocalmixApp(engine, blink=False)
+    async with app.run_test(size=(130, 40)) as pilot:
+        await pilot.press("f2")
+        field = app.query_one("#set-context")
+        field.focus()
+        field.value = ""
+        await pilot.press(*"96", "enter")
+        await pilot.pause()
+        assert sizes == [96] and field.value == "96" and engine.context == 96
+
+
+async def test_keys_typed_before_anything_has_focus_reach_the_prompt(engine):
+    app = LocalmixApp(engine, blink=False)
+    async with app.run_test(size=(130, 40)) as pilot:
+        app.set_focus(None)
+        await pilot.press(*"hi there")
+        assert app.query_one(PromptArea).text == "hi there"
+
+
+class StopAfter:
+    """A stop flag that is set after `n` looks (a deterministic Esc)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.looks = n, 0
+
+    def clear(self) -> None:
+        self.looks = 0
+
+    def set(self) -> None:
+        self.looks = self.n
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks > self.n
+
+
+def test_snapshot_settings_panel(deterministic, snap_compare):
+    async def open_settings(pilot):
+        await pilot.press("f2")
+        await pilot.pause()
+
+    app = LocalmixApp(deterministic, settings={"top_k": 40, "stop": ["###"]}, system="Be brief")
+    app.blink = False
+    assert snap_compare(app, terminal_size=(130, 40), run_before=open_settings)
+
+
+def test_snapshot_stopped_reply(deterministic, snap_compare):
+    """A base model's stopped reply: marked in its border, its text as written; no figures."""
+
+    async def stop_early(pilot):
+        await send(pilot, "Write a function")
+        pilot.app.stop_flag = StopAfter(6)
+        await send(pilot, "import")
+
+    app = LocalmixApp(deterministic, blink=False)
+    assert snap_compare(app, terminal_size=(130, 40), run_before=stop_early)
+
+
+def test_snapshot_long_code_lines(deterministic, snap_compare):
+    """A base model's long lines scroll sideways instead of wrapping to column 1."""
+
+    async def code(pilot):
+        pilot.app.session.set("max_tokens", "60")
+        await send(pilot, "def read_config")
+
+    app = LocalmixApp(deterministic, blink=False)
+    assert snap_compare(app, terminal_size=(130, 40), run_before=code)
+
+
+def test_snapshot_new_chat(deterministic, snap_compare):
+    """After Ctrl+N: an empty log and a context gauge at 0."""
+
+    async def chat_then_new(pilot):
+        await send(pilot, "Count experts")
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+
+    app = LocalmixApp(deterministic, blink=False)
+    assert snap_compare(app, terminal_size=(130, 40), run_before=chat_then_new)

@@ -251,7 +251,7 @@ class LocalmixApp(App):
                     for key, label in SETTING_FIELDS:
                         with Vertical(classes="setting"):
                             yield Label(label)
-                            yield Input(value=self.setting_text(key), id=f"set-{key}", compact=True)
+                            yield Input(id=f"set-{key}", compact=True)  # filled on mount
         yield Footer()
 
     def setting_text(self, key: str) -> str:
@@ -267,6 +267,7 @@ class LocalmixApp(App):
     async def on_mount(self) -> None:
         self.refresh_sidebar()
         self.refresh_stats()
+        self.show_settings()
         self.query_one(PromptArea).focus()
         if self.conv.messages:  # opened with --load
             await self.show_conversation()
@@ -341,11 +342,13 @@ class LocalmixApp(App):
         the last good one); the context applies on Enter or when the field is left."""
         key = (event.input.id or "").removeprefix("set-")
         event.input.remove_class("-invalid")
+        if key in ("context", "") or event.value == self.setting_text(key):
+            return  # a field filled in (compose, a chat opened): nothing changed
         if key == "system":
             self.session.system = event.value
         elif key == "seed" and not event.value.strip():
             self.session.conversation.settings.pop("seed", None)
-        elif key not in ("context", ""):
+        else:
             try:
                 self.session.set(key, event.value.strip() if key != "stop" else event.value)
             except OptionError:
