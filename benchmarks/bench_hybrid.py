@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from localmix.quant.convert import Settings
 
 from localmix.config import MIXTRAL_8X7B, ModelConfig
 from localmix.hybrid import MACHINES, MODES, MachineSpec, simulate
@@ -32,7 +33,7 @@ from localmix.trace import read_trace
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRACE = ROOT.parent / "shared" / "traces" / "humaneval_2_routing.jsonl"
 TRACE = SHARED_TRACE if SHARED_TRACE.exists() else ROOT / "tests/data/humaneval_2_routing.jsonl"
-Q4 = {"bits": 4, "group_size": 64, "method": "rtn", "attn": "bf16", "lm_head": "bf16"}
+DEFAULTS = Settings().to_dict()  # what `localmix pull` writes: 4-bit g64 experts, 8-bit trunk
 GiB = 1024**3
 
 
@@ -124,7 +125,9 @@ def main() -> None:
         speeds = spec.speeds(efficiency)
         print(f"{spec.name}: {speeds.describe()}")
         row = {"machine": spec.name, "modes": {}, "slots": {}}
-        plans = {m: plan_for(cfg, Q4, None, "cuda", 4096, machine=machine, mode=m) for m in MODES}
+        plans = {
+            m: plan_for(cfg, DEFAULTS, None, "cuda", 4096, machine=machine, mode=m) for m in MODES
+        }
         for mode, plan in plans.items():
             p = simulate(
                 tokens, plan.slots, plan.expert_bytes, speeds.with_trunk(plan.trunk, layers), mode

@@ -283,7 +283,8 @@ class Engine:
         `progress(done, total)` follows the experts as the host store fills. `experts` says
         where missed experts run ("gpu", "cpu", "hybrid"; see `localmix.hybrid`); "auto" takes
         the mode the decode simulator predicts fastest with this machine's `speeds` (measured
-        once per machine when not given) on a CUDA device, and "gpu" elsewhere.
+        once per machine when not given) on a CUDA device, and "gpu" elsewhere. On CUDA the
+        speeds also pace prefetching (a guess waits while the link has a copy queued).
         """
         from .hybrid import MODES, fastest, machine_speeds, predict_plans
         from .offload import Offload, parse_bytes, probe_machine
@@ -303,7 +304,7 @@ class Engine:
         if machine is None and self.device.type == "cuda":
             machine = probe_machine(self.device)
         cuda = self.device.type == "cuda"
-        if speeds is None and (experts in ("hybrid", "cpu") or (experts == "auto" and cuda)):
+        if speeds is None and (experts in ("hybrid", "cpu") or cuda):  # cuda: also for prefetch
             first = self.model.moe_layers()[0].experts[0]
             speeds = machine_speeds(
                 first, str(self.device), cfg.hidden_size, self.dtype, self._expert_bytes()
