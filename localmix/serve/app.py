@@ -115,7 +115,6 @@ def create_app(
         await asyncio.to_thread(worker.stop)
 
     app = FastAPI(title="localmix", lifespan=lifespan)
-    app.state.worker = worker
     _error_barrier(app)
     keyed = [Depends(_key_check(api_key))] if api_key else []
 

@@ -16,7 +16,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,10 +63,8 @@ class Job:
         self.cancelled.set()
 
     def put(self, item: object) -> None:
-        try:
+        with suppress(RuntimeError):  # the event loop has closed: the server is stopping
             self.loop.call_soon_threadsafe(self.stream.put_nowait, item)
-        except RuntimeError:  # the event loop has closed: the server is stopping
-            pass
 
 
 class Residency:
