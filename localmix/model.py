@@ -55,6 +55,8 @@ class Rotary(nn.Module):
 
     cos and sin are tabled per dtype for positions 0..end, the table doubling when a position
     passes its end: a decode step slices two rows instead of computing them (some ten dispatches).
+    sin's first half is stored negated, so that rotating half of x is one `roll` (see
+    `apply_rotary`).
     """
 
     FIRST_TABLE = 4096  # positions in the first table made for a dtype
@@ -69,7 +71,7 @@ class Rotary(nn.Module):
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cos_sin(self, start: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """cos and sin (n, 1, head_dim) for the positions start..start+n-1."""
+        """cos and signed sin (n, 1, head_dim) for the positions start..start+n-1."""
         key = (dtype, self.inv_freq.device)
         cos, sin = self._tables.get(key, (None, None))
         if cos is None or cos.shape[0] < start + n:
@@ -78,14 +80,19 @@ class Rotary(nn.Module):
             freqs = positions[:, None] * self.inv_freq[None, :]  # (positions, head_dim/2)
             emb = torch.cat([freqs, freqs], dim=-1)  # (positions, head_dim)
             cos, sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+            sin[..., : sin.shape[-1] // 2].neg_()
             self._tables[key] = cos, sin
         return cos[start : start + n], sin[start : start + n]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (tokens, heads, head_dim) by the angles in cos/sin (tokens, 1, head_dim)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """Rotate (tokens, heads, head_dim) by the angles in cos/sin (tokens, 1, head_dim), sin's
+    first half negated (`Rotary.cos_sin`).
+
+    The reference's x * cos + cat(-x2, x1) * sin, bit for bit: (-a) * b == a * (-b) exactly,
+    so cat(x2, x1), which is x rolled by half, times the signed sin gives the same products.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class Attention(nn.Module):
@@ -112,7 +119,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        # queries and keys rotated together: (tokens, heads + kv heads, head_dim)
+        q, k = apply_rotary(torch.cat([q, k], dim=1), *rope).split([self.n_heads, self.n_kv], 1)
         keys, values, mask = cache.update_and_fetch(self.layer, k, v)  # (kv, keys, head_dim)
         # Query heads sharing a KV head attend together: (kv, n_rep * tokens, head_dim), no
         # copy of the keys. Head h uses KV head h // n_rep, as in the reference.
@@ -230,12 +238,15 @@ class MoeLayer(nn.Module):
         weights = weights.to(x.dtype)
         if x.shape[0] == 1:  # decode: no gather/scatter needed
             ahead = self.experts.predict(x)  # ids to fetch ahead, still on the device
-            routed = chosen[0] if ahead is None else torch.cat([chosen[0], ahead])
-            read = routed.tolist()  # this layer's one host synchronisation
-            ids, predicted = read[: self.top_k], read[self.top_k :]
-            slot = {e: i for i, e in enumerate(ids)}
+            # ids, weights (rounded to the model's dtype, exact in float64) and the ids ahead,
+            # read in this layer's one host synchronisation
+            parts = [chosen[0].double(), weights[0].double()]
+            read = torch.cat(parts if ahead is None else [*parts, ahead.double()]).tolist()
+            ids = [int(e) for e in read[: self.top_k]]
+            weight = dict(zip(ids, read[self.top_k : 2 * self.top_k], strict=True))
+            predicted = [int(e) for e in read[2 * self.top_k :]]
             served = self.experts.fetch(self.layer, ids, x, predicted)
-            outs = {e: f(x) * weights[0, slot[e]] for e, f in served}
+            outs = {e: f(x) * weight[e] for e, f in served}
             return sum_in_order((outs[e] for e in sorted(ids)), x)
         used = torch.unique(chosen).tolist()  # ascending
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
