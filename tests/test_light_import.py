@@ -34,7 +34,7 @@ def test_help_and_version_do_not_import_torch(args):
 
 
 def test_the_client_side_of_run_and_chat_does_not_import_torch():
-    modules = imported("-c", "import localmix.cli.client, localmix.session, localmix.store")
+    modules = imported("-c", "import localmix.cli.client, localmix.cli.chat, localmix.store")
     assert "torch" not in modules and not modules & RUNTIME
 
 
