@@ -24,7 +24,7 @@ from .tokenizer import ChatTemplate, ConversationFormat, Tokenizer
 
 if TYPE_CHECKING:
     from .hybrid import Prediction, Speeds
-    from .offload import Machine, Plan
+    from .offload import Machine, Offload, Plan
 
 PREFILL_CHUNK = 512
 
@@ -75,8 +75,8 @@ class Engine:
         # The ids generated for each reply of the conversation being continued: re-encoding a
         # reply's text need not give them back, and the cache holds these.
         self._reply_ids: dict[str, list[int]] = {}
-        self.offload = None  # an Offload once experts are served from an expert cache
-        self.plan = None
+        self.offload: Offload | None = None  # once experts are served from an expert cache
+        self.plan: Plan | None = None
         self.predictions: dict[str, Prediction] = {}  # decode speed of each experts mode
         self._experts_auto = True
 
@@ -168,12 +168,13 @@ class Engine:
             common = 0
         self._cache_ids = ids[:common]
         chunk = min(PREFILL_CHUNK, self.cache.max_chunk)
-        logits = None
+        logits: torch.Tensor | None = None
         for start in range(common, len(ids), chunk):
             part = ids[start : start + chunk]
             logits = self._forward(part)
             if progress is not None and len(ids) - common > chunk:
                 progress(start + len(part) - common, len(ids) - common)
+        assert logits is not None  # common < len(ids): at least the last token ran
         return logits, len(ids) - common
 
     def _forward(self, part: list[int]) -> torch.Tensor:
@@ -287,7 +288,7 @@ class Engine:
         speeds also pace prefetching (a guess waits while the link has a copy queued).
         """
         from .hybrid import MODES, fastest, machine_speeds, predict_plans
-        from .offload import Offload, parse_bytes, probe_machine
+        from .offload import Offload, first_expert, parse_bytes, probe_machine
 
         cfg = self.config
         budget = parse_bytes(device_memory) if device_memory is not None else None
@@ -305,7 +306,7 @@ class Engine:
             machine = probe_machine(self.device)
         cuda = self.device.type == "cuda"
         if speeds is None and (experts in ("hybrid", "cpu") or cuda):  # cuda: also for prefetch
-            first = self.model.moe_layers()[0].experts[0]
+            first = first_expert(self.model)
             speeds = machine_speeds(
                 first, str(self.device), cfg.hidden_size, self.dtype, self._expert_bytes()
             )
@@ -348,9 +349,9 @@ class Engine:
         return report(o.mode, self.predictions, o.speeds, self._experts_auto)
 
     def _expert_bytes(self) -> int:
-        from .offload import expert_layout
+        from .offload import expert_layout, first_expert
 
-        return expert_layout(self.model.moe_layers()[0].experts[0])[1]
+        return expert_layout(first_expert(self.model))[1]
 
     def _plan(
         self,
@@ -361,13 +362,11 @@ class Engine:
         context: int,
         mode: str = "gpu",
     ) -> Plan:
-        from .offload import plan_model
+        from .offload import first_expert, plan_model
         from .quant.linear import cuda_int4_kernel
 
         # the experts left the model for the expert store once offloaded
-        expert = (
-            self.offload.store.template if self.offload else self.model.moe_layers()[0].experts[0]
-        )
+        expert = self.offload.store.template if self.offload else first_expert(self.model)
         cuda = self.device.type == "cuda"
         return plan_model(
             self.model,
@@ -451,10 +450,16 @@ class Engine:
 
     def complete(self, prompt: str | Sequence[int], **sampling: Any) -> Summary:
         """Run a whole generation and return its Summary."""
-        *_, summary = self.generate(prompt, **sampling)
-        return summary
+        return _summary(self.generate(prompt, **sampling))
 
     def complete_chat(self, messages: Sequence[dict[str, str]], **sampling: Any) -> Summary:
         """Run a whole chat reply and return its Summary."""
-        *_, summary = self.chat(messages, **sampling)
-        return summary
+        return _summary(self.chat(messages, **sampling))
+
+
+def _summary(events: Iterator[Event]) -> Summary:
+    """The Summary that ends a stream of events."""
+    *_, last = events
+    if not isinstance(last, Summary):
+        raise RuntimeError("a generation ended without its Summary")
+    return last

@@ -19,6 +19,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from .expert_cache import ExpertCache, make_policy
@@ -259,9 +260,8 @@ def simulate(
             where = cache.where[layer]
             missing = [e for e in experts if e not in where]
             resident = [e for e in experts if e in where]
-            on_cpu = scheduler.choose(
-                missing, len(resident), lambda e, x=experts, li=layer: cache.copy_value(li, e, x)
-            )
+            value = partial(cache.copy_value, layer, needed=experts)
+            on_cpu = scheduler.choose(missing, len(resident), value)
             copied = [e for e in missing if e not in on_cpu]
             list(cache.request(layer, experts, 1, elsewhere=on_cpu))
             for e, land in zip(copied, scheduler.queued(len(copied)), strict=True):
@@ -494,12 +494,13 @@ def random_expert(cfg, quantization: dict | None, dtype):
 
     from .loader import quantize_modules
     from .model import Transformer
+    from .offload import first_expert
 
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)
     if quantization is not None:
         quantize_modules(model, quantization)
-    expert = model.moe_layers()[0].experts[0].to_empty(device="cpu")
+    expert = first_expert(model).to_empty(device="cpu")
     gen = torch.Generator().manual_seed(0)
     for t in list(expert.parameters()) + list(expert.buffers()):
         if t.dtype == torch.uint8:

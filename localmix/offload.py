@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,7 +21,7 @@ from torch import nn
 from .config import ModelConfig
 from .errors import MemoryBudgetError, OptionError
 from .expert_cache import ExpertCache, make_policy
-from .model import MoeLayer, Transformer, route
+from .model import MoeLayer, ResidentExperts, Transformer, route
 
 if TYPE_CHECKING:
     from .hybrid import Scheduler, Speeds
@@ -53,6 +54,18 @@ def parse_bytes(text: str | int) -> int:
     if not m or m.group(2).lower() not in UNITS:
         raise OptionError(f"cannot read '{text}' as a memory size; write e.g. 12GB or 16000MB")
     return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+def layer_experts(moe: MoeLayer) -> list[nn.Module]:
+    """A MoE layer's own expert modules (before they are offloaded)."""
+    if not isinstance(moe.experts, ResidentExperts):
+        raise RuntimeError(f"layer {moe.layer}'s experts are already offloaded")
+    return list(moe.experts)
+
+
+def first_expert(model: Transformer) -> nn.Module:
+    """The first MoE layer's first expert: every expert of a model has its shape."""
+    return layer_experts(model.moe_layers()[0])[0]
 
 
 def _gb(n: float) -> str:
@@ -283,8 +296,8 @@ def views(buffer: torch.Tensor, layout: list[Slice]) -> dict[str, torch.Tensor]:
 
 def bind(template: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
     """A copy of `template`'s module structure whose tensors are `tensors` (views, not copies)."""
-    memo = {id(t): None for t in list(template.parameters()) + list(template.buffers())}
-    memo = {k: torch.empty(0) for k in memo}
+    tensors_of = list(template.parameters()) + list(template.buffers())
+    memo: dict[int, Any] = {id(t): torch.empty(0) for t in tensors_of}  # not copied
     module = copy.deepcopy(template, memo)
     for name, t in tensors.items():
         owner_name, _, leaf = name.rpartition(".")
@@ -349,16 +362,16 @@ class ExpertStore:
     ) -> None:
         moes = model.moe_layers()
         form = (lambda expert, device: expert) if for_cpu else stored_form
-        first = form(moes[0].experts[0], device)
+        first = form(first_expert(model), device)
         self.layout, self.expert_bytes = expert_layout(first)
         self.template = bind(first, {n: t.to("meta") for n, t in _tensors(first)})
-        n_layers, n_experts = len(moes), len(moes[0].experts)
+        n_layers, n_experts = len(moes), model.cfg.num_local_experts
         self.host = torch.empty((n_layers, n_experts, self.expert_bytes), dtype=torch.uint8)
         self.pinned = [pinner(self.host[li]) if pinner else False for li in range(n_layers)]
         self._unpin = cuda_host_unregister if pinner is cuda_host_register else None
         total, done = n_layers * n_experts, 0
         for li, moe in enumerate(moes):
-            for ei, expert in enumerate(moe.experts):
+            for ei, expert in enumerate(layer_experts(moe)):
                 dst = views(self.host[li, ei], self.layout)
                 for name, t in _tensors(form(expert, device)):
                     dst[name].copy_(t)
@@ -528,12 +541,10 @@ class HostExperts:
     and each output comes back to the device."""
 
     def __init__(self, store: ExpertStore) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self.modules = store.modules()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localmix-cpu-experts")
 
-    def submit(self, layer: int, experts: list[int], x: torch.Tensor) -> list[Any]:
+    def submit(self, layer: int, experts: list[int], x: torch.Tensor) -> list[Future[torch.Tensor]]:
         """Start computing `experts` of `layer` on the host copy `x`; one future each."""
         return [self.pool.submit(self._run, self.modules[layer][e], x) for e in experts]
 
@@ -615,7 +626,7 @@ class CachedExperts:
         layer: int,
         cache: ExpertCache,
         slot_modules: list[nn.Module],
-        next_gates: list[tuple[int, nn.Module]],
+        next_gates: Sequence[tuple[int, nn.Module]],
         top_k: int,
         mover: SlotMover,
         scheduler: Scheduler | None = None,
@@ -635,22 +646,23 @@ class CachedExperts:
     def fetch(
         self, layer: int, experts: list[int], hidden: torch.Tensor, predicted: list[int]
     ) -> Iterator:
-        if not self.slot_modules:  # every expert on the CPU: prefill chunks too, in turn
+        host = self.host
+        if not self.slot_modules and host is not None:  # every expert on the CPU, in turn
             self.cache.request(layer, experts, hidden.shape[0], experts)
             for e in experts:
-                yield e, _OnHost(self.host.modules[layer][e], hidden.device)
+                yield e, _OnHost(host.modules[layer][e], hidden.device)
             return
         on_cpu = self._choose(layer, experts) if hidden.shape[0] == 1 else []
-        results = []
-        if on_cpu:  # started first: the CPU works while the device computes the rest
-            results = self.host.submit(layer, on_cpu, hidden.to("cpu"))
+        results: list[Future[torch.Tensor]] = []
+        if on_cpu and host is not None:  # started first: the CPU works while the device computes
+            results = host.submit(layer, on_cpu, hidden.to("cpu"))
         loads = self._loads()
         served = self.cache.request(layer, experts, hidden.shape[0], on_cpu)  # copies start
         for i, (target, _) in enumerate(self.next_gates):  # then predicted ones, behind them
             chosen = predicted[i * self.top_k : (i + 1) * self.top_k]
             if chosen and self._link_idle():
                 self.cache.prefetch(target, chosen)
-        if on_cpu:  # computed on the CPU now, copied behind for next time while the link is idle
+        if on_cpu and self.scheduler is not None:  # copied behind for next time, link allowing
             self.cache.load_behind(layer, self.scheduler.behind(on_cpu), experts)
         if self.scheduler is not None:  # the link's backlog, as the scheduler estimates it
             self.scheduler.queued(self._loads() - loads)
@@ -780,9 +792,9 @@ class Offload:
             self.host.close()
         self.store.close()
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         s = self.cache.stats
-        out = s.summary()
+        out: dict[str, Any] = dict(s.summary())
         out["per_layer"] = [
             {
                 "slots": n,
@@ -827,7 +839,7 @@ def plan_for(
         * cfg.head_dim
         * dtype.itemsize
     )
-    expert = model.moe_layers()[0].experts[0]
+    expert = first_expert(model)
     return plan_model(
         model,
         expert,

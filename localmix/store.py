@@ -93,9 +93,12 @@ def model_format(path: Path) -> str:
 
     if (path / "localmix.json").exists():
         try:
-            q = read_manifest(path)["quantization"]
+            manifest = read_manifest(path)
         except LocalmixError:
             return "unreadable (localmix.json)"
+        if manifest is None:
+            return "unreadable (localmix.json)"
+        q = manifest["quantization"]
         return f"q{q['bits']} g{q['group_size']} ({q['method']})"
     try:
         raw = read_json(path / "config.json")

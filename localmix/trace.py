@@ -99,7 +99,7 @@ def replay(
     policy: str,
     prefetch: str | None,
     expert_bytes: int,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Hit rate, loads and bytes per token of one policy (and predictor) over the trace.
 
     `slots` is per layer: one number for all, or a list (as a placement plan gives).

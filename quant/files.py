@@ -68,7 +68,7 @@ def read_index(folder: Path) -> dict[str, str] | None:
     return dict(weight_map)
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """`write(tmp)` into a temporary file beside `path`, then rename it to `path`: a reader sees
     the old file or the new one, never half of one. The temporary file never outlives a failure;
     a full disk or an unwritable directory becomes a one-line QuantError."""
