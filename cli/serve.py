@@ -5,12 +5,24 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from localmix.cli.main import Context, Device, DeviceMemory, Threads
+from localmix.cli.main import (
+    Context,
+    Device,
+    DeviceMemory,
+    Experts,
+    Policy,
+    Prefetch,
+    Slots,
+    Threads,
+    placement,
+)
 
 from localmix.defaults import (
     API_KEY_ENV,
     DEFAULT_KEEP_ALIVE,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_POLICY,
+    DEFAULT_PREFETCH,
     SERVER_HOST,
     SERVER_PORT,
 )
@@ -38,6 +50,10 @@ def serve(
     context: Context = None,
     device: Device = None,
     device_memory: DeviceMemory = None,
+    slots: Slots = None,
+    policy: Policy = DEFAULT_POLICY,
+    prefetch: Prefetch = DEFAULT_PREFETCH,
+    experts: Experts = "auto",
     threads: Threads = None,
 ) -> None:
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health)
@@ -70,6 +86,9 @@ def serve(
         keep_alive=alive,
         max_queue=max_queue,
         api_key=api_key,
-        load_options={"context": context, "device": device, "device_memory": device_memory},
+        load_options={
+            "context": context,
+            **placement(device, device_memory, slots, policy, prefetch, experts),
+        },
         ready=ready,
     )
