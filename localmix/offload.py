@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -368,7 +369,11 @@ class ExpertStore:
         n_layers, n_experts = len(moes), model.cfg.num_local_experts
         self.host = torch.empty((n_layers, n_experts, self.expert_bytes), dtype=torch.uint8)
         self.pinned = [pinner(self.host[li]) if pinner else False for li in range(n_layers)]
-        self._unpin = cuda_host_unregister if pinner is cuda_host_register else None
+        # Unlocked before the memory is freed, whenever that is: at close(), or when the store
+        # is collected (a server that unloads a model just drops it).
+        locked = [self.host[li] for li, p in enumerate(self.pinned) if p]
+        unlock = cuda_host_unregister if pinner is cuda_host_register else None
+        self._unlock = weakref.finalize(self, _unlock_all, unlock, locked)
         total, done = n_layers * n_experts, 0
         for li, moe in enumerate(moes):
             for ei, expert in enumerate(layer_experts(moe)):
@@ -388,12 +393,15 @@ class ExpertStore:
         return [[self.module(li, ei) for ei in range(n_experts)] for li in range(n_layers)]
 
     def close(self) -> None:
-        """Unlock what was page-locked (before the memory is freed)."""
-        if self._unpin is not None:
-            for li, pinned in enumerate(self.pinned):
-                if pinned:
-                    self._unpin(self.host[li])
+        """Unlock what was page-locked (before the memory is freed); once."""
+        self._unlock()
         self.pinned = [False] * len(self.pinned)
+
+
+def _unlock_all(unlock: Callable[[torch.Tensor], None] | None, blocks: list[torch.Tensor]) -> None:
+    if unlock is not None:
+        for block in blocks:
+            unlock(block)
 
 
 class CopyEngine(Protocol):

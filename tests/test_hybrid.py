@@ -413,3 +413,28 @@ def test_guesses_are_held_back_while_the_link_is_busy(quantized):
         predicted[name] = e.offload.cache.stats.total().predicted
     assert predicted["busy"] == 0
     assert predicted["idle"] > 0 and predicted["unknown"] == predicted["idle"]
+
+
+def test_a_dropped_store_unlocks_its_memory_once(quantized, monkeypatch):
+    """What was page-locked is unlocked before it is freed: at close(), or when the store is
+    collected (a server that swaps models just drops the engine), and never twice."""
+    import gc
+
+    from localmix.offload import ExpertStore
+
+    unlocked = []
+    monkeypatch.setattr(offload_module, "cuda_host_register", lambda block: True)
+    monkeypatch.setattr(offload_module, "cuda_host_unregister", lambda b: unlocked.append(b))
+    plain = localmix.load(quantized, device="cpu")
+    store = ExpertStore(plain.model, torch.device("cpu"), offload_module.cuda_host_register)
+    assert unlocked == []
+    layers = store.host.shape[0]
+    del store
+    gc.collect()
+    assert len(unlocked) == layers
+    store = ExpertStore(plain.model, torch.device("cpu"), offload_module.cuda_host_register)
+    store.close()
+    store.close()
+    del store
+    gc.collect()
+    assert len(unlocked) == 2 * layers
