@@ -1,6 +1,6 @@
 """What `localmix export` costs nano: KL divergence from the bf16 model, before and after.
 
-    python benchmarks/bench_export.py [--dir /tmp/localmix-bench] [--tokens N]
+    python -m benchmarks.bench_export [--dir /tmp/localmix-bench] [--tokens N]
 
 For groups of 32, 64 and 128 (the default method), the mean KL divergence of the next-token
 distribution from the bf16 model's over nano's held-out text, and the held-out perplexity, of:
@@ -17,22 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
+from localmix.quant.convert import SHAPES_KEY, Settings, convert
+from localmix.quant.export import EXPERT_RE, export, integer_zero_point
+from localmix.quant.formats import QuantizedTensor
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from localmix.quant.convert import SHAPES_KEY, Settings, convert  # noqa: E402
-from localmix.quant.export import EXPERT_RE, export, integer_zero_point  # noqa: E402
-from localmix.quant.formats import QuantizedTensor  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-import localmix  # noqa: E402
-from localmix.demo import nano_path  # noqa: E402
-from localmix.evaluate import kl_divergence, perplexity  # noqa: E402
+import localmix
+from localmix.demo import nano_path
+from localmix.evaluate import kl_divergence, perplexity
 
 
 def dense_checkpoint(quantized: Path, out: Path, exported: bool) -> Path:

@@ -1,6 +1,6 @@
 """Expert offloading: bookkeeping overhead on the CPU, and what to expect for Mixtral on a GPU.
 
-    python benchmarks/bench_offload.py [--dir /tmp/localmix-bench] [--trace PATH]
+    python -m benchmarks.bench_offload [--dir /tmp/localmix-bench] [--trace PATH]
 
 1. The "mini" Mixtral, 4-bit experts, decoded on the CPU by the plain engine and by the
    offloaded engine with every expert resident (slots = experts: pure bookkeeping overhead),
@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from localmix.quant.convert import Settings, convert  # noqa: E402
+from localmix.quant.convert import Settings, convert
 
-import localmix  # noqa: E402
-from benchmarks.common import mini_checkpoint  # noqa: E402
-from localmix.config import MIXTRAL_8X7B, ModelConfig  # noqa: E402
-from localmix.offload import Machine, plan_for  # noqa: E402
-from localmix.trace import read_trace, replay  # noqa: E402
+import localmix
+from benchmarks.common import mini_checkpoint
+from localmix.config import MIXTRAL_8X7B, ModelConfig
+from localmix.offload import Machine, plan_for
+from localmix.trace import read_trace, replay
 
 PCIE = {"PCIe 3.0 x16": 12e9, "PCIe 4.0 x16": 24e9}  # effective host-to-device bytes/s
 CARD_FREE_GIB = {12: 11.76, 16: 15.6, 24: 23.65}  # free to CUDA on an idle 12/16/24 GB card

