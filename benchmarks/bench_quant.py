@@ -220,14 +220,7 @@ def speed_on_mini(root: Path, rounds: int = 4) -> None:
             f"   {name:<32} decode {decode:6.1f} tok/s ({decode / base:.2f}x bf16)   "
             f"prefill {prefill:6.1f} tok/s"
         )
-    print("   " + llama_cpp_speed())
-
-
-def llama_cpp_speed() -> str:
-    exe = shutil.which("llama-bench")
-    if exe is None:
-        return "llama.cpp: no llama-bench on PATH, skipped"
-    return f"llama.cpp found at {exe}: convert the mini model to GGUF Q4_K_M to compare"
+    print("   (against llama.cpp: python -m benchmarks.bench_runtime)")
 
 
 def throughput(root: Path) -> None:

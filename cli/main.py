@@ -125,7 +125,7 @@ def load_engine(
 
     set_threads(threads)
     name = model or default_model()
-    with err.status(f"loading {name}…") if err.is_terminal else _null() as status:
+    with err.status(f"loading {name}…") if err.is_terminal else contextlib.nullcontext() as status:
 
         def filling(done: int, total: int) -> None:  # experts copied into host RAM
             if status is not None:
@@ -140,14 +140,6 @@ def load_engine(
     if name in BUILTIN:
         err.print(f"[dim]{builtin_note()}[/dim]")
     return engine
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def sampling_args(**values) -> dict:

@@ -326,6 +326,3 @@ class ExpertCache:
             self._place(layer, e, set(experts))
             self.prefetched[layer].add(e)
             stats.prefetch_loads += 1
-
-    def reset_stats(self) -> None:
-        self.stats = CacheStats(self.stats.expert_bytes, [LayerStats() for _ in self.slots])

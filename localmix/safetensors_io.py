@@ -155,7 +155,3 @@ class SafetensorsFile:
         if info.start % info.dtype.itemsize:  # unaligned for its dtype: copy out of the map
             flat = flat.clone()
         return flat.view(info.dtype).view(info.shape)
-
-    def read_bytes(self, name: str) -> bytes:
-        info = self.infos[name]
-        return bytes(self._map()[info.start : info.end])
