@@ -10,8 +10,9 @@ dtype="fp32") take an exact float32 path instead. The same module also runs the 
 scale fit (`formats._fit_groups`), eight groups per AVX2 register.
 
 The module is built with PyTorch's C++ extension machinery into TORCH_EXTENSIONS_DIR (by
-default ~/.cache/torch_extensions) the first time it is needed (a quantized model on the CPU,
-or a conversion), which takes about a minute; later runs load the cached build.
+default ~/.cache/torch_extensions) the first time it is needed (a model run on the CPU, whose
+norms it computes too, or a conversion), which takes about a minute; later runs load the
+cached build.
 
 The kernels need AVX2 and FMA. Whether this CPU has them is read from the CPU itself when the
 kernels are first asked for (the build's flags say nothing about the machine that loads it);
@@ -106,7 +107,8 @@ def build_directory(name: str = BUILD_NAME) -> Path:
 
 
 def cpu_kernels() -> ModuleType | None:
-    """The compiled module (`int4_mm`, `int4_swiglu`, `int8_mm`, `fit_groups`), or None."""
+    """The compiled module (`int4_mm`, `int4_swiglu`, `int8_mm`, `rms_norm`, `fit_groups`), or
+    None."""
     return None if _switched_off() or _missing_features() else _build()[0]
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 from localmix.quant import quantize_tensor
-from localmix.quant.kernels import cpu_kernels, unavailable_reason
+from localmix.quant.kernels import ENV_SWITCH, cpu_kernels, unavailable_reason
 
 from tests.test_quant import int4_reference, int8_activations
 
@@ -97,6 +97,26 @@ def test_many_rows_cross_the_row_chunks(kernels):
     torch.testing.assert_close(
         got.double(), expected, rtol=2**-7, atol=2**-7 * expected.abs().max()
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_is_the_models(kernels, monkeypatch, dtype):
+    """The kernel's RMSNorm against the model's PyTorch one (the kernels switched off), for one
+    row and many: equal but for the order of the float32 sum of squares."""
+    from localmix.model import RMSNorm
+
+    gen = torch.Generator().manual_seed(3)
+    norm = RMSNorm(1024, 1e-5)
+    norm.weight.data = torch.randn(1024, generator=gen).to(dtype)
+    for rows in (1, 37):
+        x = (torch.randn(rows, 1024, generator=gen) * 3).to(dtype)
+        got = kernels.rms_norm(x, norm.weight, norm.eps)
+        assert torch.equal(norm(x), got)  # the model's forward takes the kernel
+        with monkeypatch.context() as m:
+            m.setenv(ENV_SWITCH, "0")
+            want = norm(x)
+        tol = 1e-6 if dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 def test_kernels_reuse_their_memory_across_shapes(kernels):
