@@ -56,7 +56,8 @@ class Conversation:
     def save(self) -> Path:
         """Write the conversation to its file (atomically); an OSError becomes a LocalmixError."""
         path = conversation_path(self.name)
-        self.updated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        # microseconds: saves within one second still sort newest first (`run -c`)
+        self.updated = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import pytest
 from localmix.cli.main import app
 from typer.testing import CliRunner
 
-from localmix.conversations import Conversation, conversations_dir
+from localmix.conversations import Conversation, conversations_dir, list_conversations
 from localmix.demo import DEMO_CONFIG, builtin_note, demo_tokenizer_path, write_checkpoint
 from localmix.store import models_dir
 
@@ -308,3 +308,67 @@ def test_json_text_is_the_detokenized_reply_on_mixtrals_tokenizer(mixtral_tokeni
     assert reply["text"].startswith(" ") == raw  # this model's first token is '▁talking'
     plain = invoke(*args, *(["--raw"] if raw else []))  # what streams is the same text
     assert plain.stdout == reply["text"] + "\n"
+
+
+def test_run_continues_a_conversation_and_conversations_manage_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCALMIX_HOME", str(tmp_path))
+    r = invoke("run", "demo", "def add(a, b):", "--max-tokens", "3", "--temperature", "0")
+    assert r.exit_code == 0, r.output
+    [first] = [c.name for c in list_conversations()[0]]
+    r = invoke("run", "demo", "-c", "print(add(1, 2))", "--max-tokens", "3")
+    assert r.exit_code == 0, r.output
+    [conv], _ = list_conversations()
+    assert conv.name == first and [m["role"] for m in conv.messages] == ["user", "assistant"] * 2
+    assert conv.messages[2]["content"] == "print(add(1, 2))"
+
+    r = invoke("run", "demo", "--conversation", "work", "import os", "--max-tokens", "2")
+    assert r.exit_code == 0 and len(Conversation.load("work").messages) == 2
+    r = invoke("run", "demo", "--conversation", "work", "import sys", "--max-tokens", "2")
+    assert len(Conversation.load("work").messages) == 4
+    for args, text in [
+        (["--conversation", "../up"], "not a valid name"),
+        (["-c", "--conversation", "work"], "not both"),
+        (["-c", "--raw"], "need the chat template"),
+    ]:
+        r = invoke("run", "demo", *args, "x")
+        assert r.exit_code == 1 and text in r.stderr, r.output
+
+    r = invoke("conversations")
+    assert r.exit_code == 0 and "work" in r.stdout and first in r.stdout
+    assert r.stdout.index("work") < r.stdout.index(first)  # newest first
+    r = invoke("conversations", "show", "work")
+    assert r.exit_code == 0 and ">>> import os" in r.stdout and ">>> import sys" in r.stdout
+    r = invoke("conversations", "rename", "work", first)
+    assert r.exit_code == 1 and "already saved" in r.stderr
+    assert invoke("conversations", "rename", "work", "play").exit_code == 0
+    assert invoke("conversations", "rm", "play").exit_code == 0
+    assert [c.name for c in list_conversations()[0]] == [first]
+    r = invoke("conversations", "rm", "play")
+    assert r.exit_code == 1 and "no saved conversation" in r.stderr
+
+
+def test_a_long_prompt_cut_to_the_context_is_said():
+    r = invoke("run", "demo", "word " * 300, "--max-tokens", "1")
+    assert r.exit_code == 0, r.output
+    assert "the context holds 128" in r.stderr
+
+
+def test_a_resumed_pull_says_so(tmp_path, monkeypatch):
+    from tests.hub_server import FakeHub, HubState, repo_from_dir
+
+    src = tmp_path / "m"
+    write_checkpoint(src, DEMO_CONFIG, demo_tokenizer_path(), seed=3, max_shard_bytes=5_000_000)
+    state = HubState()
+    state.repos["org/tiny"] = repo_from_dir(src)
+    files = state.repos["org/tiny"].files
+    big = max((n for n in files if n.endswith(".safetensors")), key=lambda n: len(files[n]))
+    state.cut_after[big] = len(files[big]) // 2
+    with FakeHub(state) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        assert invoke("pull", "org/tiny", "--no-quantize").exit_code == 1
+        r = invoke("pull", "org/tiny", "--no-quantize")
+    assert r.exit_code == 0, r.output
+    assert f"{big} (resuming at" in r.stderr

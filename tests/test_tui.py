@@ -325,10 +325,11 @@ class StopAfter:
 def test_snapshot_settings_panel(deterministic, snap_compare):
     async def open_settings(pilot):
         await pilot.press("f2")
+        await pilot.wait_for_scheduled_animations()  # the tab's underline slides
         await pilot.pause()
 
-    app = LocalmixApp(deterministic, settings={"top_k": 40, "stop": ["###"]}, system="Be brief")
-    app.blink = False
+    settings = {"top_k": 40, "stop": ["###"]}
+    app = LocalmixApp(deterministic, settings=settings, system="Be brief", blink=False)
     assert snap_compare(app, terminal_size=(130, 40), run_before=open_settings)
 
 
@@ -365,3 +366,14 @@ def test_snapshot_new_chat(deterministic, snap_compare):
 
     app = LocalmixApp(deterministic, blink=False)
     assert snap_compare(app, terminal_size=(130, 40), run_before=chat_then_new)
+
+
+async def test_a_chat_longer_than_the_context_is_said(engine):
+    app = LocalmixApp(engine, blink=False)
+    async with app.run_test(size=(130, 40)) as pilot:
+        app.query_one(PromptArea).text = "word " * 200  # demo's context holds 128 tokens
+        app.query_one(PromptArea).focus()
+        await pilot.press("end", "enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert sum("the context holds 128" in n for n in notes(app)) == 1

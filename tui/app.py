@@ -36,7 +36,7 @@ from textual.widgets import (
 from localmix.conversations import list_conversations
 from localmix.engine import Engine, Summary
 from localmix.errors import LocalmixError, OptionError
-from localmix.session import ChatSession, format_setting
+from localmix.session import ChatSession, context_note, format_setting
 
 REFRESH_S = 0.05  # at most this often the streaming reply is re-rendered
 ACTIVITY_DECAY = 0.9  # per token, for the heatmap's "recently routed"
@@ -210,6 +210,7 @@ class LocalmixApp(App):
         self.activity = [[0.0] * engine.config.num_local_experts for _ in range(layers)]
         self.sub_title = engine.name
         self.said: set[str] = set()  # problems already shown (a save that fails, a bad file)
+        self.cut_said = ""  # the conversation whose start the context no longer holds, said
 
     @property
     def conv(self):
@@ -251,7 +252,9 @@ class LocalmixApp(App):
                     for key, label in SETTING_FIELDS:
                         with Vertical(classes="setting"):
                             yield Label(label)
-                            yield Input(id=f"set-{key}", compact=True)  # filled on mount
+                            field = Input(id=f"set-{key}", compact=True)  # filled on mount
+                            field.cursor_blink = self.blink
+                            yield field
         yield Footer()
 
     def setting_text(self, key: str) -> str:
@@ -449,6 +452,10 @@ class LocalmixApp(App):
             reply.border_subtitle = "stopped"  # not in the text: a base model's is shown as is
         await self.show_reply(reply, text)
         self.refresh_sidebar()
+        note = context_note(self.last) if self.last is not None else None
+        if note and self.cut_said != self.conv.name:  # once per conversation
+            self.cut_said = self.conv.name
+            self.notify(note, severity="warning", timeout=10)
 
     # -- stats -----------------------------------------------------------------------------
 
