@@ -70,7 +70,7 @@ def mixtral_on_gpus(trace_path: Path) -> None:
     for gb in (12, 16, 24):
         free = CARD_FREE_GIB[gb] * 1024**3  # what CUDA has free on such a card once started
         plan = plan_for(cfg, q, None, "cuda", 4096, machine=Machine(int(free), None))
-        for prefetch in (None, "transition"):
+        for prefetch in (None, "cross-layer"):
             r = replay(trace, layers, plan.slots, "transition", prefetch, plan.expert_bytes)
             speeds = "".join(f"{bw / r['bytes_per_token']:>20.1f}" for bw in PCIE.values())
             print(

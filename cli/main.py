@@ -598,8 +598,13 @@ def print_quality(manifest: dict) -> None:
 def bench_cache(
     trace: Annotated[Path, typer.Option(help="routing trace (JSON lines)")],
     slots: Annotated[int, typer.Option(help="expert slots per layer")],
-    policy: Annotated[str, typer.Option(help="transition (default), lru or belady")] = "transition",
-    prefetch: Annotated[str | None, typer.Option(help="predictor: transition")] = None,
+    policy: Annotated[str, typer.Option(help="transition (default), lru or belady")] = (
+        DEFAULT_POLICY
+    ),
+    predictor: Annotated[
+        str | None,
+        typer.Option(help="prefetch from the trace: cross-layer (layer L's experts predict L+1)"),
+    ] = None,
     group_size: Annotated[
         int, typer.Option("--group-size", help="expert format: 4-bit g32/64/128")
     ] = 64,
@@ -612,17 +617,17 @@ def bench_cache(
 
     if policy not in (*POLICIES, "belady"):
         raise fail(f"unknown policy '{policy}'; use {', '.join((*POLICIES, 'belady'))}")
-    if prefetch is not None and prefetch not in PREDICTORS:
-        raise fail(f"unknown predictor '{prefetch}'; use {', '.join(PREDICTORS)}")
+    if predictor is not None and predictor not in PREDICTORS:
+        raise fail(f"unknown predictor '{predictor}'; use {', '.join(PREDICTORS)}")
     data, n_layers, n_experts = read_trace(trace)
     if not 1 <= slots <= n_experts:
         raise fail(f"--slots must be between 1 and {n_experts}")
     expert_bytes = quantized_bytes(MIXTRAL_EXPERT_PARAMS, group_size)
-    result = replay(data, n_layers, slots, policy, prefetch, expert_bytes)
+    result = replay(data, n_layers, slots, policy, predictor, expert_bytes)
     optimum = replay(data, n_layers, slots, "belady", None, expert_bytes)
     result.update(
         policy=policy,
-        prefetch=prefetch,
+        predictor=predictor,
         slots=slots,
         belady_hit_rate=optimum["hit_rate"],
         expert_bytes=expert_bytes,
@@ -633,7 +638,7 @@ def bench_cache(
     out = Console(highlight=False)
     out.print(
         f"{trace.name}: {result['tokens']} tokens, {n_layers} layers, {n_experts} experts; "
-        f"{slots} slots per layer; policy {policy}, prefetch {prefetch or 'off'}"
+        f"{slots} slots per layer; policy {policy}, prefetch {predictor or 'off'}"
     )
     out.print(
         f"  hit rate          {result['hit_rate']:.3f}   (offline optimum {optimum['hit_rate']:.3f})"

@@ -17,7 +17,7 @@ from .expert_cache import ExpertCache, make_policy
 
 # Mixtral-8x7B: each expert is three 4096 x 14336 matrices.
 MIXTRAL_EXPERT_PARAMS = 3 * 4096 * 14336
-PREDICTORS = ("transition",)
+PREDICTORS = ("cross-layer",)  # predicts layer L+1 from layer L (CrossLayerPredictor)
 
 Trace = dict[int, list[dict[int, list[int]]]]  # prompt -> per token: {layer: experts}
 
@@ -97,7 +97,7 @@ def replay(
     n_layers: int,
     slots: int | list[int],
     policy: str,
-    prefetch: str | None,
+    predictor: str | None,
     expert_bytes: int,
 ) -> dict[str, float | None]:
     """Hit rate, loads and bytes per token of one policy (and predictor) over the trace.
@@ -109,7 +109,7 @@ def replay(
     for prompt_tokens in trace.values():
         pol = Belady(prompt_tokens) if policy == "belady" else make_policy(policy)
         cache = ExpertCache(per_layer, pol, None, expert_bytes)
-        predictor = CrossLayerPredictor(top_k=2) if prefetch else None
+        cross = CrossLayerPredictor(top_k=2) if predictor else None
         for token in prompt_tokens:
             tokens += 1
             for layer in range(n_layers):
@@ -119,9 +119,9 @@ def replay(
                 for _ in cache.request(layer, experts):
                     pass
                 nxt = token.get(layer + 1)
-                if predictor is not None and nxt is not None:
-                    cache.prefetch(layer + 1, predictor.predict(layer, experts))
-                    predictor.learn(layer, experts, nxt)
+                if cross is not None and nxt is not None:
+                    cache.prefetch(layer + 1, cross.predict(layer, experts))
+                    cross.learn(layer, experts, nxt)
         t = cache.stats.total()
         hits, requests = hits + t.hits, requests + t.requests
         loads += t.loads + t.prefetch_loads

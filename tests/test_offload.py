@@ -116,7 +116,7 @@ def test_trace_replay_matches_known_figures():
     assert rate["transition", 2] == pytest.approx(rate["lru", 2])  # all demand policies equal
     assert rate["transition", 3] > rate["lru", 3] + 0.015
     assert rate["transition", 4] > rate["lru", 4] + 0.015
-    with_prefetch = replay(trace, layers, 3, "transition", "transition", 1)
+    with_prefetch = replay(trace, layers, 3, "transition", "cross-layer", 1)
     assert with_prefetch["hit_rate"] > rate["transition", 3]
     assert 0 < with_prefetch["prefetch_precision"] < 1
 
@@ -128,7 +128,7 @@ def test_bench_cache_command():
     assert {"hit_rate", "loads_per_token", "bytes_per_token"} <= set(data)
     assert data["bytes_per_token"] == pytest.approx(data["loads_per_token"] * 99090432)
     r = CliRunner().invoke(
-        app, ["bench-cache", "--trace", str(TRACE), "--slots", "4", "--prefetch", "transition"]
+        app, ["bench-cache", "--trace", str(TRACE), "--slots", "4", "--predictor", "cross-layer"]
     )
     assert r.exit_code == 0 and "offline optimum 0.747" in r.stdout
     r = CliRunner().invoke(app, ["bench-cache", "--trace", "/nonexistent", "--slots", "2"])
