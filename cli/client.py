@@ -78,13 +78,15 @@ class RemoteEngine:
 
     def __init__(self, server: Server, model: str | None, sampling: dict[str, Any]) -> None:
         self.server, self.sampling = server, sampling  # the command line's sampling options
-        loaded = server.health.get("model") or {}
+        loaded = server.health.get("model")
+        loaded = loaded if isinstance(loaded, dict) else {}
         here = bool(loaded) and model in (None, loaded.get("name"))
+        context, kernels = loaded.get("context"), loaded.get("kernels")
         self.model = model  # None: the model the server holds or was started with
-        self.name = model or loaded.get("name") or "the server's model"
-        self.context = loaded["context"] if here else DEFAULT_CONTEXT
+        self.name = model or str(loaded.get("name") or "the server's model")
+        self.context = context if here and isinstance(context, int) else DEFAULT_CONTEXT
         self.plan = None  # the server's placement: its /health says it
-        self._kernels = loaded.get("kernels", "") if here else ""
+        self._kernels = kernels if here and isinstance(kernels, str) else ""
 
     @property
     def defaults(self):
@@ -121,6 +123,11 @@ class RemoteEngine:
             yield from _events(response)
         except (OSError, http.client.HTTPException) as e:
             raise LocalmixError(f"the server at {self.server.url} stopped answering ({e})") from e
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise LocalmixError(
+                f"the server at {self.server.url} answered what localmix cannot read ({e!r}); "
+                "is it a localmix server of this version?"
+            ) from e
         finally:
             conn.close()  # before the end (Ctrl+C): the server stops at the next token
 
@@ -132,7 +139,8 @@ class RemoteEngine:
 
 
 def _events(response: http.client.HTTPResponse) -> Iterator[Event]:
-    """Events from the server's stream: a TokenEvent per token, then the Summary."""
+    """Events from the server's stream: a TokenEvent per token, then the Summary. A malformed
+    chunk raises ValueError, KeyError or TypeError (the caller's gate turns them into one)."""
     pieces: list[str] = []
     for line in response:
         if not line.startswith(b"data: "):
@@ -155,8 +163,8 @@ def _events(response: http.client.HTTPResponse) -> Iterator[Event]:
             }
             yield Summary(**fields)
         elif choice.get("token_ids"):
-            pieces.append(text)
-            yield TokenEvent(choice["token_ids"][0], text)
+            pieces.append(str(text))
+            yield TokenEvent(int(choice["token_ids"][0]), str(text))
 
 
 def _request(
