@@ -25,7 +25,7 @@ from localmix.cli.render import (
 from rich.console import Console
 from rich.table import Table
 
-from localmix.defaults import DEFAULT_METHOD, DEFAULT_POLICY, DEFAULT_PREFETCH
+from localmix.defaults import DEFAULT_EXPERTS, DEFAULT_METHOD, DEFAULT_POLICY, DEFAULT_PREFETCH
 from localmix.defaults import QUANT_METHODS as METHODS
 from localmix.errors import LocalmixError
 from localmix.workflows import PULL_HINT
@@ -209,7 +209,7 @@ def run(
     slots: Slots = None,
     policy: Policy = DEFAULT_POLICY,
     prefetch: Prefetch = DEFAULT_PREFETCH,
-    experts: Experts = "auto",
+    experts: Experts = DEFAULT_EXPERTS,
     threads: Threads = None,
     raw: Annotated[bool, typer.Option(help="no chat template: continue the text")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
@@ -482,7 +482,7 @@ def chat(
     slots: Slots = None,
     policy: Policy = DEFAULT_POLICY,
     prefetch: Prefetch = DEFAULT_PREFETCH,
-    experts: Experts = "auto",
+    experts: Experts = DEFAULT_EXPERTS,
     threads: Threads = None,
     load: Load = None,
     use_tui: Annotated[
@@ -514,9 +514,9 @@ def chat(
     else:
         engine = load_engine(model, context=context, threads=threads, **where, **settings)
     if use_tui:
-        from localmix.tui.app import LocalmixApp
+        from localmix.tui.app import LocalmixApp, typed_ahead
 
-        app = LocalmixApp(engine, settings=settings, system=system, load=load)
+        app = LocalmixApp(engine, settings=settings, system=system, load=load, typed=typed_ahead())
         app.run()
         if app.return_code:
             raise typer.Exit(app.return_code)

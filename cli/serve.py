@@ -19,6 +19,7 @@ from localmix.cli.main import (
 
 from localmix.defaults import (
     API_KEY_ENV,
+    DEFAULT_EXPERTS,
     DEFAULT_KEEP_ALIVE,
     DEFAULT_MAX_QUEUE,
     DEFAULT_POLICY,
@@ -53,7 +54,7 @@ def serve(
     slots: Slots = None,
     policy: Policy = DEFAULT_POLICY,
     prefetch: Prefetch = DEFAULT_PREFETCH,
-    experts: Experts = "auto",
+    experts: Experts = DEFAULT_EXPERTS,
     threads: Threads = None,
 ) -> None:
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health)

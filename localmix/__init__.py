@@ -11,6 +11,8 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .defaults import DEFAULT_EXPERTS
+
 if TYPE_CHECKING:
     import torch
 
@@ -57,7 +59,7 @@ def load(
     device_memory: str | int | None = None,
     expert_slots: int | None = None,
     policy: str | None = None,
-    experts: str = "auto",
+    experts: str = DEFAULT_EXPERTS,
     prefetch: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     **options: Any,

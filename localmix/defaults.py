@@ -12,6 +12,7 @@ from __future__ import annotations
 DEFAULT_CONTEXT = 4096  # rolling KV window, in tokens (at most the model's own window)
 DEFAULT_POLICY = "transition"  # expert cache eviction
 DEFAULT_PREFETCH = 1  # layers of router-driven prefetch
+DEFAULT_EXPERTS = "auto"  # where a missed expert runs: the mode predicted fastest (hybrid.py)
 QUANT_METHODS = ("wmse", "mse", "rtn")  # how quantization scales are chosen
 DEFAULT_METHOD = "wmse"
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import ModelConfig
-from .defaults import DEFAULT_CONTEXT
+from .defaults import DEFAULT_CONTEXT, DEFAULT_EXPERTS
 from .errors import CheckpointError, MemoryBudgetError, OptionError
 from .events import Event, Summary, TokenEvent
 from .kv_cache import RollingKVCache
@@ -274,7 +274,7 @@ class Engine:
         prefetch: int,
         machine: Machine | None = None,
         progress: Callable[[int, int], None] | None = None,
-        experts: str = "auto",
+        experts: str = DEFAULT_EXPERTS,
         speeds: Speeds | None = None,
     ) -> None:
         """Move the trunk to the device and serve experts from host RAM through a cache.

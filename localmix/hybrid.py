@@ -26,9 +26,10 @@ from .expert_cache import ExpertCache, make_policy
 
 MODES = ("gpu", "cpu", "hybrid")
 GB = 1e9
-# Practical pinned host-to-device rate of an x16 link, by PCIe generation: about 80% of the
-# signalling rate, which is what copy benchmarks report on desktop boards.
-PCIE_GBPS = {3: 12.6, 4: 25.2, 5: 50.4}
+# Practical pinned host-to-device rate of an x16 link, by PCIe generation: about 75% of the
+# signalling rate, what copy benchmarks report on desktop boards, and the figure the rest of
+# localmix's estimates take (benchmarks/bench_offload.py).
+PCIE_GBPS = {3: 12.0, 4: 24.0, 5: 48.0}
 # Share of a card's memory bandwidth that a one-token 4-bit product reaches (PyTorch's fused
 # int4 kernel); an assumption until a GPU run measures it (benchmarks/bench_gpu.py).
 DEVICE_KERNEL_EFFICIENCY = 0.6

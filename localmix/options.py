@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
+from .defaults import DEFAULT_EXPERTS
 from .engine import DEFAULT_CONTEXT
 from .errors import OptionError
 from .expert_cache import DEFAULT_POLICY, POLICIES
@@ -35,7 +36,7 @@ class LoadOptions:
     expert_slots: int | None
     policy: str
     prefetch: int
-    experts: str = "auto"  # where missed experts run: auto, gpu, cpu, hybrid
+    experts: str = DEFAULT_EXPERTS  # where missed experts run: auto, gpu, cpu, hybrid
 
     @property
     def offloading(self) -> bool:
@@ -81,7 +82,7 @@ def load_options(
     expert_slots: int | None = None,
     policy: str = DEFAULT_POLICY,
     prefetch: int = DEFAULT_PREFETCH,
-    experts: str = "auto",
+    experts: str = DEFAULT_EXPERTS,
 ) -> LoadOptions:
     """Check raw load options (as typed on a command line or passed to `localmix.load`)."""
     return LoadOptions(

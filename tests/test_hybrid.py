@@ -157,9 +157,9 @@ def mixtral_plan(spec_key: str, mode: str):
 
 
 def test_the_simulator_predicts_hybrid_well_above_pure_offload_on_a_12gb_card():
-    """Mixtral's real routing, a 12 GB PCIe 4.0 card, a 50 GB/s host whose CPU kernel reads
-    at the RAM's speed: hybrid beats copying every miss by far, and computing every expert on
-    the CPU too."""
+    """Mixtral's real routing, a 12 GB PCIe 4.0 card (24 GB/s), a 50 GB/s host whose CPU
+    kernel reads at the RAM's speed: hybrid predicts at least 1.8x copying every miss, and
+    beats computing every expert on the CPU too."""
     spec = MACHINES["rtx3060"]
     tokens = bundled_routing()[:160]
     out = {}
@@ -169,7 +169,7 @@ def test_the_simulator_predicts_hybrid_well_above_pure_offload_on_a_12gb_card():
         out[mode] = simulate(tokens, plan.slots, plan.expert_bytes, speeds, mode)
     assert out["cpu"].slots_per_layer == 0 and out["cpu"].hit_rate == 0
     assert out["hybrid"].on_cpu_per_token > 10 and out["gpu"].on_cpu_per_token == 0
-    assert out["hybrid"].tokens_per_s > 1.6 * out["gpu"].tokens_per_s
+    assert out["hybrid"].tokens_per_s >= 1.8 * out["gpu"].tokens_per_s
     assert out["hybrid"].tokens_per_s > 1.4 * out["cpu"].tokens_per_s
 
 
