@@ -377,3 +377,29 @@ async def test_a_chat_longer_than_the_context_is_said(engine):
         await app.workers.wait_for_complete()
         await pilot.pause()
         assert sum("the context holds 128" in n for n in notes(app)) == 1
+
+
+def test_text_typed_while_the_app_starts_is_kept(tmp_path):
+    """Keys typed while the model loads (before the app owns the terminal) start the prompt."""
+    import json
+    import os
+    import sys
+    import time
+
+    import pexpect
+
+    env = dict(os.environ, LOCALMIX_HOME=str(tmp_path), TERM="xterm-256color")
+    args = ["-m", "localmix.cli", "chat", "demo", "--tui", "--max-tokens", "2"]
+    child = pexpect.spawn(sys.executable, args, env=env, timeout=60, dimensions=(40, 130))
+    child.send("early")  # typed at once, while localmix loads
+    child.expect("conversations")  # the app has drawn its screen
+    child.send(" bird\r")
+    folder = tmp_path / "conversations"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not list(folder.glob("chat-*.json")):
+        time.sleep(0.2)
+    time.sleep(1)
+    child.send("\x11")  # Ctrl+Q
+    child.expect(pexpect.EOF)
+    [saved] = folder.glob("chat-*.json")
+    assert json.loads(saved.read_text())["messages"][0]["content"] == "early bird"

@@ -7,8 +7,11 @@ stops a reply, Ctrl+N starts a new chat, F2 opens Settings, F3 Stats, Ctrl+Q qui
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +68,35 @@ CONTROL = {c: None for c in range(32) if chr(c) not in "\n\t"} | {127: None}
 def printable(text: str) -> str:
     """Text without control characters (a model can emit them; terminals misbehave on them)."""
     return text.translate(CONTROL)
+
+
+def typed_ahead(fd: int = 0) -> str:
+    """What was typed on the terminal `fd` and not read yet (while the model loaded), taken
+    before the app starts so that it lands in the prompt instead of being lost."""
+    try:
+        import termios
+    except ImportError:  # not a POSIX terminal
+        return ""
+    try:
+        before = termios.tcgetattr(fd)
+    except (termios.error, OSError):
+        return ""
+    raw = list(before)
+    raw[3] &= ~(termios.ICANON | termios.ECHO)  # a half-typed line becomes readable
+    data = b""
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, raw)
+        while select.select([fd], [], [], 0)[0]:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(termios.error, OSError):
+            termios.tcsetattr(fd, termios.TCSANOW, before)
+    return printable(data.decode("utf-8", "replace")).strip("\n")
 
 
 class PromptArea(TextArea):
@@ -158,7 +190,7 @@ class LocalmixApp(App):
     """Chat with a local model, with the expert machinery in view.
 
     `settings` (sampling options by name), `system` and `load` (a saved conversation to open)
-    are the command line's `chat` options; they show in Settings.
+    are the command line's `chat` options; they show in Settings. `typed` starts the prompt.
     """
 
     TITLE = "localmix"
@@ -193,11 +225,13 @@ class LocalmixApp(App):
         settings: dict | None = None,
         system: str | None = None,
         load: str | None = None,
+        typed: str = "",
         blink: bool = True,
     ) -> None:
         super().__init__()
         self.engine = engine
         self.blink = blink
+        self.typed = typed  # text typed before the app started: it goes into the prompt
         self.session = ChatSession(engine, on_save_problem=self.save_problem)
         if load:
             self.session.open(load)
@@ -271,7 +305,10 @@ class LocalmixApp(App):
         self.refresh_sidebar()
         self.refresh_stats()
         self.show_settings()
-        self.query_one(PromptArea).focus()
+        prompt = self.query_one(PromptArea)
+        prompt.focus()
+        if self.typed:
+            prompt.insert(self.typed)
         if self.conv.messages:  # opened with --load
             await self.show_conversation()
 
