@@ -4,8 +4,8 @@
         [--llama-cpp-source DIR] [--dir /tmp/localmix-bench]
 
 One random bf16 checkpoint (hidden 1024, 8 layers, 8 experts, top-2, vocab 32000, ~0.8B
-parameters) is loaded by localmix as it is and quantized with localmix's default settings (and
-with the earlier default, 16-bit attention and head), and converted by llama.cpp's own tools to
+parameters) is loaded by localmix as it is and quantized to 4-bit experts with 16-bit and with
+8-bit attention and output head, and converted by llama.cpp's own tools to
 F16, Q8_0, Q4_0 and Q4_K_M (benchmarks/llamacpp.py says how llama.cpp is found). Every system
 is timed in turn, round after round: decode (`--tokens` greedy steps after a 128-token prompt)
 and prefill of 128 and 512 tokens from an empty cache. Prints the median of the rounds, the
@@ -31,6 +31,7 @@ from benchmarks import llamacpp  # noqa: E402
 from benchmarks.common import MINI, mini_checkpoint  # noqa: E402
 
 PROMPTS = (128, 512)
+TRUNKS = ("bf16", "int8")  # attention and head formats of the 4-bit variants
 
 
 def read_bandwidth(threads: int, size: int = 1 << 28, repeats: int = 5) -> float:
@@ -94,16 +95,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     source = mini_checkpoint(args.dir)
-    default = Settings()
-    systems: dict[str, object] = {
-        "localmix bf16": Localmix(source),
-        "localmix 4-bit, bf16 attn+head": Localmix(
-            quantized_mini(args.dir, "mini-q4-bf16trunk", Settings(attn="bf16", head="bf16"))
-        ),
-        f"localmix 4-bit default ({default.attn} attn, {default.head} head)": Localmix(
-            quantized_mini(args.dir, f"mini-q4-{default.attn}-{default.head}", default)
-        ),
-    }
+    systems: dict[str, object] = {"localmix bf16": Localmix(source)}
+    for trunk in TRUNKS:
+        settings = Settings(attn=trunk, head=trunk)
+        default = " (default)" if settings == Settings() else ""
+        name = f"localmix 4-bit, {trunk} attn+head{default}"
+        systems[name] = Localmix(quantized_mini(args.dir, f"mini-q4-{trunk}-{trunk}", settings))
     why_not = llamacpp.unavailable_reason(args.llama_cpp_source)
     if why_not:
         print(f"llama.cpp: not measured ({why_not}); localmix alone")
@@ -141,7 +138,7 @@ def main() -> None:
         print(f"{name:<44}{cells}{mb:>10.1f}{bandwidth / systems[name].bytes:>10.1f}")
     print("(tokens/s; roofline: the decode speed the measured bandwidth allows for those bytes)")
     pairs = [("localmix bf16", "llama.cpp F16")]
-    pairs += [(list(systems)[2], f"llama.cpp {k}") for k in ("Q4_K_M", "Q4_0", "Q8_0")]
+    pairs += [(ours, "llama.cpp Q4_K_M") for ours in list(systems)[1 : 1 + len(TRUNKS)]]
     for ours, theirs in pairs:
         if theirs in medians:
             ratios = [a / b for a, b in zip(medians[ours], medians[theirs], strict=True)]
