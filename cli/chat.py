@@ -104,7 +104,7 @@ class Repl:
             self.cut_said = False
             self.show()
         elif name == "rename":
-            path = session.save_as(arg)
+            path = session.rename(arg)
             self.out.print(f"renamed to {arg} ({path})", markup=False)
         elif name == "delete":
             if arg == session.conversation.name:

@@ -174,6 +174,14 @@ class ChatSession:
             remove_file(conversation_path(previous))
         return path
 
+    def rename(self, name: str, *, force: bool = False) -> Path:
+        """Move this conversation to `name`: saved there, and its file under the old name gone."""
+        previous = self.conversation.name
+        path = self.save_as(name, force=force)
+        if previous != name:
+            remove_file(conversation_path(previous))
+        return path
+
     # -- replies -----------------------------------------------------------------------------
 
     def send(self, text: str, *, progress: Progress | None = None) -> Iterator[Event]:

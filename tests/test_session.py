@@ -94,6 +94,14 @@ def test_save_as_keeps_an_opened_conversation(engine):
     assert {c.name for c in list_conversations()[0]} == {"orig", "copy"}
 
 
+def test_renaming_an_opened_conversation_moves_it(engine):
+    Conversation(name="orig", model="demo", messages=[{"role": "user", "content": "a"}]).save()
+    session = ChatSession(engine)
+    session.open("orig")
+    session.rename("moved")
+    assert [c.name for c in list_conversations()[0]] == ["moved"]
+
+
 def test_rename_delete_latest(engine):
     Conversation(name="a", model="demo").save()
     Conversation(name="b", model="demo").save()
