@@ -53,8 +53,8 @@ def context_note(summary: Summary) -> str | None:
     if summary.prompt_tokens <= summary.context_size:
         return None
     return (
-        f"the conversation is {summary.prompt_tokens} tokens and the context holds "
-        f"{summary.context_size}: the reply saw only the last part of it "
+        f"the prompt (the conversation so far) is {summary.prompt_tokens} tokens and the "
+        f"context holds {summary.context_size}: the reply saw only the last part of it "
         "(a larger --context, or a new chat, keeps more in view)"
     )
 
