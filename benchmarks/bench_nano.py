@@ -97,7 +97,7 @@ def trunk_table(root: Path, llama_source: Path | None, tokens: int) -> None:
     for attn, head in TRUNKS:
         dst = root / f"nano-trunk-{attn}-{head}"
         shutil.rmtree(dst, ignore_errors=True)
-        convert(nano_path(), dst, Settings(attn=attn, head=head))
+        convert(nano_path(), dst, Settings(attn=attn, lm_head=head))
         engine = localmix.load(dst, device="cpu")
         mb = localmix_bytes_per_token(engine) / 1e6
         mark = "  (default)" if (attn, head) == (DEFAULT_ATTN, DEFAULT_HEAD) else ""
@@ -129,7 +129,7 @@ def quant_table(root: Path) -> None:
         for method in methods:
             dst = root / f"nano-q4-g{g}-{method}"
             shutil.rmtree(dst, ignore_errors=True)
-            convert(nano_path(), dst, Settings(g, method, attn="bf16", head="bf16"))
+            convert(nano_path(), dst, Settings(g, method, attn="bf16", lm_head="bf16"))
             engine = localmix.load(dst, device="cpu")
             losses[method] = token_losses(engine, ids)
             kl = kl_divergence(engine, ref, ids)

@@ -191,7 +191,7 @@ def speed_on_mini(root: Path, rounds: int = 4) -> None:
     q4, q4_int8 = root / "mini-q4", root / "mini-q4-int8"
     for path, settings in [
         (q4, Settings(method="rtn")),
-        (q4_int8, Settings(method="rtn", attn="int8", head="int8")),
+        (q4_int8, Settings(method="rtn", attn="int8", lm_head="int8")),
     ]:
         if not (path / "localmix.json").exists():
             shutil.rmtree(path, ignore_errors=True)

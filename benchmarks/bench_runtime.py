@@ -97,7 +97,7 @@ def main() -> None:
     source = mini_checkpoint(args.dir)
     systems: dict[str, object] = {"localmix bf16": Localmix(source)}
     for trunk in TRUNKS:
-        settings = Settings(attn=trunk, head=trunk)
+        settings = Settings(attn=trunk, lm_head=trunk)
         default = " (default)" if settings == Settings() else ""
         name = f"localmix 4-bit, {trunk} attn+head{default}"
         systems[name] = Localmix(quantized_mini(args.dir, f"mini-q4-{trunk}-{trunk}", settings))

@@ -7,9 +7,9 @@ import sys
 
 EXIT_INTERRUPTED = 130
 # Invocations that never load a model: they start without PyTorch. `run` and `chat` are among
-# them since they may answer through a running server; they import the runtime themselves
-# (`import_runtime`) when they load a model in-process.
-LIGHT_COMMANDS = ("run", "chat")
+# them since they may answer through a running server (they import the runtime themselves
+# with `import_runtime` when they load a model in-process), and so are `list` and `conversations`.
+LIGHT_COMMANDS = ("run", "chat", "list", "conversations")
 HELP_FLAGS = ("-h", "--help", "-V", "--version")
 
 

@@ -14,12 +14,12 @@ import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the random builder imports them when it runs: finding nano needs neither
+    import torch
 
-from .config import ModelConfig
-from .model import Transformer
-from .safetensors_io import write_file
+    from .config import ModelConfig
 
 DEMO_CONFIG = {
     "architectures": ["MixtralForCausalLM"],
@@ -71,6 +71,10 @@ def demo_tokenizer_path() -> Path:
 
 def random_state_dict(cfg: ModelConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Seeded weights in checkpoint naming: N(0, 0.02) matrices, unit norms."""
+    import torch
+
+    from .model import Transformer
+
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
@@ -90,6 +94,8 @@ def random_state_dict(cfg: ModelConfig, seed: int, dtype: torch.dtype) -> dict[s
 
 def write_shards(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
     """Tensors as `model.safetensors`, or as numbered shards with an index past the size given."""
+    from .safetensors_io import write_file
+
     total = sum(t.nbytes for t in tensors.values())
     if total <= max_shard_bytes:
         write_file(folder / "model.safetensors", tensors, {"format": "pt"})
@@ -116,11 +122,17 @@ def write_checkpoint(
     config: dict,
     tokenizer: Path,
     seed: int,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     max_shard_bytes: int = 1 << 62,
 ) -> Path:
-    """Write a seeded random model in the Hugging Face layout into `dst` (atomically)."""
+    """Write a seeded random model in the Hugging Face layout into `dst` (atomically), in
+    `dtype` (default bf16)."""
+    import torch
+
+    from .config import ModelConfig
+
     cfg = ModelConfig.from_dict(config, source="demo config")
+    dtype = dtype or torch.bfloat16
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dst.parent))
     try:

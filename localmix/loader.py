@@ -10,10 +10,11 @@ import torch
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import Rotary, Transformer
-from .quant.convert import MANIFEST, PROGRESS, Settings, check_manifest, plan_bits
-from .quant.files import read_index, read_json
+from .quant import manifest as quant_manifest
+from .quant.files import read_index
 from .quant.formats import QuantError
 from .quant.linear import swap_linears
+from .quant.manifest import Settings, plan_bits
 from .safetensors_io import SafetensorsFile
 
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -162,30 +163,17 @@ def open_checkpoint(
 
 
 def read_manifest(model_dir: Path) -> dict | None:
-    """The gate for a quantized checkpoint's manifest: its values checked (see
-    `check_manifest`), or None for a plain Hugging Face checkpoint."""
-    path = model_dir / MANIFEST
-    if not path.exists():
-        if (model_dir / PROGRESS).exists():
-            raise CheckpointError(
-                f"{model_dir}: an unfinished quantization; run the same `localmix quantize` "
-                "command again to complete it"
-            )
-        return None
+    """The gate for a quantized checkpoint's manifest (`quant.manifest.read_manifest`): its
+    values checked, or None for a plain Hugging Face checkpoint; a CheckpointError otherwise."""
     try:
-        return check_manifest(read_json(path), path)
+        return quant_manifest.read_manifest(model_dir)
     except QuantError as e:
         raise CheckpointError(str(e)) from e
 
 
 def quantize_modules(model: Transformer, quantization: dict) -> None:
     """Swap in QuantLinear wherever the manifest's settings put quantized weights."""
-    settings = Settings(
-        group_size=quantization["group_size"],
-        method=quantization["method"],
-        attn=quantization.get("attn", "bf16"),
-        head=quantization.get("lm_head", "bf16"),
-    )
+    settings = Settings.of(quantization)
     swap_linears(model, lambda name: plan_bits(hf_name(name), settings), quantization["group_size"])
 
 

@@ -6,9 +6,10 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import LocalmixError, ModelNotFoundError
+from .errors import ModelNotFoundError
 from .quant.errors import QuantError
 from .quant.files import is_plain_name, read_json
+from .quant.manifest import MANIFEST, read_manifest
 
 BUILTIN = ("demo", "nano")  # demo is nano, the model shipped in the package
 
@@ -89,15 +90,13 @@ def dir_size(path: Path) -> int:
 
 def model_format(path: Path) -> str:
     """A short description of how a model directory stores its weights."""
-    from .loader import read_manifest
-
-    if (path / "localmix.json").exists():
+    if (path / MANIFEST).exists():
         try:
             manifest = read_manifest(path)
-        except LocalmixError:
-            return "unreadable (localmix.json)"
+        except QuantError:
+            manifest = None
         if manifest is None:
-            return "unreadable (localmix.json)"
+            return f"unreadable ({MANIFEST})"
         q = manifest["quantization"]
         return f"q{q['bits']} g{q['group_size']} ({q['method']})"
     try:

@@ -49,10 +49,10 @@ def quant_settings(
 ):
     """The converter's settings (its defaults where None), checked before anything is
     downloaded, read or written."""
-    from .quant.convert import Settings, check_settings
-    from .quant.formats import QuantError
+    from .quant.errors import QuantError
+    from .quant.manifest import Settings, check_settings
 
-    given = {"group_size": group_size, "method": method, "attn": attn, "head": lm_head}
+    given = {"group_size": group_size, "method": method, "attn": attn, "lm_head": lm_head}
     try:
         return check_settings(Settings(**{k: v for k, v in given.items() if v is not None}))
     except QuantError as e:
@@ -107,8 +107,10 @@ def pull_model(
 
 def link_snapshot(snapshot: Path, dst: Path) -> None:
     """A store entry for unquantized weights: links to the files in the Hugging Face cache."""
+    from .quant.manifest import MANIFEST
+
     if dst.exists():
-        if any(p.name == "localmix.json" for p in dst.iterdir()):
+        if (dst / MANIFEST).exists():
             raise LocalmixError(f"{dst} holds a quantized copy; `localmix rm` it first")
         shutil.rmtree(dst)
     dst.mkdir(parents=True)

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -41,74 +38,34 @@ from .files import (
     write_atomic,
     write_json,
 )
-from .formats import DEFAULT_METHOD, GROUP_SIZES, METHODS, QuantError, quantize_tensor
+from .formats import QuantError, quantize_tensor
+from .manifest import (
+    EXPERT_RE,
+    FORMAT_VERSION,
+    MANIFEST,
+    PROGRESS,
+    RESUME_KEY,
+    SHAPES_KEY,
+    ConvertError,
+    Settings,
+    check_manifest,
+    check_settings,
+    is_int,
+    is_number,
+    is_sha256,
+    plan_bits,
+    str_map,
+)
 from .safetensors_write import write_file
 
-# 2: quantized tensors padded so that any shape can be stored (quant.formats); a version-1
-# model is a version-2 model whose shapes needed no padding, and is read as it is.
-FORMAT_VERSION = 2
-MANIFEST = "localmix.json"
-PROGRESS = ".localmix-progress.json"  # while a conversion is unfinished
-RESUME_KEY = "resume"  # the finished conversion's progress record, in its manifest
-LAYOUT = "localmix-tiled32-padded"  # see quant.formats; the same bytes on every machine
-SHAPES_KEY = "localmix.shapes"  # shard metadata: logical (out, in) of each quantized tensor
 COPIED_FILES = (
     "config.json",
     "generation_config.json",
     "tokenizer.model",
     "tokenizer_config.json",
 )
-EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts\.\d+)\.(w[123])\.weight$")
-ATTN_RE = re.compile(r"^model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
-HEAD_RE = re.compile(r"^lm_head\.weight$")
-# Attention projections and output head: kept 16-bit, 8-bit per channel or 4-bit grouped.
-TRUNK_FORMATS = {"bf16": 0, "int8": 8, "int4": 4}
-# The defaults. int8 for both costs nano 3% more KL divergence than bf16 for 34% fewer bytes
-# per token (benchmarks/bench_nano.py, README) and is to become the default once the export
-# writes an 8-bit trunk, which it refuses today (#21).
-DEFAULT_ATTN = "bf16"
-DEFAULT_HEAD = "bf16"
+
 OUTPUT_RATIO = 0.35  # quantized output / bf16 source, with margin (4.5 of 16 bits for experts)
-
-
-class ConvertError(QuantError):
-    """A conversion that cannot go ahead: bad source, foreign destination, no disk space."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What the converter does to each kind of tensor; written into the manifest."""
-
-    group_size: int = 64
-    method: str = DEFAULT_METHOD
-    attn: str = DEFAULT_ATTN  # one of TRUNK_FORMATS: attention projections
-    head: str = DEFAULT_HEAD  # one of TRUNK_FORMATS: the output head
-
-    def to_dict(self) -> dict:
-        return {
-            "bits": 4,
-            "group_size": self.group_size,
-            "method": self.method,
-            "layout": LAYOUT,
-            "scale_dtype": "bfloat16",
-            "attn": self.attn,
-            "lm_head": self.head,
-            "experts": "int4",
-            "router": "16-bit",
-            "embeddings": "16-bit",
-            "norms": "16-bit",
-        }
-
-
-def plan_bits(name: str, settings: Settings) -> int:
-    """4 for expert weights, the bits asked for attention and head, 0 (kept 16-bit) otherwise."""
-    if EXPERT_RE.match(name):
-        return 4
-    if ATTN_RE.match(name):
-        return TRUNK_FORMATS[settings.attn]
-    if HEAD_RE.match(name):
-        return TRUNK_FORMATS[settings.head]
-    return 0
 
 
 def sha256(path: Path, chunk: int = 1 << 24) -> str:
@@ -188,59 +145,14 @@ class SourceDigests:
         return all(self.digest(s)["sha256"] == h for s, h in reads.items())
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    """A finite number that converts to a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
-def _is_sha256(value: object) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
-
-
-def _file_record(value: object) -> bool:
-    return (
-        isinstance(value, dict) and _is_int(value.get("size")) and _is_sha256(value.get("sha256"))
-    )
-
-
-def _str_map(value: object, check: Callable[[object], bool]) -> bool:
-    return isinstance(value, dict) and all(
-        isinstance(k, str) and check(v) for k, v in value.items()
-    )
-
-
-def check_settings(settings: Settings) -> Settings:
-    """Settings the converter and the loader can use, or a ConvertError saying which is off."""
-    if not _is_int(settings.group_size) or settings.group_size not in GROUP_SIZES:
-        raise ConvertError(
-            f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, "
-            f"not {settings.group_size!r}"
-        )
-    if settings.method not in METHODS:
-        raise ConvertError(f"unknown method {settings.method!r}; use one of {', '.join(METHODS)}")
-    for what, value in (("attention", settings.attn), ("output head", settings.head)):
-        if value not in TRUNK_FORMATS:
-            raise ConvertError(f"{what} weights are {', '.join(TRUNK_FORMATS)}, not {value!r}")
-    return settings
-
-
 def _valid_shard_record(entry: object) -> bool:
     return (
         isinstance(entry, dict)
-        and _is_sha256(entry.get("sha256"))
-        and _is_int(entry.get("size"))
-        and _str_map(entry.get("reads"), _is_sha256)
+        and is_sha256(entry.get("sha256"))
+        and is_int(entry.get("size"))
+        and str_map(entry.get("reads"), is_sha256)
         and all(is_plain_name(s) for s in entry["reads"])
-        and _str_map(entry.get("errors"), _is_number)
+        and str_map(entry.get("errors"), is_number)
         and isinstance(entry.get("tensors"), list)
         and all(isinstance(t, str) for t in entry["tensors"])
     )
@@ -249,10 +161,10 @@ def _valid_shard_record(entry: object) -> bool:
 def _valid_source_record(entry: object) -> bool:
     identity = entry.get("identity") if isinstance(entry, dict) else None
     return (
-        _is_sha256(entry.get("sha256") if isinstance(entry, dict) else None)
+        is_sha256(entry.get("sha256") if isinstance(entry, dict) else None)
         and isinstance(identity, list)
         and len(identity) == 5
-        and all(_is_int(i) for i in identity)
+        and all(is_int(i) for i in identity)
     )
 
 
@@ -270,73 +182,6 @@ def check_progress(record: dict, out_names: list[str], shards: list[str]) -> dic
             if n in out_names and _valid_shard_record(e) and set(e["reads"]) <= set(shards)
         },
         "complete": record.get("complete") is True,
-    }
-
-
-def check_manifest(raw: object, path: Path) -> dict:
-    """The gate for a `localmix.json`: its values checked and typed, or a ConvertError that
-    names the file and what is wrong."""
-    if not isinstance(raw, dict) or raw.get("format") != "localmix":
-        raise ConvertError(f"{path}: not a localmix manifest")
-
-    def bad(field: str) -> ConvertError:
-        return ConvertError(f"{path}: corrupt manifest (field '{field}'); quantize the model again")
-
-    version = raw.get("format_version")
-    if not _is_int(version) or version < 1:
-        raise bad("format_version")
-    if version > FORMAT_VERSION:
-        raise ConvertError(
-            f"{path}: format version {version} is newer than this localmix reads "
-            f"({FORMAT_VERSION}); upgrade localmix"
-        )
-    q = raw.get("quantization")
-    if not isinstance(q, dict) or q.get("bits") != 4 or not isinstance(q.get("layout"), str):
-        raise bad("quantization")
-    try:
-        settings = check_settings(
-            Settings(
-                q.get("group_size"),
-                q.get("method"),
-                q.get("attn", "bf16"),
-                q.get("lm_head", "bf16"),
-            )
-        )
-    except ConvertError as e:
-        raise ConvertError(f"{path}: corrupt manifest ({e})") from e
-    summary = raw.get("error_summary")
-    if not (
-        isinstance(summary, dict)
-        and _is_number(summary.get("expert_mean_relative_error"))
-        and _is_number(summary.get("expert_worst_relative_error"))
-        and _is_int(summary.get("tensors"))
-    ):
-        raise bad("error_summary")
-    source = raw.get("source", {"path": "", "files": {}})
-    if not (
-        isinstance(source, dict)
-        and isinstance(source.get("path"), str)
-        and _str_map(source.get("files"), _file_record)
-    ):
-        raise bad("source")
-    checks = {
-        "fingerprint": lambda v: isinstance(v, dict),
-        "shards": lambda v: _str_map(v, _file_record) and all(is_plain_name(n) for n in v),
-        "errors": lambda v: _str_map(v, _is_number),
-        "created": lambda v: isinstance(v, str),
-    }
-    defaults = {"fingerprint": {}, "shards": {}, "errors": {}, "created": ""}
-    out = {"format": "localmix", "format_version": version}
-    for field, check in checks.items():
-        value = raw.get(field, defaults[field])
-        if not check(value):
-            raise bad(field)
-        out[field] = value
-    return {
-        **out,
-        "quantization": {**settings.to_dict(), "layout": q["layout"]},
-        "source": source,
-        "error_summary": summary,
     }
 
 
@@ -385,16 +230,17 @@ def check_free_space(dst: Path, needed: int) -> None:
 def convert(
     src: str | Path,
     dst: str | Path,
-    settings: Settings = Settings(),
+    settings: Settings | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> dict:
-    """Quantize the checkpoint in `src` into `dst`; returns the manifest.
+    """Quantize the checkpoint in `src` into `dst` with `settings` (default: `Settings()`);
+    returns the manifest.
 
     `progress(done_bytes, total_bytes, what)` is called as source bytes are processed. Only
     `dst` is written; a second conversion into it waits for the first to finish.
     """
     src, dst = Path(src), Path(dst)
-    check_settings(settings)
+    settings = check_settings(settings or Settings())
     if src.resolve() == dst.resolve():
         raise ConvertError("the destination must differ from the source")
     if not (src / "config.json").exists():

@@ -51,9 +51,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .convert import INDEX, MANIFEST, PROGRESS, SHAPES_KEY, check_free_space, check_manifest
-from .files import read_index, read_json
+from .convert import check_free_space
+from .files import INDEX, read_index, read_json
 from .formats import FIT_CHUNK, PARAM_DTYPE, QuantError, QuantizedTensor, unpack_int4
+from .manifest import MANIFEST, PROGRESS, SHAPES_KEY, check_manifest
 from .safetensors_write import write_file
 
 FORMATS = ("compressed-tensors",)

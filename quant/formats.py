@@ -48,10 +48,8 @@ import torch
 
 from .errors import QuantError
 from .kernels import cpu_kernels
+from .manifest import DEFAULT_METHOD, GROUP_SIZES, METHODS
 
-METHODS = ("wmse", "mse", "rtn")
-DEFAULT_METHOD = "wmse"
-GROUP_SIZES = (32, 64, 128)
 TILE_ROWS = 32  # stored rows come in tiles of 32 (see the module docstring)
 INT8_COLUMNS = 32  # 8-bit rows are padded to a multiple of 32 columns
 PARAM_DTYPE = torch.bfloat16  # scales and zeros

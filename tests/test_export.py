@@ -229,10 +229,10 @@ def test_refusals(tiny, quantized, tmp_path):
     refused(cli(unfinished, tmp_path / "c"), "unfinished quantization")
     for settings, words in (
         (Settings(attn="int8", method="rtn"), "attention is int8"),
-        (Settings(head="int8", method="rtn"), "output head is int8"),
+        (Settings(lm_head="int8", method="rtn"), "output head is int8"),
         (Settings(group_size=128, method="rtn"), "whole groups"),  # hidden size 64
     ):
-        src = tmp_path / f"q-{settings.attn}-{settings.head}-{settings.group_size}"
+        src = tmp_path / f"q-{settings.attn}-{settings.lm_head}-{settings.group_size}"
         convert(tiny / "src", src, settings)
         refused(cli(src, tmp_path / "d"), words)
         assert not (tmp_path / "d").exists()

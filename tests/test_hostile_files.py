@@ -32,6 +32,7 @@ from localmix.errors import (
     ModelNotFoundError,
     TokenizerError,
 )
+from localmix.loader import read_manifest
 from localmix.safetensors_io import read_header
 
 runner = CliRunner()
@@ -247,7 +248,7 @@ def test_changed_weights_of_the_same_sizes_are_quantized_again(model, tmp_path):
     weights = [k for k in clean if k.endswith(".safetensors")]
     assert all(new[k] == clean[k] for k in weights)
     assert any(new[k] != old[k] for k in weights)
-    recorded = localmix.loader.read_manifest(tmp_path / "q")["source"]["files"]
+    recorded = read_manifest(tmp_path / "q")["source"]["files"]
     assert recorded == json.loads(clean["localmix.json"])["source"]["files"]
 
 
@@ -563,14 +564,14 @@ def test_hostile_manifest(quantized, tmp_path, kind):
     manifest = json.loads((q / "localmix.json").read_text())
     (q / "localmix.json").write_text(json.dumps(MANIFESTS[kind](manifest)))
     with pytest.raises(CheckpointError, match="localmix.json"):
-        localmix.loader.read_manifest(q)
+        read_manifest(q)
     one_line_error(invoke("show", str(q)), "localmix.json")
     one_line_error(invoke("run", str(q), "hi", "--max-tokens", "1"), "localmix.json")
     assert store.model_format(q) == "unreadable (localmix.json)"
 
 
 def test_manifest_gate_returns_checked_values(quantized):
-    manifest = localmix.loader.read_manifest(quantized)
+    manifest = read_manifest(quantized)
     assert manifest["quantization"]["group_size"] == 32 and manifest["format_version"] >= 1
     assert manifest["error_summary"]["tensors"] > 0
 

@@ -33,6 +33,19 @@ def test_help_and_version_do_not_import_torch(args):
     assert "torch" not in modules and not modules & RUNTIME
 
 
+@pytest.mark.parametrize("command", ["list", "conversations"])
+def test_listing_models_and_conversations_does_not_import_torch(command, tmp_path, monkeypatch):
+    """`list` reads each model's manifest through quant.manifest, which needs no PyTorch."""
+    monkeypatch.setenv("LOCALMIX_HOME", str(tmp_path))
+    modules = imported("-m", "localmix.cli", command)
+    assert "torch" not in modules and not modules & RUNTIME
+    assert "localmix.quant.manifest" in modules or command != "list"
+
+
+def test_the_manifest_module_does_not_import_torch():
+    assert "torch" not in imported("-c", "import localmix.quant.manifest")
+
+
 def test_the_client_side_of_run_and_chat_does_not_import_torch():
     modules = imported("-c", "import localmix.cli.client, localmix.cli.chat, localmix.store")
     assert "torch" not in modules and not modules & RUNTIME

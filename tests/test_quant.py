@@ -392,7 +392,7 @@ def test_a_model_of_any_shape_converts_and_runs(tmp_path, monkeypatch):
     src = tmp_path / "odd"
     config = tiny_mixtral_config(hidden_size=72, intermediate_size=100, num_attention_heads=4)
     save_reference(src, config, dtype=torch.bfloat16)
-    manifest = convert(src, tmp_path / "q", Settings(attn="int8", head="int8"))
+    manifest = convert(src, tmp_path / "q", Settings(attn="int8", lm_head="int8"))
     assert manifest["format_version"] == 2
     from localmix.safetensors_io import read_header
 
@@ -431,12 +431,12 @@ def test_version_1_models_load_as_they_are(source, tmp_path):
 
 def test_trunk_format_options(source, tmp_path):
     """Attention and head as asked: 16-bit kept as nn.Linear, 4-bit grouped, 8-bit."""
-    convert(source, tmp_path / "q", Settings(attn="bf16", head="int4", method="rtn"))
+    convert(source, tmp_path / "q", Settings(attn="bf16", lm_head="int4", method="rtn"))
     q = localmix.load(tmp_path / "q", device="cpu")
     assert not isinstance(q.model.layers[0].self_attn.q_proj, QuantLinear)
     assert isinstance(q.model.lm_head, QuantLinear) and q.model.lm_head.bits == 4
     assert q.complete("x", max_tokens=3, temperature=0).generated_tokens == 3
-    convert(source, tmp_path / "q4", Settings(attn="int4", head="int8", method="rtn"))
+    convert(source, tmp_path / "q4", Settings(attn="int4", lm_head="int8", method="rtn"))
     q = localmix.load(tmp_path / "q4", device="cpu")
     assert q.model.layers[0].self_attn.o_proj.bits == 4 and q.model.lm_head.bits == 8
     assert q.complete("x", max_tokens=3, temperature=0).generated_tokens == 3
