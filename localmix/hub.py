@@ -12,14 +12,14 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DiskSpaceError, HubError
-from .quant.files import exclusive, is_plain_name
+from .quant.files import exclusive, free_space, is_plain_name
 from .quant.formats import QuantError
+from .quant.manifest import QUANTIZED_SIZE_RATIO
 
 WANTED = (
     "config.json",
@@ -31,7 +31,6 @@ WANTED = (
 )
 REFUSED = ("*.bin", "*.pt", "*.pth", "*.gguf", "*.ckpt", "*.pkl")
 CHUNK = 1 << 16
-QUANTIZED_RATIO = 0.35  # quantized output / 16-bit weights, with margin
 
 Progress = Callable[[str, int, int], None]  # (file, bytes done, file size)
 REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
@@ -156,16 +155,13 @@ def check_space(
     weights = sum(f.size for f in files if f.name.endswith(".safetensors"))
     needs = {cache_dir(): missing}
     if quantize:
-        needs[store] = needs.get(store, 0) + int(weights * QUANTIZED_RATIO)
-    by_disk: dict[int, tuple[Path, int]] = {}
+        needs[store] = needs.get(store, 0) + int(weights * QUANTIZED_SIZE_RATIO)
+    by_disk: dict[int, tuple[Path, int, int]] = {}
     for path, n in needs.items():
-        probe = path
-        while not probe.exists():
-            probe = probe.parent
+        probe, free = free_space(path)
         dev = probe.stat().st_dev
-        by_disk[dev] = (probe, by_disk.get(dev, (probe, 0))[1] + n)
-    for probe, n in by_disk.values():
-        free = shutil.disk_usage(probe).free
+        by_disk[dev] = (probe, free, by_disk.get(dev, (probe, free, 0))[2] + n)
+    for probe, free, n in by_disk.values():
         if free < n:
             raise DiskSpaceError(
                 f"not enough disk space on {probe}: this pull needs {n / 1e9:.1f} GB, "

@@ -32,6 +32,7 @@ from .files import (
     INDEX,
     LOCK,
     exclusive,
+    free_space,
     is_plain_name,
     read_index,
     read_json,
@@ -44,6 +45,7 @@ from .manifest import (
     FORMAT_VERSION,
     MANIFEST,
     PROGRESS,
+    QUANTIZED_SIZE_RATIO,
     RESUME_KEY,
     SHAPES_KEY,
     ConvertError,
@@ -64,8 +66,6 @@ COPIED_FILES = (
     "tokenizer.model",
     "tokenizer_config.json",
 )
-
-OUTPUT_RATIO = 0.35  # quantized output / bf16 source, with margin (4.5 of 16 bits for experts)
 
 
 def sha256(path: Path, chunk: int = 1 << 24) -> str:
@@ -216,10 +216,7 @@ def check_destination(dst: Path, fp: dict) -> dict:
 
 
 def check_free_space(dst: Path, needed: int) -> None:
-    probe = dst
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    probe, free = free_space(dst)
     if free < needed:
         raise ConvertError(
             f"not enough disk space in {probe}: the quantized model needs about "
@@ -254,7 +251,7 @@ def convert(
     fp = fingerprint(src, shards, settings)
     total = sum((src / s).stat().st_size for s in shards)
     if not check_destination(dst, fp).get("complete"):  # refuse before writing anything
-        check_free_space(dst, int(total * OUTPUT_RATIO))
+        check_free_space(dst, int(total * QUANTIZED_SIZE_RATIO))
 
     def waiting() -> None:
         if progress:

@@ -10,6 +10,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -134,3 +135,12 @@ def _same_file(fd: int, path: Path) -> bool:
     except FileNotFoundError:
         return False
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def free_space(path: Path) -> tuple[Path, int]:
+    """Where `path` will be written (the nearest folder at or above it that exists) and the
+    bytes free on that disk."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return probe, shutil.disk_usage(probe).free

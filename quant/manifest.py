@@ -40,6 +40,9 @@ TRUNK_FORMATS = {"bf16": 0, "int8": 8, "int4": 4}
 # writes an 8-bit trunk, which it refuses today (#21).
 DEFAULT_ATTN = "bf16"
 DEFAULT_HEAD = "bf16"
+# A quantized model's size over its 16-bit source's, with margin (4.5 of 16 bits for experts):
+# what a pull or a conversion checks the disk for before it writes anything.
+QUANTIZED_SIZE_RATIO = 0.35
 METHODS = ("wmse", "mse", "rtn")  # how a group's scale and zero point are chosen
 DEFAULT_METHOD = "wmse"
 GROUP_SIZES = (32, 64, 128)
