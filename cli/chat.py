@@ -83,8 +83,8 @@ class Repl:
             if key not in SETTINGS or not value.strip():
                 self.err.print(f"usage: /set NAME VALUE, NAME one of {', '.join(SETTINGS)}")
                 return True
-            value = session.set(key, value.strip())
-            self.out.print(f"{key} = {format_setting(value)}", markup=False)
+            stored = session.set(key, value.strip())
+            self.out.print(f"{key} = {format_setting(stored)}", markup=False)
             session.save()
         elif name == "clear":
             session.new_chat()

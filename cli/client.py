@@ -12,7 +12,7 @@ import http.client
 import json
 import os
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,17 +101,21 @@ class RemoteEngine:
     def reset(self) -> None:
         """Nothing to forget here: the server reuses what its cache shares with each prompt."""
 
-    def generate(self, prompt: str, *, progress: object = None, **sampling: Any) -> Iterator[Event]:
+    def generate(
+        self, prompt: str, *, progress: object = None, **sampling: Any
+    ) -> Generator[Event, None, None]:
         """Continue `prompt` (the server's /v1/completions)."""
         return self._stream("/v1/completions", {"prompt": prompt}, sampling)
 
     def chat(
         self, messages: Sequence[dict[str, str]], *, progress: object = None, **sampling: Any
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         """Reply to a conversation (the server's /v1/chat/completions)."""
         return self._stream("/v1/chat/completions", {"messages": list(messages)}, sampling)
 
-    def _stream(self, path: str, body: dict[str, Any], sampling: dict[str, Any]) -> Iterator[Event]:
+    def _stream(
+        self, path: str, body: dict[str, Any], sampling: dict[str, Any]
+    ) -> Generator[Event, None, None]:
         payload = {"model": self.model, **body, **self.sampling, **sampling, "stream": True}
         payload["return_token_ids"] = True
         conn = _connection(self.server, None)
@@ -138,7 +142,7 @@ class RemoteEngine:
             return f"the server at {self.server.url} answered HTTP {response.status}"
 
 
-def _events(response: http.client.HTTPResponse) -> Iterator[Event]:
+def _events(response: http.client.HTTPResponse) -> Generator[Event, None, None]:
     """Events from the server's stream: a TokenEvent per token, then the Summary. A malformed
     chunk raises ValueError, KeyError or TypeError (the caller's gate turns them into one)."""
     pieces: list[str] = []

@@ -291,11 +291,13 @@ def run(
         if system is not None:
             session.system = system
         events = session.send(text, progress=progress)
-    summary = None
+    from localmix.events import Summary, TokenEvent
+
+    summary: Summary | None = None
     out = sys.stdout
     try:
         for event in events:
-            if hasattr(event, "token_id"):
+            if isinstance(event, TokenEvent):
                 if not as_json and event.text:
                     out.write(event.text)
                     out.flush()
@@ -307,6 +309,8 @@ def run(
             out.write("\n")
         err.print("[dim]interrupted[/dim]")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    if summary is None:  # every stream ends in its Summary
+        raise RuntimeError("the reply ended without its summary")
     if as_json:
         json.dump(summary.to_dict(), out, ensure_ascii=False)
         out.write("\n")
@@ -524,7 +528,7 @@ def chat(
     from localmix.cli.chat import repl
 
     with contextlib.suppress(AttributeError, ValueError):
-        sys.stdin.reconfigure(errors="replace")  # a line typed in another encoding is kept
+        sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]  # kept, mis-encoded
     repl(engine, Console(highlight=False), err, settings, system, load)
 
 
@@ -625,15 +629,16 @@ def bench_cache(
     expert_bytes = quantized_bytes(MIXTRAL_EXPERT_PARAMS, group_size)
     result = replay(data, n_layers, slots, policy, predictor, expert_bytes)
     optimum = replay(data, n_layers, slots, "belady", None, expert_bytes)
-    result.update(
-        policy=policy,
-        predictor=predictor,
-        slots=slots,
-        belady_hit_rate=optimum["hit_rate"],
-        expert_bytes=expert_bytes,
-    )
+    report: dict[str, object] = {
+        **result,
+        "policy": policy,
+        "predictor": predictor,
+        "slots": slots,
+        "belady_hit_rate": optimum["hit_rate"],
+        "expert_bytes": expert_bytes,
+    }
     if as_json:
-        print(json.dumps(result))
+        print(json.dumps(report))
         return
     out = Console(highlight=False)
     out.print(
@@ -667,6 +672,7 @@ def pull(
         BarColumn,
         DownloadColumn,
         Progress,
+        TaskID,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
@@ -684,7 +690,7 @@ def pull(
         TimeRemainingColumn(),
     ]
     with Progress(*columns, console=err) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def download(name: str, done: int, size: int) -> None:
             if name not in tasks:  # a file's first report: where it starts
@@ -717,7 +723,7 @@ def tui(**options) -> None:
 
 # `tui` takes chat's options (all but --tui), so that the two cannot drift apart.
 _chat_options = inspect.signature(chat, eval_str=True)
-tui.__signature__ = _chat_options.replace(
+tui.__signature__ = _chat_options.replace(  # type: ignore[attr-defined]  # read by typer
     parameters=[p for p in _chat_options.parameters.values() if p.name != "use_tui"]
 )
 tui.__annotations__ = {k: v for k, v in chat.__annotations__.items() if k != "use_tui"}

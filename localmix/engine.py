@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,7 +115,7 @@ class Engine:
 
     def generate(
         self, prompt: str | Sequence[int], *, progress: Progress | None = None, **sampling: Any
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         """Stream TokenEvents, then a Summary. A text prompt gets BOS; token ids are used as is.
 
         `progress(done, total)` is called after each chunk of a prompt longer than one chunk.
@@ -135,7 +135,7 @@ class Engine:
         *,
         progress: Progress | None = None,
         **sampling: Any,
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         """Reply to a conversation ([{"role": ..., "content": ...}], ending with a user turn).
 
         However long the conversation, a turn that continues the last one prefills only its own
@@ -208,7 +208,7 @@ class Engine:
         progress: Progress | None,
         remember_reply: bool = False,
         continuation: bool = False,
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         """The events of one reply to `ids`. A `continuation` keeps its first token's leading
         space (the text goes on from the prompt's); a chat answer starts at its first word."""
         if not ids:

@@ -188,15 +188,15 @@ def download_file(
         meta = get_hf_file_metadata(url, token=token(), endpoint=endpoint())
     except Exception as e:
         raise explain(e, repo) from e
-    etag, size = meta.etag, meta.size
+    etag, sent = meta.etag, meta.size
     if not etag:
         raise HubError(f"the Hub sent no ETag for {name}; cannot cache it safely")
     if not isinstance(etag, str) or not ETAG.fullmatch(etag):
         raise HubError(
             f"the Hub sent {etag!r} as the ETag of {name}; not a hex digest, refusing it"
         )
-    if size != listed:
-        raise HubError(f"{name}: the Hub listed {listed} bytes but sends {size!r}; refusing it")
+    if sent != listed:
+        raise HubError(f"{name}: the Hub listed {listed} bytes but sends {sent!r}; refusing it")
     blob = folder / "blobs" / etag
     if link.exists() and blob.exists() and blob.stat().st_size == size:
         if progress:

@@ -12,7 +12,7 @@ moment (Ctrl+C, Esc, a closed connection) and the text written so far is kept as
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,7 +109,8 @@ class ChatSession:
                 raise OptionError(f"unknown setting '{name}'; use {', '.join(SETTINGS)}")
             value = parse_setting(name, value)
         self.options.updated(**{name: value})  # checked before it is kept
-        self.conversation.settings[name] = list(value) if name == "stop" else value
+        stored = list(value) if isinstance(value, (tuple, list)) else value  # stop strings
+        self.conversation.settings[name] = stored
         return value
 
     def update(self, settings: Mapping[str, object]) -> None:
@@ -184,7 +185,7 @@ class ChatSession:
 
     # -- replies -----------------------------------------------------------------------------
 
-    def send(self, text: str, *, progress: Progress | None = None) -> Iterator[Event]:
+    def send(self, text: str, *, progress: Progress | None = None) -> Generator[Event, None, None]:
         """Add a user turn and stream the reply's events (TokenEvents, then a Summary).
 
         The reply is added to the conversation however the stream ends: at its end, when its
@@ -220,6 +221,8 @@ class ChatSession:
     def reply(self, text: str) -> Summary:
         """Add a user turn and return the whole reply's Summary."""
         *_, summary = self.send(text)
+        if not isinstance(summary, Summary):
+            raise RuntimeError("a reply ended without its Summary")
         return summary
 
     def _autosave(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TypedDict
 
 from .errors import ModelNotFoundError
 from .quant.errors import QuantError
@@ -107,10 +108,20 @@ def model_format(path: Path) -> str:
     return dtype if isinstance(dtype, str) else "unknown"
 
 
-def list_models() -> list[dict[str, object]]:
+class StoredModel(TypedDict):
+    """A model of the store, as `list_models` describes it."""
+
+    name: str
+    path: Path
+    size: int  # bytes
+    format: str
+    modified: float  # seconds since the epoch
+
+
+def list_models() -> list[StoredModel]:
     """Models in the store: name, size in bytes, format, modified time."""
     folder = models_dir()
-    out = []
+    out: list[StoredModel] = []
     for path in sorted(folder.iterdir()) if folder.exists() else []:
         if not path.is_dir() or path.name.startswith(".") or not (path / "config.json").exists():
             continue

@@ -171,8 +171,10 @@ def _valid_source_record(entry: object) -> bool:
 def check_progress(record: dict, out_names: list[str], shards: list[str]) -> dict:
     """An earlier run's progress record for this conversion, keeping only well-formed entries
     of this conversion's shards: anything else is done again."""
-    done = record.get("shards") if isinstance(record.get("shards"), dict) else {}
-    sources = record.get("sources") if isinstance(record.get("sources"), dict) else {}
+    done = record.get("shards")
+    done = done if isinstance(done, dict) else {}
+    sources = record.get("sources")
+    sources = sources if isinstance(sources, dict) else {}
     return {
         "fingerprint": record["fingerprint"],
         "sources": {s: e for s, e in sources.items() if s in shards and _valid_source_record(e)},
@@ -353,6 +355,7 @@ def _convert_locked(src, dst, settings, weight_map, shards, fp, total, progress)
                 base = name.removesuffix(".weight")
                 tensors[f"{base}.qweight"] = q.qweight
                 tensors[f"{base}.scales_zeros"] = q.scales_zeros
+                assert q.error is not None  # quantize_tensor measures it
                 errors[name] = q.error
                 shapes[base] = list(q.shape)
             else:

@@ -152,7 +152,7 @@ def check_manifest(raw: object, path: Path) -> dict:
         return ConvertError(f"{path}: corrupt manifest (field '{field}'); quantize the model again")
 
     version = raw.get("format_version")
-    if not is_int(version) or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise bad("format_version")
     if version > FORMAT_VERSION:
         raise ConvertError(

@@ -457,7 +457,8 @@ class LocalmixApp(App):
                 self.record_routing()
                 if time.monotonic() - shown > REFRESH_S:
                     shown = time.monotonic()
-                    self.call_from_thread(self.show_reply, reply, "".join(pieces))
+                    so_far = "".join(pieces)
+                    self.call_from_thread(self.show_reply, reply, so_far)  # type: ignore[arg-type]
                 if self.stop_flag.is_set():
                     break
         except (LocalmixError, OSError) as e:  # the barrier, in this thread

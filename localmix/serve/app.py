@@ -67,15 +67,17 @@ class Models:
     def describe(self, name: str) -> dict[str, Any]:
         _, path = self.resolve(name)
         engine = self.residency.engine
-        loaded = engine is not None and self.residency.path == path
-        chat = engine.template.chat_format if loaded else chat_template(path)
+        if engine is not None and self.residency.path != path:
+            engine = None  # another model is loaded
+        loaded = engine is not None
+        chat = engine.template.chat_format if engine is not None else chat_template(path)
         info: dict[str, Any] = {"loaded": loaded, "chat_template": chat}
         if chat is False:
             info["note"] = (
                 "a base model: the chat endpoint continues the conversation as one text, as "
                 "`localmix chat` does"
             )
-        if loaded:
+        if engine is not None:
             info["context_length"] = engine.context
         return {
             "id": name,

@@ -173,13 +173,16 @@ def completion_request(body: CompletionBody) -> Request:
     if body.suffix:
         raise bad_request("suffix is not supported", "suffix")
     prompt = body.prompt
+    text_or_ids: str | list[int]
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
             raise bad_request("give one prompt per request", "prompt")
-        prompt = prompt[0]
-    if not prompt:
+        text_or_ids = str(prompt[0])
+    else:
+        text_or_ids = prompt  # type: ignore[assignment]  # a text, or token ids (ints)
+    if not text_or_ids:
         raise bad_request("the prompt is empty", "prompt")
-    return Request("completion", body.model or None, prompt=prompt, **_common(body))
+    return Request("completion", body.model or None, prompt=text_or_ids, **_common(body))
 
 
 def _message(m: _Message, i: int) -> dict[str, str]:

@@ -15,7 +15,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,7 +192,7 @@ class Worker:
             log.exception("request failed")
             job.put(internal_error(f"localmix failed on this request: {type(e).__name__}: {e}"))
 
-    def _events(self, engine: Engine, request: Request) -> Iterator[Event]:
+    def _events(self, engine: Engine, request: Request) -> Generator[Event, None, None]:
         """The engine's events for `request`, after its prompt is checked against the window.
         The generator is closed (at the token it stopped on) when the caller stops."""
         if request.kind == "chat":
