@@ -19,12 +19,12 @@ from localmix.conversations import (
     list_conversations,
 )
 from localmix.errors import LocalmixError
-from localmix.events import TokenEvent
+from localmix.events import ChatEngine, TokenEvent
 from localmix.session import SETTINGS, ChatSession, context_note, format_setting
 from localmix.store import home
 
 if TYPE_CHECKING:  # through `localmix serve`, the REPL runs without PyTorch (cli/client.py)
-    from localmix.engine import Engine
+    pass
 
 HISTORY_LINES = 1000  # typed lines kept in $LOCALMIX_HOME/history
 
@@ -211,7 +211,7 @@ def _terminal(stream: object) -> bool:
 
 
 def repl(
-    engine: Engine,
+    engine: ChatEngine,
     out: Console,
     err: Console,
     settings: dict,

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from localmix.cli import EXIT_INTERRUPTED, command_started
@@ -29,6 +29,9 @@ from localmix.defaults import DEFAULT_EXPERTS, DEFAULT_METHOD, DEFAULT_POLICY, D
 from localmix.defaults import QUANT_METHODS as METHODS
 from localmix.errors import LocalmixError
 from localmix.workflows import PULL_HINT
+
+if TYPE_CHECKING:
+    from localmix.events import ChatEngine
 
 app = typer.Typer(
     name="localmix",
@@ -512,19 +515,21 @@ def chat(
         stop=stop,
     )
     where = placement(device, device_memory, slots, policy, prefetch, experts)
-    server = connect(given_options(ctx), use_tui or no_server)
-    if server is not None:  # the model is loaded there already (the TUI shows its internals)
-        engine = RemoteEngine(server, model, settings)
-    else:
-        engine = load_engine(model, context=context, threads=threads, **where, **settings)
-    if use_tui:
+    if use_tui:  # always in-process: the TUI shows the engine's internals
         from localmix.tui.app import LocalmixApp, typed_ahead
 
-        app = LocalmixApp(engine, settings=settings, system=system, load=load, typed=typed_ahead())
+        loaded = load_engine(model, context=context, threads=threads, **where, **settings)
+        app = LocalmixApp(loaded, settings=settings, system=system, load=load, typed=typed_ahead())
         app.run()
         if app.return_code:
             raise typer.Exit(app.return_code)
         return
+    server = connect(given_options(ctx), no_server)
+    engine: ChatEngine
+    if server is not None:  # the model is loaded there already
+        engine = RemoteEngine(server, model, settings)
+    else:
+        engine = load_engine(model, context=context, threads=threads, **where, **settings)
     from localmix.cli.chat import repl
 
     with contextlib.suppress(AttributeError, ValueError):
@@ -650,7 +655,7 @@ def bench_cache(
     )
     out.print(f"  loads per token   {result['loads_per_token']:.2f}")
     out.print(
-        f"  bytes per token   {human_bytes(result['bytes_per_token'])}   "
+        f"  bytes per token   {human_bytes(result['bytes_per_token'] or 0)}   "
         f"(Mixtral-8x7B expert, 4-bit g{group_size}: {human_bytes(expert_bytes)})"
     )
     if result["prefetch_precision"] is not None:

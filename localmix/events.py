@@ -3,8 +3,12 @@ server's answer): a TokenEvent per token, then one Summary."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .sampling import SamplingOptions
 
 
 @dataclass(frozen=True)
@@ -37,3 +41,26 @@ class Summary:
 
 
 Event = TokenEvent | Summary
+
+
+class ChatEngine(Protocol):
+    """What a chat asks of an engine: a model loaded here (`engine.Engine`) or one that
+    `localmix serve` holds (`cli.client.RemoteEngine`)."""
+
+    name: str
+    context: int
+
+    @property
+    def defaults(self) -> SamplingOptions: ...
+
+    def reset(self) -> None: ...
+
+    def kernels(self) -> str: ...
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        progress: Callable[[int, int], None] | None = None,
+        **sampling: Any,
+    ) -> Generator[Event, None, None]: ...

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 
 from .conversations import Conversation, conversation_path, new_name, remove_file
 from .errors import LocalmixError, OptionError
-from .events import Event, Summary
+from .events import ChatEngine, Event, Summary
 from .sampling import SETTABLE, SamplingOptions
 from .text import valid_text
 
 if TYPE_CHECKING:  # a client of `localmix serve` chats without PyTorch (cli/client.py)
-    from .engine import Engine, Progress
+    from .engine import Progress
 
 SAVE_EVERY = 32  # tokens between saves of a reply being written
 STOP_SEPARATOR = "|"  # stop strings typed as one line: "###|User:"
@@ -71,7 +71,7 @@ class ChatSession:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: ChatEngine,
         conversation: Conversation | None = None,
         *,
         autosave: bool = True,

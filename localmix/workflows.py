@@ -52,9 +52,15 @@ def quant_settings(
     from .quant.errors import QuantError
     from .quant.manifest import Settings, check_settings
 
-    given = {"group_size": group_size, "method": method, "attn": attn, "lm_head": lm_head}
+    d = Settings()
+    settings = Settings(
+        d.group_size if group_size is None else group_size,
+        d.method if method is None else method,
+        d.attn if attn is None else attn,
+        d.lm_head if lm_head is None else lm_head,
+    )
     try:
-        return check_settings(Settings(**{k: v for k, v in given.items() if v is not None}))
+        return check_settings(settings)
     except QuantError as e:
         raise LocalmixError(str(e)) from e
 
