@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import OptionError
 
@@ -93,11 +93,13 @@ class SamplingOptions:
         unknown = set(changes) - set(self.names())
         if unknown:
             raise OptionError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
-        if isinstance(changes.get("stop"), str):
-            changes["stop"] = (changes["stop"],)
-        elif isinstance(changes.get("stop"), list):  # from JSON
-            changes["stop"] = tuple(changes["stop"])
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        stop = changes.get("stop")
+        if isinstance(stop, str):
+            changes["stop"] = (stop,)
+        elif isinstance(stop, list):  # from JSON
+            changes["stop"] = tuple(stop)
+        given: dict[str, Any] = {k: v for k, v in changes.items() if v is not None}
+        return replace(self, **given)  # each value is checked in __post_init__
 
 
 def apply_repetition_penalty(

@@ -193,7 +193,7 @@ def _fit_groups(w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tenso
         )
         return scale, zero
     weight = w.abs() if method == "wmse" else torch.ones_like(w)  # (groups, group_size)
-    best_err = best_scale = best_zero = None
+    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # error, scale, zero
     for clip in CLIP_GRID:
         scale, zero = _minmax_params(w, clip)
         for _ in range(LSQ_STEPS):
@@ -202,14 +202,17 @@ def _fit_groups(w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tenso
         err = (weight * ((_codes(w, scale, zero) - 8) * scale + zero - w) ** 2).sum(
             -1, keepdim=True
         )
-        if best_err is None:
-            best_err, best_scale, best_zero = err, scale, zero
+        if best is None:
+            best = err, scale, zero
         else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_scale = torch.where(better, scale, best_scale)
-            best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+            better = err < best[0]
+            best = (
+                torch.where(better, err, best[0]),
+                torch.where(better, scale, best[1]),
+                torch.where(better, zero, best[2]),
+            )
+    assert best is not None  # CLIP_GRID is not empty
+    return best[1], best[2]
 
 
 def quantize_tensor(

@@ -37,10 +37,13 @@ class QuantLinear(nn.Module):
         self.bits, self.group_size = bits, group_size
         self.padded = padded_shape(out_features, in_features, bits, group_size)
         n_p, k_p = self.padded
+        sshape: tuple[int, ...]
         if bits == 4:
             qshape, qdtype, sshape = (n_p, k_p // 2), torch.uint8, (k_p // group_size, n_p, 2)
         else:
             qshape, qdtype, sshape = (n_p, k_p), torch.int8, (n_p,)
+        self.qweight: torch.Tensor
+        self.scales_zeros: torch.Tensor
         self.register_buffer("qweight", torch.empty(qshape, dtype=qdtype))
         self.register_buffer("scales_zeros", torch.empty(sshape, dtype=torch.bfloat16))
         self._torch_packed: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
