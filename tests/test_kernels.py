@@ -119,6 +119,28 @@ def test_rms_norm_is_the_models(kernels, monkeypatch, dtype):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+def test_bf16_product_is_float_math(kernels):
+    """bf16_mm against float64 math, with row counts that are not multiples of 4 and widths
+    that are not multiples of 8 or 16; the model's Linear takes it for a few bf16 rows."""
+    from localmix.model import Linear
+
+    gen = torch.Generator().manual_seed(4)
+    for n, k in ((8, 1024), (1001, 100), (33, 24), (5, 7)):
+        w = torch.randn(n, k, generator=gen).bfloat16()
+        for rows in (1, 3):
+            x = torch.randn(rows, k, generator=gen).bfloat16()
+            want = x.double() @ w.double().t()
+            got = kernels.bf16_mm(x, w)
+            assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+            torch.testing.assert_close(
+                got.double(), want, rtol=2**-8, atol=2**-8 * want.abs().max()
+            )
+    layer = Linear(100, 1001, bias=False)
+    layer.weight.data = w = torch.randn(1001, 100, generator=gen).bfloat16()
+    x = torch.randn(2, 100, generator=gen).bfloat16()
+    assert torch.equal(layer(x), kernels.bf16_mm(x, w))
+
+
 def test_kernels_reuse_their_memory_across_shapes(kernels):
     """Working memory kept between calls: a large call then a small one, and the reverse, give
     what fresh calls give."""

@@ -367,6 +367,16 @@ void int4_product_exact(const float* xp, int64_t M, const torch::Tensor& qweight
   });
 }
 
+// Work items (of `bytes` of weight each, times `rows` activation rows) a thread takes at the
+// least: a decode step's small products (a 256x1024 key projection) then run on the calling
+// thread alone, since waking a sleeping thread (OMP_WAIT_POLICY=PASSIVE, localmix's default)
+// costs more than reading 256 KB.
+constexpr int64_t kMinBytesPerThread = 256 * 1024;
+
+int64_t grain(int64_t bytes, int64_t rows) {
+  return std::max<int64_t>(1, kMinBytesPerThread / (bytes * std::max<int64_t>(rows, 1)));
+}
+
 // The threads a kernel's own parallel region runs on: PyTorch's count, one inside another
 // parallel region.
 int region_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
@@ -392,7 +402,7 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& qweight,
   for (int64_t m = 0; m < M; ++m) quantize_groups(xf + m * K, m, 0, K / group, group, xr);
   const uint8_t* q = qweight.data_ptr<uint8_t>();
   const auto* sz = scales_zeros.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, N / kTile, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N / kTile, grain(kTile * K / 2, M), [&](int64_t begin, int64_t end) {
     int4_blocks(q, sz, xr, M, N, group, begin, end, y);
   });
   store_result(out, y);
@@ -491,7 +501,7 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& qweight,
       for (int64_t k = 32 * b; k < 32 * b + 32; ++k)
         xq[k] = static_cast<int8_t>(std::nearbyint(xp[k] / d));
     }
-    at::parallel_for(0, N / 4, 4, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N / 4, grain(4 * K, M), [&](int64_t begin, int64_t end) {
       for (int64_t n = 4 * begin; n < 4 * end; n += 4) {
         for (int64_t m = 0; m < M; ++m) {
           const int8_t* xr = xq + m * K;
@@ -546,6 +556,75 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& qweight,
         yp[m * N + n + 1] = hsum(_mm256_add_ps(a1, b1)) * static_cast<float>(s[n + 1]);
         yp[m * N + n + 2] = hsum(_mm256_add_ps(a2, b2)) * static_cast<float>(s[n + 2]);
         yp[m * N + n + 3] = hsum(_mm256_add_ps(a3, b3)) * static_cast<float>(s[n + 3]);
+      }
+    }
+  });
+  store_result(out, yp);
+  return out;
+}
+
+// y (M, N) = x (M, K) times a bfloat16 weight (N, K), transposed, with float32 sums, for a few
+// activation rows (decode). PyTorch's own bfloat16 matrix-vector product reads about 8 GB/s on an
+// AVX2 machine, and for a weight as small as the router's wakes a second thread for 100 us.
+torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(w.dtype() == torch::kBFloat16 && w.is_contiguous() && w.dim() == 2,
+              "the weight must be contiguous bfloat16 (N, K)");
+  const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
+  Scratch& scr = scratch();
+  const float* xp = rows_as_float(x, K, scr.x);
+  auto [out, yp] = new_result(M, N, x, scr.y);
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
+  const int64_t K8 = K / 8 * 8;
+  auto load8 = [](const uint16_t* p) {  // 8 bfloat16 values as float32
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+  };
+  auto tail = [&](const uint16_t* row, const float* xr, float acc) {  // columns K8..K
+    for (int64_t k = K8; k < K; ++k) acc += c10::BFloat16(row[k], c10::BFloat16::from_bits()) * xr[k];
+    return acc;
+  };
+  at::parallel_for(0, (N + 3) / 4, grain(8 * K, M), [&](int64_t begin, int64_t end) {
+    for (int64_t n = 4 * begin; n < std::min(N, 4 * end); n += 4) {
+      const int64_t rows = std::min<int64_t>(4, N - n);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xr = xp + m * K;
+        if (rows == 4) {  // four weight rows, two accumulators each
+          const uint16_t* r0 = wp + n * K;
+          __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+          __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+          int64_t k = 0;
+          for (; k + 16 <= K8; k += 16) {
+            const __m256 x0 = _mm256_loadu_ps(xr + k), x1 = _mm256_loadu_ps(xr + k + 8);
+            a0 = _mm256_fmadd_ps(load8(r0 + k), x0, a0);
+            b0 = _mm256_fmadd_ps(load8(r0 + k + 8), x1, b0);
+            a1 = _mm256_fmadd_ps(load8(r0 + K + k), x0, a1);
+            b1 = _mm256_fmadd_ps(load8(r0 + K + k + 8), x1, b1);
+            a2 = _mm256_fmadd_ps(load8(r0 + 2 * K + k), x0, a2);
+            b2 = _mm256_fmadd_ps(load8(r0 + 2 * K + k + 8), x1, b2);
+            a3 = _mm256_fmadd_ps(load8(r0 + 3 * K + k), x0, a3);
+            b3 = _mm256_fmadd_ps(load8(r0 + 3 * K + k + 8), x1, b3);
+          }
+          for (; k < K8; k += 8) {
+            const __m256 x0 = _mm256_loadu_ps(xr + k);
+            a0 = _mm256_fmadd_ps(load8(r0 + k), x0, a0);
+            a1 = _mm256_fmadd_ps(load8(r0 + K + k), x0, a1);
+            a2 = _mm256_fmadd_ps(load8(r0 + 2 * K + k), x0, a2);
+            a3 = _mm256_fmadd_ps(load8(r0 + 3 * K + k), x0, a3);
+          }
+          float* yr = yp + m * N + n;
+          yr[0] = tail(r0, xr, hsum(_mm256_add_ps(a0, b0)));
+          yr[1] = tail(r0 + K, xr, hsum(_mm256_add_ps(a1, b1)));
+          yr[2] = tail(r0 + 2 * K, xr, hsum(_mm256_add_ps(a2, b2)));
+          yr[3] = tail(r0 + 3 * K, xr, hsum(_mm256_add_ps(a3, b3)));
+        } else {  // the last rows of a weight whose row count is not a multiple of 4
+          for (int64_t r = n; r < n + rows; ++r) {
+            const uint16_t* row = wp + r * K;
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K8; k += 8)
+              a = _mm256_fmadd_ps(load8(row + k), _mm256_loadu_ps(xr + k), a);
+            yp[m * N + r] = tail(row, xr, hsum(a));
+          }
+        }
       }
     }
   });
@@ -699,5 +778,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_swiglu", &int4_swiglu, "a 4-bit SwiGLU expert, w2(silu(w1 x) * w3 x)");
   m.def("fit_groups", &fit_groups, "scale and zero per group by the (weighted) mse fit");
   m.def("int8_mm", &int8_mm, "8-bit per-channel weight times a few activation rows");
+  m.def("bf16_mm", &bf16_mm, "bfloat16 weight times a few activation rows, float32 sums");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row, as localmix.model.RMSNorm computes it");
 }
