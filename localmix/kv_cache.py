@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +30,11 @@ def attention_allowed(
 
 @dataclass
 class CacheStep:
-    """The bookkeeping for one forward call of `n` new tokens, shared by every layer."""
+    """One forward call of `n` new tokens through the cache: the bookkeeping every layer
+    shares, and each layer's `update_and_fetch`. Made by `RollingKVCache.step`, which records
+    the new positions once the call has gone through every layer."""
 
+    cache: RollingKVCache
     positions: torch.Tensor  # (n,) absolute positions of the new tokens
     slots: torch.Tensor  # (n,) where they are written
     concat: bool  # attend over buffer + new keys, then write (a multi-token chunk that wraps)
@@ -37,6 +42,30 @@ class CacheStep:
     mask: torch.Tensor | None  # (n, keys) bool, None when every key is visible to the one query
     used: int  # slots in use after the write (a prefix of the buffer)
     first_slot: int  # slots[0] as a Python int, read once for all layers
+
+    def update_and_fetch(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store this layer's new keys/values (n, kv_heads, head_dim); return what to attend.
+
+        Returns keys and values as (kv_heads, keys, head_dim) and the step's mask.
+        """
+        keys_of, values_of = self.cache.k[layer], self.cache.v[layer]
+        k, v = k.transpose(0, 1), v.transpose(0, 1)  # (kv_heads, n, head_dim)
+        if self.concat:
+            keys = torch.cat([keys_of, k], dim=1)
+            values = torch.cat([values_of, v], dim=1)
+            keys_of[:, self.slots] = k
+            values_of[:, self.slots] = v
+            return keys, values, self.mask
+        if k.shape[1] == 1:
+            slot = self.first_slot
+            keys_of[:, slot : slot + 1] = k
+            values_of[:, slot : slot + 1] = v
+        else:
+            keys_of[:, self.slots] = k
+            values_of[:, self.slots] = v
+        return keys_of[:, : self.used], values_of[:, : self.used], self.mask
 
 
 class RollingKVCache:
@@ -82,7 +111,6 @@ class RollingKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slot_pos = torch.full((capacity,), -1, dtype=torch.long, device=device)
         self.next_pos = 0  # tokens seen so far = absolute position of the next token
-        self._step: CacheStep | None = None
 
     @property
     def max_chunk(self) -> int:
@@ -112,8 +140,17 @@ class RollingKVCache:
         self.next_pos = n_tokens
         return True
 
-    def begin(self, n: int) -> CacheStep:
-        """Prepare a forward call of `n` new tokens; every layer then calls `update_and_fetch`."""
+    @contextmanager
+    def step(self, n: int) -> Iterator[CacheStep]:
+        """A forward call of `n` new tokens: every layer calls the step's `update_and_fetch`,
+        and the positions count as cached when the block ends without an error (a call cut
+        short leaves some layers written: the caller resets the cache)."""
+        step = self._begin(n)
+        yield step
+        self._record(step)
+
+    def _begin(self, n: int) -> CacheStep:
+        """The bookkeeping of a forward call of `n` new tokens."""
         limit = max(self.max_chunk, self.capacity - self.next_pos)
         if not 0 < n <= limit:
             raise ValueError(f"chunk of {n} tokens; the cache takes 1..{limit} now")
@@ -129,40 +166,12 @@ class RollingKVCache:
             used = min(self.next_pos + n, self.capacity)
             key_positions = self.slot_pos[:used].clone()
             key_positions[slots] = positions
-        mask = attention_allowed(positions, key_positions, self.window, self.sinks)
-        if n == 1 and bool(mask.all()):
-            mask = None
+        allowed = attention_allowed(positions, key_positions, self.window, self.sinks)
+        mask = None if n == 1 and bool(allowed.all()) else allowed  # None: every key visible
         first = int(slots[0])  # once per step, not once per layer
-        self._step = CacheStep(positions, slots, concat, key_positions, mask, used, first)
-        return self._step
+        return CacheStep(self, positions, slots, concat, key_positions, mask, used, first)
 
-    def update_and_fetch(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store this layer's new keys/values (n, kv_heads, head_dim); return what to attend.
-
-        Returns keys and values as (kv_heads, keys, head_dim) and the step's mask.
-        """
-        step = self._step
-        k, v = k.transpose(0, 1), v.transpose(0, 1)  # (kv_heads, n, head_dim)
-        if step.concat:
-            keys = torch.cat([self.k[layer], k], dim=1)
-            values = torch.cat([self.v[layer], v], dim=1)
-            self.k[layer][:, step.slots] = k
-            self.v[layer][:, step.slots] = v
-            return keys, values, step.mask
-        if k.shape[1] == 1:
-            slot = step.first_slot
-            self.k[layer][:, slot : slot + 1] = k
-            self.v[layer][:, slot : slot + 1] = v
-        else:
-            self.k[layer][:, step.slots] = k
-            self.v[layer][:, step.slots] = v
-        return self.k[layer][:, : step.used], self.v[layer][:, : step.used], step.mask
-
-    def commit(self) -> None:
-        """Record the step's positions once every layer has written them."""
-        step = self._step
+    def _record(self, step: CacheStep) -> None:
+        """The step's positions are in every layer now: they hold their slots."""
         self.slot_pos[step.slots] = step.positions
         self.next_pos += len(step.positions)
-        self._step = None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kv_cache import RollingKVCache
+from .kv_cache import CacheStep, RollingKVCache
 from .quant.kernels import cpu_kernels
 
 
@@ -92,21 +92,23 @@ class Rotary(nn.Module):
         # PyTorch's meta arange would import torch._dynamo, over a second of start-up).
         steps = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu")
         inv_freq = 1.0 / (theta ** (steps / head_dim))
+        self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cos_sin(self, start: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """cos and signed sin (n, 1, head_dim) for the positions start..start+n-1."""
         key = (dtype, self.inv_freq.device)
-        cos, sin = self._tables.get(key, (None, None))
-        if cos is None or cos.shape[0] < start + n:
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < start + n:
             size = max(self.FIRST_TABLE, 1 << (start + n - 1).bit_length())
             positions = torch.arange(size, dtype=torch.float32, device=self.inv_freq.device)
             freqs = positions[:, None] * self.inv_freq[None, :]  # (positions, head_dim/2)
             emb = torch.cat([freqs, freqs], dim=-1)  # (positions, head_dim)
             cos, sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
             sin[..., : sin.shape[-1] // 2].neg_()
-            self._tables[key] = cos, sin
+            table = self._tables[key] = cos, sin
+        cos, sin = table
         return cos[start : start + n], sin[start : start + n]
 
 
@@ -138,7 +140,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * hd, d, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cache: RollingKVCache, rope: tuple[torch.Tensor, torch.Tensor]
+        self, x: torch.Tensor, step: CacheStep, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.n_heads, self.head_dim)
@@ -146,7 +148,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
         # queries and keys rotated together: (tokens, heads + kv heads, head_dim)
         q, k = apply_rotary(torch.cat([q, k], dim=1), *rope).split([self.n_heads, self.n_kv], 1)
-        keys, values, mask = cache.update_and_fetch(self.layer, k, v)  # (kv, keys, head_dim)
+        keys, values, mask = step.update_and_fetch(self.layer, k, v)  # (kv, keys, head_dim)
         # Query heads sharing a KV head attend together: (kv, n_rep * tokens, head_dim), no
         # copy of the keys. Head h uses KV head h // n_rep, as in the reference.
         n_rep = self.n_heads // self.n_kv
@@ -311,9 +313,9 @@ class Block(nn.Module):
         return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
 
     def forward(
-        self, x: torch.Tensor, cache: RollingKVCache, rope: tuple[torch.Tensor, torch.Tensor]
+        self, x: torch.Tensor, step: CacheStep, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cache, rope)
+        h = x + self.self_attn(self.input_layernorm(x), step, rope)
         return h + self.feed_forward(self.post_attention_layernorm(h))
 
 
@@ -333,7 +335,8 @@ class Transformer(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
 
     def moe_layers(self) -> list[MoeLayer]:
-        return [b.block_sparse_moe for b in self.layers if hasattr(b, "block_sparse_moe")]
+        moes = [getattr(b, "block_sparse_moe", None) for b in self.layers]
+        return [m for m in moes if isinstance(m, MoeLayer)]
 
     def forward(
         self, tokens: torch.Tensor, cache: RollingKVCache, last_only: bool = False
@@ -343,12 +346,11 @@ class Transformer(nn.Module):
         With `last_only`, only the last position goes through the output head.
         """
         start = cache.next_pos
-        cache.begin(tokens.shape[0])
-        x = self.embed_tokens(tokens)  # (tokens, hidden)
-        rope = self.rotary.cos_sin(start, tokens.shape[0], x.dtype)
-        for block in self.layers:
-            x = block(x, cache, rope)
-        cache.commit()
+        with cache.step(tokens.shape[0]) as step:
+            x = self.embed_tokens(tokens)  # (tokens, hidden)
+            rope = self.rotary.cos_sin(start, tokens.shape[0], x.dtype)
+            for block in self.layers:
+                x = block(x, step, rope)
         if last_only:
             x = x[-1:]
         return self.lm_head(self.norm(x))

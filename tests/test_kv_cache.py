@@ -69,10 +69,21 @@ def test_mask_rule():
 
 def test_chunk_longer_than_ring_is_refused():
     cache = RollingKVCache(1, 1, 4, window=4, sinks=1)
-    cache.begin(4)  # fits without wrapping
-    cache.commit()
-    with pytest.raises(ValueError):
-        cache.begin(4)  # would wrap over keys its own queries need
+    with cache.step(4):  # fits without wrapping
+        pass
+    with pytest.raises(ValueError), cache.step(4):  # would wrap over keys its own queries need
+        pass
+    assert cache.next_pos == 4  # the refused step recorded nothing
+
+
+def test_a_step_cut_short_records_no_position():
+    cache = RollingKVCache(1, 1, 4, window=8)
+    with pytest.raises(KeyboardInterrupt), cache.step(3):
+        raise KeyboardInterrupt  # Ctrl+C in the middle of the layers
+    assert cache.next_pos == 0 and bool((cache.slot_pos == -1).all())
+    with cache.step(2) as step:
+        assert step.positions.tolist() == [0, 1]
+    assert cache.next_pos == 2 and cache.slot_pos[:2].tolist() == [0, 1]
 
 
 def test_rewind(engine):
