@@ -34,13 +34,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from localmix.quant.convert import DEFAULT_ATTN, DEFAULT_HEAD, Settings, convert  # noqa: E402
+from localmix.quant.convert import Settings, convert  # noqa: E402
 from localmix.quant.formats import (  # noqa: E402
     DEFAULT_METHOD,
     _codes,
     _minmax_params,
     _round_params,
 )
+from localmix.quant.manifest import DEFAULT_ATTN, DEFAULT_HEAD  # noqa: E402
 
 import localmix  # noqa: E402
 from benchmarks import llamacpp  # noqa: E402
