@@ -255,8 +255,9 @@ class MoeLayer(nn.Module):
         self.last_choice: torch.Tensor | None = None  # (tokens, k), for stats and prefetch
 
     def use_experts(self, provider: ExpertProvider) -> None:
-        """Serve this layer's experts from `provider` (an expert cache) from now on."""
-        self._modules.pop("experts", None)  # may be a plain object, not a module
+        """Serve this layer's experts from `provider` (an expert cache) from now on; the
+        layer's own expert modules, if it held them, leave it."""
+        del self.experts  # nn.Module removes a submodule, as it does a plain attribute
         self.experts = provider
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
