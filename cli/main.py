@@ -545,11 +545,11 @@ def quantize(
     group_size: Annotated[int, typer.Option("--group-size", help="32, 64 or 128")] = 64,
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEFAULT_METHOD,
     attn: Annotated[
-        str | None, typer.Option(help="attention weights: bf16 or int8 (default: the converter's)")
+        str | None, typer.Option(help="attention weights: bf16, int8 or int4 (default int8)")
     ] = None,
     lm_head: Annotated[
         str | None,
-        typer.Option("--lm-head", help="output head: bf16 or int8 (default: the converter's)"),
+        typer.Option("--lm-head", help="output head: bf16, int8 or int4 (default int8)"),
     ] = None,
 ) -> None:
     """Quantize a checkpoint's experts to 4 bits (resumable: rerun after an interruption)."""

@@ -31,9 +31,11 @@ Where localmix's grid spans 0.0 (every group of nano), the root-mean-square chan
 is at most half its scale. On nano that moves the experts by 7-8% of their norm and makes the
 KL divergence from bf16 1.65-1.72x localmix's own (benchmarks/bench_export.py).
 
-Refused, with the reason: models that are not localmix-quantized or not finished, int8 attention
-or output head (the export writes the experts only quantized), and weights whose input size is
-not a multiple of the group size (vLLM's kernels need whole groups).
+Only the experts are written quantized: an 8- or 4-bit attention or output head is written in
+bfloat16 as it dequantizes (vLLM would take quantized attention for the experts' scheme, and
+reads no quantized head from compressed-tensors checkpoints). Refused, with the reason: models
+that are not localmix-quantized or not finished, and weights whose input size is not a multiple
+of the group size (vLLM's kernels need whole groups).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ from safetensors import SafetensorError, safe_open
 from .convert import check_free_space
 from .files import INDEX, read_index, read_json
 from .formats import FIT_CHUNK, PARAM_DTYPE, QuantError, QuantizedTensor, unpack_int4
-from .manifest import MANIFEST, PROGRESS, SHAPES_KEY, check_manifest
+from .manifest import EXPERT_RE as EXPERT_WEIGHT_RE
+from .manifest import MANIFEST, PROGRESS, SHAPES_KEY, Settings, check_manifest, plan_bits
 from .safetensors_write import write_file
 
 FORMATS = ("compressed-tensors",)
@@ -278,17 +281,6 @@ def check_source(model_dir: Path) -> dict:
             "with `localmix quantize SRC DST`"
         )
     manifest = check_manifest(read_json(model_dir / MANIFEST), model_dir / MANIFEST)
-    q = manifest["quantization"]
-    if q["attn"] != "bf16":
-        raise ExportError(
-            "this model's attention is int8, which the export does not write: vLLM would "
-            "take it for the experts' 4-bit scheme; quantize the source with --attn bf16"
-        )
-    if q["lm_head"] != "bf16":
-        raise ExportError(
-            "this model's output head is int8: vLLM reads no quantized output head from "
-            "compressed-tensors checkpoints; quantize the source with --lm-head bf16"
-        )
     if not (model_dir / "config.json").exists():
         raise ExportError(f"{model_dir}: no config.json")
     return manifest
@@ -349,7 +341,15 @@ def export(
     return record
 
 
+def trunk_bits(qweight_name: str, settings: Settings) -> int:
+    """The bits of a quantized attention projection or output head (`NAME.qweight`), 0 for
+    anything else."""
+    name = qweight_name.removesuffix(".qweight") + ".weight"
+    return 0 if EXPERT_WEIGHT_RE.match(name) else plan_bits(name, settings)
+
+
 def _write(model_dir, out, config, manifest, weight_map, group_size, progress) -> dict:
+    settings = Settings.of(manifest["quantization"])
     shards = sorted(set(weight_map.values()))
     out_index: dict[str, str] = {}
     changes: dict[str, float] = {}
@@ -372,13 +372,28 @@ def _write(model_dir, out, config, manifest, weight_map, group_size, progress) -
                 )
                 written, changes[f"{base}.weight"] = export_tensors(q, base)
                 tensors.update(written)
+            elif name.endswith(".qweight") and (bits := trunk_bits(name, settings)):
+                # an 8- or 4-bit attention projection or head: written in bfloat16 as it
+                # dequantizes (vLLM would take a quantized one for the experts' scheme, and
+                # reads no quantized head from compressed-tensors checkpoints)
+                base = name.removesuffix(".qweight")
+                scales_zeros = f.get_tensor(f"{base}.scales_zeros")
+                qweight = f.get_tensor(name)
+                width = qweight.shape[1] * (2 if bits == 4 else 1)
+                shape = shapes.get(base, [qweight.shape[0], width])
+                g = settings.group_size if bits == 4 else 0
+                q = QuantizedTensor(
+                    qweight, scales_zeros, tuple(shape), torch.bfloat16, bits, g, "stored"
+                )
+                tensors[f"{base}.weight"] = q.dequantize()
             elif name.endswith(QUANTIZED_SUFFIXES):
-                if not name.endswith(".scales_zeros") or not EXPERT_RE.match(
-                    name.removesuffix(".scales_zeros") + ".qweight"
+                if not name.endswith(".scales_zeros") or not (
+                    EXPERT_RE.match(name.removesuffix(".scales_zeros") + ".qweight")
+                    or trunk_bits(name.removesuffix(".scales_zeros") + ".qweight", settings)
                 ):
                     raise ExportError(
-                        f"{model_dir / shard}: quantized tensor '{name}' is not an expert "
-                        "weight; only 4-bit experts are exported quantized"
+                        f"{model_dir / shard}: quantized tensor '{name}' is not an expert, "
+                        "attention or output-head weight"
                     )
             else:
                 tensors[name] = f.get_tensor(name)

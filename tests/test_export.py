@@ -16,9 +16,11 @@ import os
 import pytest
 import torch
 from localmix.cli.main import app
-from localmix.quant.convert import PROGRESS, SHAPES_KEY, Settings, convert
+from localmix.quant.convert import convert
 from localmix.quant.export import RECORD, export, integer_zero_point, localmix_parts
 from localmix.quant.formats import QuantError, QuantizedTensor
+from localmix.quant.manifest import EXPERT_RE as EXPERT_WEIGHT_RE
+from localmix.quant.manifest import MANIFEST, PROGRESS, SHAPES_KEY, Settings, plan_bits
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -54,23 +56,28 @@ def read_tensors(folder):
 
 
 def localmix_weights(quantized):
-    """Every expert weight as a QuantizedTensor, and every other tensor, of a converted model."""
-    group = json.loads((quantized / "localmix.json").read_text())["quantization"]["group_size"]
+    """Every expert weight as a QuantizedTensor, and every other tensor of a converted model
+    (a quantized attention projection or head dequantized, as the export writes it)."""
+    settings = Settings.of(json.loads((quantized / MANIFEST).read_text())["quantization"])
     tensors, shapes = read_tensors(quantized)
     experts, others = {}, {}
     for name, t in tensors.items():
         if name.endswith(".qweight"):
             base = name.removesuffix(".qweight")
+            bits = plan_bits(f"{base}.weight", settings)
             q = QuantizedTensor(
                 t,
                 tensors[f"{base}.scales_zeros"],
                 tuple(shapes[base]),
                 torch.bfloat16,
-                4,
-                group,
+                bits,
+                settings.group_size if bits == 4 else 0,
                 "",
             )
-            experts[f"{base}.weight"] = q
+            if EXPERT_WEIGHT_RE.match(f"{base}.weight"):
+                experts[f"{base}.weight"] = q
+            else:
+                others[f"{base}.weight"] = q.dequantize()
         elif not name.endswith(".scales_zeros"):
             others[name] = t
     return experts, others
@@ -228,8 +235,6 @@ def test_refusals(tiny, quantized, tmp_path):
     (unfinished / PROGRESS).write_text("{}")
     refused(cli(unfinished, tmp_path / "c"), "unfinished quantization")
     for settings, words in (
-        (Settings(attn="int8", method="rtn"), "attention is int8"),
-        (Settings(lm_head="int8", method="rtn"), "output head is int8"),
         (Settings(group_size=128, method="rtn"), "whole groups"),  # hidden size 64
     ):
         src = tmp_path / f"q-{settings.attn}-{settings.lm_head}-{settings.group_size}"
@@ -237,6 +242,22 @@ def test_refusals(tiny, quantized, tmp_path):
         refused(cli(src, tmp_path / "d"), words)
         assert not (tmp_path / "d").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("attn, lm_head", [("int8", "int8"), ("int4", "bf16"), ("bf16", "int4")])
+def test_a_quantized_trunk_is_exported_as_it_dequantizes(tiny, tmp_path, attn, lm_head):
+    """Attention and head quantized by localmix go out in bfloat16, each exactly the weight
+    localmix computes with (vLLM reads only the experts quantized); compressed-tensors reads
+    the whole export back."""
+    quantized = tmp_path / "q"
+    convert(tiny / "src", quantized, Settings(attn=attn, lm_head=lm_head, method="rtn"))
+    export(quantized, tmp_path / "ct")
+    dense, _ = decompress(tmp_path / "ct", tmp_path / "dense")
+    check_weights(quantized, dense)
+    written, _ = read_tensors(tmp_path / "ct")
+    trunk = [n for n in written if ".self_attn." in n or n.startswith("lm_head")]
+    assert trunk and all(n.endswith(".weight") for n in trunk)  # no packed trunk tensor
+    assert all(written[n].dtype == torch.bfloat16 for n in trunk)
 
 
 def test_a_failed_export_leaves_nothing(quantized, tmp_path, monkeypatch):
