@@ -30,7 +30,7 @@ def unavailable_reason(source: Path | None) -> str:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        return "llama-cpp-python is not installed (pip install 'localmix[bench]', see README)"
+        return "llama-cpp-python is not installed (pip install 'localmix[bench]', see docs/benchmarks.md)"
     if converter(source) is None:
         return (
             "llama.cpp's converter was not found: pass --llama-cpp-source (llama-cpp-python's "
