@@ -184,6 +184,8 @@ class MachineSpec:
     pcie: int
     device_gbps: float
     host_gbps: float
+    # Recorded for the report only: with a desktop's cores localmix's one-token expert kernel is
+    # bound by memory bandwidth, so the CPU's rate comes from `host_gbps` and the efficiency.
     cores: int
 
     def speeds(self, cpu_efficiency: float) -> Speeds:
