@@ -26,7 +26,7 @@ import torch
 from localmix.quant.convert import Settings
 
 from localmix.config import MIXTRAL_8X7B, ModelConfig
-from localmix.hybrid import MACHINES, MODES, MachineSpec, simulate
+from localmix.hybrid import MACHINES, MODES, MachineSpec, random_expert, simulate
 from localmix.offload import Machine, plan_for
 from localmix.trace import read_trace
 
@@ -37,30 +37,11 @@ DEFAULTS = Settings().to_dict()  # what `localmix pull` writes: 4-bit g64 expert
 GiB = 1024**3
 
 
-def mixtral_expert() -> tuple[torch.nn.Module, int]:
-    """A Mixtral-sized expert (three 14336x4096 4-bit g64 matrices) with random codes."""
-    from localmix.quant import QuantLinear
-    from localmix.quant.linear import swap_linears
-
-    from localmix.model import Expert
-
-    with torch.device("meta"):
-        expert = Expert(4096, 14336)
-    swap_linears(expert, lambda name: 4, 64)
-    gen = torch.Generator().manual_seed(0)
-    for m in expert.modules():
-        if isinstance(m, QuantLinear):
-            m.qweight = torch.randint(0, 256, m.qweight.shape, dtype=torch.uint8, generator=gen)
-            sz = torch.zeros(m.scales_zeros.shape, dtype=torch.bfloat16)
-            sz[..., 0] = 0.002
-            m.scales_zeros = sz
-    nbytes = sum(t.nbytes for t in expert.buffers())
-    return expert.eval(), nbytes
-
-
 def cpu_efficiency(repeats: int = 5) -> tuple[float, float, float]:
-    """(kernel GB/s, read GB/s, their ratio) on this machine, measured interleaved."""
-    expert, nbytes = mixtral_expert()
+    """(kernel GB/s, read GB/s, their ratio) on this machine, measured interleaved, on a
+    Mixtral-8x7B expert of random codes in the format pull writes."""
+    expert = random_expert(ModelConfig.from_dict(MIXTRAL_8X7B), DEFAULTS, torch.bfloat16)
+    nbytes = sum(t.nbytes for t in expert.buffers())
     block = torch.ones(nbytes // 4, dtype=torch.float32)
     x = torch.randn(1, 4096, dtype=torch.bfloat16)
     kernel, read = [], []

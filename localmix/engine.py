@@ -77,7 +77,8 @@ class Engine:
         self._reply_ids: dict[str, list[int]] = {}
         self.offload: Offload | None = None  # once experts are served from an expert cache
         self.plan: Plan | None = None
-        self.predictions: dict[str, Prediction] = {}  # decode speed of each experts mode
+        self._predict: Callable[[], dict[str, Prediction]] | None = None
+        self._predictions: dict[str, Prediction] | None = None
         self._experts_auto = True
 
     def new_cache(
@@ -287,7 +288,7 @@ class Engine:
         once per machine when not given) on a CUDA device, and "gpu" elsewhere. On CUDA the
         speeds also pace prefetching (a guess waits while the link has a copy queued).
         """
-        from .hybrid import MODES, fastest, machine_speeds, predict_plans
+        from .hybrid import MODES, fastest, machine_speeds, plans_by_mode, predict_plans
         from .offload import Offload, first_expert, parse_bytes, probe_machine
 
         cfg = self.config
@@ -306,22 +307,26 @@ class Engine:
             machine = probe_machine(self.device)
         cuda = self.device.type == "cuda"
         if speeds is None and (experts in ("hybrid", "cpu") or cuda):  # cuda: also for prefetch
-            first = first_expert(self.model)
             speeds = machine_speeds(
-                first, str(self.device), cfg.hidden_size, self.dtype, self._expert_bytes()
+                lambda: first_expert(self.model),
+                str(self.device),
+                cfg.hidden_size,
+                self.dtype,
+                self._expert_bytes(),
             )
-        plans = {}
-        for mode in MODES if speeds is not None else ("gpu",):
-            try:
-                plans[mode] = self._plan(
-                    budget, expert_slots, machine, self.cache.nbytes, self.context, mode
-                )
-            except MemoryBudgetError:
-                if mode == experts:
-                    raise
+
+        def plan(mode: str) -> Plan:
+            return self._plan(budget, expert_slots, machine, self.cache.nbytes, self.context, mode)
+
+        modes = MODES if speeds is not None else ("gpu",)
+        plans = plans_by_mode(plan, modes, required=None if experts == "auto" else experts)
         if not plans:  # no mode fits: the pure-offload plan's refusal says by how much
-            self._plan(budget, expert_slots, machine, self.cache.nbytes, self.context, "gpu")
-        self.predictions = predict_plans(cfg, plans, speeds, policy) if speeds is not None else {}
+            plan("gpu")
+        # Predictions are made now only to choose; asked for a mode, `run -v` makes them.
+        self._predict = None
+        if speeds is not None:
+            self._predict = lambda: predict_plans(cfg, plans, speeds, policy)
+        self._predictions = None
         self._experts_auto = experts == "auto"
         if experts == "auto":
             experts = fastest(self.predictions) if self.predictions else "gpu"
@@ -337,6 +342,14 @@ class Engine:
             speeds=speeds,
         )
         self.model.to(self.device)
+
+    @property
+    def predictions(self) -> dict[str, Prediction]:
+        """The decode speed the simulator predicts for each experts mode on this machine
+        ({} where nothing is offloaded or no speeds were measured), made once when first read."""
+        if self._predictions is None:
+            self._predictions = self._predict() if self._predict is not None else {}
+        return self._predictions
 
     def experts_report(self) -> str:
         """Where missed experts run, why, and each mode's predicted decode speed ("" when

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from .expert_cache import ExpertCache, make_policy
 
@@ -160,13 +161,14 @@ class Scheduler:
             return list(missing)
         backlog = self.backlog()
         saved = min(self.costs.copy_s, self.costs.cpu_s)  # what a future miss costs
+        worth = {e: value(e) for e in missing}  # once per miss, not once per split
         best: tuple[float, int] | None = None
         choice: list[int] = []
         for mask in range(1 << len(missing)):
             on_cpu = [e for i, e in enumerate(missing) if mask >> i & 1]
             copied = [e for e in missing if e not in on_cpu]
             t = self.layer_time(resident, len(copied), len(on_cpu), backlog)
-            t -= saved * sum(value(e) for e in copied)
+            t -= saved * sum(worth[e] for e in copied)
             key = (t, len(on_cpu))
             if best is None or key < best:
                 best, choice = key, on_cpu
@@ -295,17 +297,6 @@ def simulate(
     )
 
 
-def predict_modes(
-    tokens: Sequence[dict[int, list[int]]],
-    slots: Sequence[int],
-    expert_bytes: int,
-    speeds: Speeds,
-    policy: str = "transition",
-) -> dict[str, Prediction]:
-    """The simulator's prediction for each mode, for these slots."""
-    return {m: simulate(tokens, slots, expert_bytes, speeds, m, policy) for m in MODES}
-
-
 def fastest(predictions: dict[str, Prediction]) -> str:
     """The mode with the most tokens/s (ties: gpu, then hybrid, then cpu)."""
     order = {"gpu": 0, "hybrid": 1, "cpu": 2}
@@ -329,6 +320,21 @@ def report(mode: str, predictions: dict[str, Prediction], speeds: Speeds | None,
     )
     speeds_text = f"; {speeds.describe()}" if speeds is not None else ""
     return f"experts: {mode} ({what}), {why}; predicted decode tok/s: {figures}{speeds_text}"
+
+
+def plans_by_mode(plan: Callable[[str], Any], modes: Sequence[str], required: str | None) -> dict:
+    """Each of `modes`' placement plan (`plan(mode)`), leaving out a mode that does not fit
+    (its MemoryBudgetError) unless it is the `required` one."""
+    from .errors import MemoryBudgetError
+
+    plans = {}
+    for mode in modes:
+        try:
+            plans[mode] = plan(mode)
+        except MemoryBudgetError:
+            if mode == required:
+                raise
+    return plans
 
 
 def predict_plans(cfg, plans: dict, speeds: Speeds, policy: str = "transition") -> dict:
@@ -480,12 +486,15 @@ def measure_speeds(expert, device, hidden: int, dtype) -> Speeds:
     )
 
 
-def machine_speeds(expert, device: str, hidden: int, dtype, expert_bytes: int) -> Speeds:
-    """This machine's speeds: remembered from an earlier run, or measured now and kept."""
+def machine_speeds(
+    expert: Callable[[], Any], device: str, hidden: int, dtype, expert_bytes: int
+) -> Speeds:
+    """This machine's speeds: remembered from an earlier run, or measured now on the module
+    `expert()` makes (made only then) and kept."""
     key = machine_key(device, expert_bytes)
     speeds = cached_speeds(key)
     if speeds is None:
-        speeds = measure_speeds(expert, device, hidden, dtype)
+        speeds = measure_speeds(expert(), device, hidden, dtype)
         remember_speeds(key, speeds)
     return speeds
 
@@ -516,26 +525,21 @@ def random_expert(cfg, quantization: dict | None, dtype):
 def modes_here(cfg, quantization: dict | None, device: str, context: int, machine, dtype) -> str:
     """`report` for a model not loaded yet (`localmix show`): each mode planned on `machine`,
     speeds remembered for this machine or measured on an expert of random codes."""
-    from .errors import MemoryBudgetError
     from .offload import plan_for
 
-    plans = {}
-    for mode in MODES:
-        try:
-            plans[mode] = plan_for(
-                cfg, quantization, None, device, context, dtype, machine=machine, mode=mode
-            )
-        except MemoryBudgetError:
-            continue
+    def plan(mode: str) -> Any:
+        return plan_for(cfg, quantization, None, device, context, dtype, machine=machine, mode=mode)
+
+    plans = plans_by_mode(plan, MODES, required=None)
     if not plans:
         return "experts: no mode fits this machine"
     expert_bytes = next(iter(plans.values())).expert_bytes
-    key = machine_key(device, expert_bytes)
-    speeds = cached_speeds(key)
-    if speeds is None:
-        speeds = measure_speeds(
-            random_expert(cfg, quantization, dtype), device, cfg.hidden_size, dtype
-        )
-        remember_speeds(key, speeds)
+    speeds = machine_speeds(
+        lambda: random_expert(cfg, quantization, dtype),
+        device,
+        cfg.hidden_size,
+        dtype,
+        expert_bytes,
+    )
     predictions = predict_plans(cfg, plans, speeds)
     return report(fastest(predictions), predictions, speeds, auto=True)

@@ -579,8 +579,10 @@ class SlotMover:
         device: torch.device,
         engine: CopyEngine,
         repack: Repack | None = None,
+        on_copy: Callable[[], object] | None = None,
     ) -> None:
         self.store, self.device, self.engine, self.repack = store, device, engine, repack
+        self.on_copy = on_copy  # told of each copy queued (the scheduler's link backlog)
         slot_bytes = repack.slot_bytes if repack is not None else store.expert_bytes
         self.buffers = [
             torch.empty((n, slot_bytes), dtype=torch.uint8, device=device) for n in slots
@@ -592,6 +594,8 @@ class SlotMover:
         src, dst = self.store.host[layer, expert], self.buffers[layer][slot]
         after = self.last_read.pop((layer, slot), None)
         pinned = self.store.pinned[layer]
+        if self.on_copy is not None:
+            self.on_copy()
         if self.repack is None:
             self.landed[layer, slot] = self.engine.copy(dst, src, after, pinned)
         else:  # into the staging buffer, then repacked into the slot, on the copy stream
@@ -664,7 +668,6 @@ class CachedExperts:
         results: list[Future[torch.Tensor]] = []
         if on_cpu and host is not None:  # started first: the CPU works while the device computes
             results = host.submit(layer, on_cpu, hidden.to("cpu"))
-        loads = self._loads()
         served = self.cache.request(layer, experts, hidden.shape[0], on_cpu)  # copies start
         for i, (target, _) in enumerate(self.next_gates):  # then predicted ones, behind them
             chosen = predicted[i * self.top_k : (i + 1) * self.top_k]
@@ -672,8 +675,6 @@ class CachedExperts:
                 self.cache.prefetch(target, chosen)
         if on_cpu and self.scheduler is not None:  # copied behind for next time, link allowing
             self.cache.load_behind(layer, self.scheduler.behind(on_cpu), experts)
-        if self.scheduler is not None:  # the link's backlog, as the scheduler estimates it
-            self.scheduler.queued(self._loads() - loads)
         for expert, slot in served:
             yield expert, self.slot_modules[slot]
             self.mover.used(layer, slot)  # the caller has queued the compute that read it
@@ -686,14 +687,6 @@ class CachedExperts:
         a guess is held back rather than left to delay the next layers' misses)."""
         s = self.scheduler
         return s is None or s.backlog() < s.costs.copy_s
-
-    def _loads(self) -> int:
-        """Copies started so far for this layer and the ones it prefetches for."""
-        layers = self.cache.stats.layers
-        return sum(
-            layers[li].loads + layers[li].prefetch_loads
-            for li in (self.layer, *(t for t, _ in self.next_gates))
-        )
 
     def _choose(self, layer: int, experts: list[int]) -> list[int]:
         """The missed experts the CPU computes (none without a scheduler and a CPU to run
@@ -768,14 +761,16 @@ class Offload:
                 repack = None  # the device reads the host layout as it is
         if engine is None:
             engine = CudaCopies(device, self.store.expert_bytes) if cuda else ImmediateCopies()
-        self.mover = SlotMover(self.store, plan.slots, device, engine, repack)
+        self.scheduler = (
+            Scheduler(speeds.costs(self.store.expert_bytes), mode) if speeds is not None else None
+        )
+        scheduler = self.scheduler
+        on_copy = (lambda: scheduler.queued(1)) if scheduler is not None else None
+        self.mover = SlotMover(self.store, plan.slots, device, engine, repack, on_copy)
         if self.mover.buffers and self.mover.buffers[0].shape[1] != plan.expert_bytes:
             raise RuntimeError("plan and store disagree on the expert size")
         self.cache = ExpertCache(plan.slots, make_policy(policy), self.mover, plan.expert_bytes)
         self.host = HostExperts(self.store) if mode != "gpu" else None
-        self.scheduler = (
-            Scheduler(speeds.costs(self.store.expert_bytes), mode) if speeds is not None else None
-        )
         for li, moe in enumerate(moes):
             # The next `prefetch` layers' gates; the last layers' wrap around to the first
             # layers of the next token (a decode step's last hidden state predicts them).

@@ -19,7 +19,7 @@ from localmix.hybrid import (
     bundled_routing,
     cached_speeds,
     machine_speeds,
-    predict_modes,
+    predict_plans,
     remember_speeds,
     routing_for,
     simulate,
@@ -202,13 +202,13 @@ def test_speeds_are_measured_once_per_machine_and_remembered(tmp_path, monkeypat
     from localmix.model import Expert
 
     expert = Expert(64, 128).to(torch.bfloat16)
-    first = machine_speeds(expert, "cpu", 64, torch.bfloat16, 123)
+    first = machine_speeds(lambda: expert, "cpu", 64, torch.bfloat16, 123)
     assert first.cpu_gbps > 0 and first.link_gbps > 0 and first.device_gbps > 0
     key = next(iter(__import__("json").loads((tmp_path / "speeds.json").read_text())))
     assert "123 B" in key
     remembered = cached_speeds(key)
     assert remembered is not None and remembered.cpu_gbps == first.cpu_gbps
-    again = machine_speeds(expert, "cpu", 64, torch.bfloat16, 123)
+    again = machine_speeds(lambda: expert, "cpu", 64, torch.bfloat16, 123)
     assert again.cpu_gbps == first.cpu_gbps  # not measured twice
     (tmp_path / "speeds.json").write_text("not json")
     assert cached_speeds(key) is None  # a damaged file is measured again, not an error
@@ -306,7 +306,7 @@ def test_predictions_for_each_mode_on_a_named_machine():
         for m, p in plan.items()
     }
     assert all(p.tokens_per_s > 0 for p in predictions.values())
-    same = predict_modes(tokens, plan["gpu"].slots, plan["gpu"].expert_bytes, speeds)
+    same = predict_plans(ModelConfig.from_dict(MIXTRAL_8X7B), plan, speeds)
     assert set(same) == {"gpu", "cpu", "hybrid"}
 
 
