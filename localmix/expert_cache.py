@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class Mover(Protocol):
@@ -35,6 +35,7 @@ class Policy(Protocol):
         ...
 
 
+@runtime_checkable
 class ReusePolicy(Policy, Protocol):
     """A policy that also estimates how likely an expert is to be used again soon."""
 
@@ -202,6 +203,8 @@ class ExpertCache:
         self.predicted: list[set[int]] = [set() for _ in slots_per_layer]
         self.predicted_any = [False] * len(slots_per_layer)
         self.policy, self.mover = policy, mover
+        # the policy again where it estimates reuse (checked once: isinstance on a protocol is slow)
+        self.reuse_policy = policy if isinstance(policy, ReusePolicy) else None
         self.stats = CacheStats(expert_bytes, [LayerStats() for _ in slots_per_layer])
 
     def resident(self, layer: int) -> list[int]:
@@ -213,15 +216,15 @@ class ExpertCache:
         `expert` than the expert that loading it would evict (0 with a free slot to fill, or
         where the policy makes no estimate): the future miss a copy may save, as a
         probability."""
-        reuse = getattr(self.policy, "reuse", None)
-        if reuse is None or not self.slots[layer]:
+        policy = self.reuse_policy
+        if policy is None or not self.slots[layer]:
             return 0.0
-        gain = reuse(layer, expert, needed)
+        gain = policy.reuse(layer, expert, needed)
         if -1 not in self.slots[layer]:
             candidates = [e for e in self.where[layer] if e not in needed]
             if not candidates:
                 return 0.0
-            gain -= reuse(layer, self.policy.victim(layer, candidates), needed)
+            gain -= policy.reuse(layer, policy.victim(layer, candidates), needed)
         return max(gain, 0.0)
 
     def _place(self, layer: int, expert: int, protected: set[int]) -> int:
