@@ -16,6 +16,7 @@ device holds the trunk only, as llama.cpp's `--cpu-moe`), `hybrid` chooses per m
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -365,12 +366,21 @@ def speeds_path() -> Path:
 
 
 def cached_speeds(key: str) -> Speeds | None:
-    """The speeds measured before on this machine for `key`, if any."""
+    """The speeds measured before on this machine for `key`, if any: a file that is missing,
+    damaged or holds values no measurement gives (rates that are not positive finite numbers,
+    negative times) counts as no record, and the speeds are measured again."""
     try:
-        data = json.loads(speeds_path().read_text())
-        return Speeds(**data[key])
+        speeds = Speeds(**json.loads(speeds_path().read_text())[key])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    rates = (speeds.link_gbps, speeds.cpu_gbps, speeds.device_gbps)
+    times = (speeds.handoff_s, speeds.layer_s, speeds.token_s)
+    numbers = rates + times
+    if not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers):
+        return None
+    if not all(math.isfinite(n) for n in numbers) or min(rates) <= 0 or min(times) < 0:
+        return None
+    return speeds
 
 
 def remember_speeds(key: str, speeds: Speeds) -> None:

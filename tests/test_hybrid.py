@@ -4,6 +4,9 @@ bit for bit: the same kernels run on the same bytes)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -204,7 +207,7 @@ def test_speeds_are_measured_once_per_machine_and_remembered(tmp_path, monkeypat
     expert = Expert(64, 128).to(torch.bfloat16)
     first = machine_speeds(lambda: expert, "cpu", 64, torch.bfloat16, 123)
     assert first.cpu_gbps > 0 and first.link_gbps > 0 and first.device_gbps > 0
-    key = next(iter(__import__("json").loads((tmp_path / "speeds.json").read_text())))
+    key = next(iter(json.loads((tmp_path / "speeds.json").read_text())))
     assert "123 B" in key
     remembered = cached_speeds(key)
     assert remembered is not None and remembered.cpu_gbps == first.cpu_gbps
@@ -212,6 +215,22 @@ def test_speeds_are_measured_once_per_machine_and_remembered(tmp_path, monkeypat
     assert again.cpu_gbps == first.cpu_gbps  # not measured twice
     (tmp_path / "speeds.json").write_text("not json")
     assert cached_speeds(key) is None  # a damaged file is measured again, not an error
+    good = json.loads(json.dumps({key: dataclasses.asdict(first)}))
+    for field, bad in (
+        ("link_gbps", 0),
+        ("cpu_gbps", -1.0),
+        ("device_gbps", "fast"),
+        ("handoff_s", -0.1),
+        ("layer_s", 1e999),
+        ("token_s", True),
+        ("link_gbps", None),
+    ):
+        (tmp_path / "speeds.json").write_text(json.dumps({key: {**good[key], field: bad}}))
+        assert cached_speeds(key) is None, (field, bad)  # measured again, never divided by
+    (tmp_path / "speeds.json").write_text(json.dumps({key: {**good[key], "extra": 1}}))
+    assert cached_speeds(key) is None
+    (tmp_path / "speeds.json").write_text(json.dumps(["a list"]))
+    assert cached_speeds(key) is None
     remember_speeds(key, first)
     assert cached_speeds(key) is not None
 
