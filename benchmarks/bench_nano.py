@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from localmix.quant.convert import Settings, convert  # noqa: E402
 from localmix.quant.formats import (  # noqa: E402
     DEFAULT_METHOD,
-    _codes,
     _minmax_params,
     _round_params,
+    int4_codes,
 )
 from localmix.quant.manifest import DEFAULT_ATTN, DEFAULT_HEAD  # noqa: E402
 
@@ -162,7 +162,7 @@ def rtn_clipped(w: torch.Tensor, group_size: int, clip: float) -> torch.Tensor:
     """Round-to-nearest 4-bit over each group's range scaled by `clip`, dequantized."""
     groups = w.float().reshape(-1, group_size)
     scale, zero = _round_params(*_minmax_params(groups, clip))
-    return ((_codes(groups, scale, zero) - 8) * scale + zero).reshape(w.shape).to(w.dtype)
+    return ((int4_codes(groups, scale, zero) - 8) * scale + zero).reshape(w.shape).to(w.dtype)
 
 
 def routing_and_prediction(tokens: int) -> dict[int, list[dict[int, list[int]]]]:

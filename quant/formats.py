@@ -57,7 +57,7 @@ DEQUANT_ROWS = 512  # rows dequantized at a time (a multiple of TILE_ROWS)
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 LSQ_STEPS = 3
 # Groups quantized at a time. The fit makes dozens of passes over its temporaries; kept to a few
-# MB they stay in cache, where a Mixtral expert (14336x4096) fitted whole ran several times slower.
+# MB they stay in cache, where a Mixtral expert (14336x4096) fitted whole ran slower.
 FIT_CHUNK = 16384
 
 
@@ -153,7 +153,8 @@ def _round_params(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor
     return scale.to(PARAM_DTYPE).float(), zero.to(PARAM_DTYPE).float()
 
 
-def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes 0..15 (as floats) of groups `w` for their `scale` and `zero`."""
     return torch.clamp(torch.round((w - zero) / scale) + 8, 0, 15)
 
 
@@ -182,12 +183,13 @@ def _refit(
     return scale, wm - scale * xm
 
 
-def _fit_groups(w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero (groups, 1) for float32 groups (groups, group_size)."""
+def fit_groups(w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero (groups, 1) for float32 groups (groups, group_size), fitted by `method`
+    (see the module docstring), in localmix's C++ kernels where they run, else in PyTorch."""
     if method == "rtn":
         return _round_params(*_minmax_params(w, 1.0))
     kernels = cpu_kernels()
-    if kernels is not None and w.device.type == "cpu":  # the same fit in C++, ~7x faster
+    if kernels is not None and w.device.type == "cpu":  # the same fit in C++, faster
         scale, zero = kernels.fit_groups(
             w.contiguous(), method == "wmse", list(CLIP_GRID), LSQ_STEPS
         )
@@ -197,9 +199,9 @@ def _fit_groups(w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tenso
     for clip in CLIP_GRID:
         scale, zero = _minmax_params(w, clip)
         for _ in range(LSQ_STEPS):
-            scale, zero = _refit(w, _codes(w, scale, zero), weight)
+            scale, zero = _refit(w, int4_codes(w, scale, zero), weight)
         scale, zero = _round_params(scale, zero)
-        err = (weight * ((_codes(w, scale, zero) - 8) * scale + zero - w) ** 2).sum(
+        err = (weight * ((int4_codes(w, scale, zero) - 8) * scale + zero - w) ** 2).sum(
             -1, keepdim=True
         )
         if best is None:
@@ -248,8 +250,8 @@ def quantize_tensor(
         if m > real:
             chunk = torch.cat([chunk, chunk.new_zeros(m - real, k_p)])
         groups = chunk.view(m * k_p // group_size, group_size)
-        scale, zero = _fit_groups(groups, method)  # (groups, 1) each
-        codes = _codes(groups, scale, zero)
+        scale, zero = fit_groups(groups, method)  # (groups, 1) each
+        codes = int4_codes(groups, scale, zero)
         if m > real:  # padded rows: code 8 with scale and zero 0, exactly 0
             codes.view(m, k_p)[real:] = 8
             scale.view(m, -1)[real:] = 0

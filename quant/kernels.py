@@ -7,7 +7,7 @@ per 32 columns for 8-bit ones), as llama.cpp does, and multiplies 32 codes per i
 instruction: 2-3x PyTorch's speed in 4 bits (benchmarks/bench_quant.py measures both), with
 an error well below that of the quantized weights. Float32 activations (a model loaded with
 dtype="fp32") take an exact float32 path instead. The same module also runs the converter's
-scale fit (`formats._fit_groups`), eight groups per AVX2 register.
+scale fit (`formats.fit_groups`), eight groups per AVX2 register.
 
 The module is built with PyTorch's C++ extension machinery into TORCH_EXTENSIONS_DIR (by
 default ~/.cache/torch_extensions) the first time it is needed (a model run on the CPU, whose

@@ -19,8 +19,8 @@ from localmix.quant.convert import SHAPES_KEY, ConvertError, Settings, check_set
 from localmix.quant.formats import (
     DEFAULT_METHOD,
     QuantError,
-    _codes,
-    _fit_groups,
+    fit_groups,
+    int4_codes,
     pack_int4,
     padded_shape,
     relative_error,
@@ -224,14 +224,14 @@ def test_kernel_fit_is_the_python_fit(method, monkeypatch):
     round to a different bf16 scale; the fit's quality may not."""
     mats = minilm_matrices()[:8]
     groups = torch.cat([w.float().reshape(-1, 64) for w in mats])
-    fast = _fit_groups(groups, method)
+    fast = fit_groups(groups, method)
     monkeypatch.setenv(ENV_SWITCH, "0")
-    slow = _fit_groups(groups, method)
+    slow = fit_groups(groups, method)
     same = ((fast[0] == slow[0]) & (fast[1] == slow[1])).float().mean()
     assert same > 0.999, same
 
     def error(scale, zero):
-        return float(((_codes(groups, scale, zero) - 8) * scale + zero - groups).norm())
+        return float(((int4_codes(groups, scale, zero) - 8) * scale + zero - groups).norm())
 
     assert abs(error(*fast) - error(*slow)) < 1e-4 * error(*slow)
 
