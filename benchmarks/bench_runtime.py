@@ -1,6 +1,6 @@
 """Decode and prefill speed of localmix against llama.cpp on the "mini" Mixtral, same run.
 
-    python benchmarks/bench_runtime.py [--threads 2] [--tokens 64] [--repeats 3]
+    python -m benchmarks.bench_runtime [--threads 2] [--tokens 64] [--repeats 3]
         [--llama-cpp-source DIR] [--dir /tmp/localmix-bench]
 
 One random bf16 checkpoint (hidden 1024, 8 layers, 8 experts, top-2, vocab 32000, ~0.8B
@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from localmix.quant.convert import Settings, convert
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from localmix.quant.convert import Settings, convert  # noqa: E402
-
-import localmix  # noqa: E402
-from benchmarks import llamacpp  # noqa: E402
-from benchmarks.common import MINI, mini_checkpoint  # noqa: E402
+import localmix
+from benchmarks import llamacpp
+from benchmarks.common import MINI, mini_checkpoint
 
 PROMPTS = (128, 512)
 TRUNKS = ("bf16", "int8")  # attention and head formats of the 4-bit variants
