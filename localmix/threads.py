@@ -3,10 +3,11 @@
 A decode step runs a hundred or more short parallel regions. By default OpenMP keeps idle
 threads spinning between them, which is fastest on an idle machine and ruinous on a busy one:
 when another program holds one of the cores, every region waits for the thread that lost its
-core, and decode slows several times over (benchmarks/bench_threads.py measures it). Idle threads that sleep instead (OMP_WAIT_POLICY=PASSIVE) give their core back,
-so the scheduler can run the late thread there at once. The policy is read when the OpenMP
-runtime loads, that is when PyTorch is first imported: `prepare_process` must run before that,
-and only the command line does it (a library does not change its host process's environment).
+core, and decode slows down sharply (benchmarks/bench_threads.py measures it). Idle threads
+that sleep instead (OMP_WAIT_POLICY=PASSIVE) give their core back, so the scheduler can run the
+late thread there at once. The policy is read when the OpenMP runtime loads, that is when
+PyTorch is first imported: `prepare_process` must run before that, and only the command line
+does it (a library does not change its host process's environment).
 
 The thread count defaults to the physical cores this process may run on (hyperthreads share a
 core's load and store units, which decode is bound by) less one, so that the desktop's own
