@@ -33,10 +33,10 @@ from localmix.model import Rotary, Transformer
 from localmix.offload import Machine, plan_for, probe_machine
 from localmix.tokenizer import Tokenizer
 from localmix.trace import read_trace
+from localmix.units import GB, GiB
 
 ROOT = Path(__file__).resolve().parents[1]
 Q4 = {"bits": 4, "group_size": 64, "method": "rtn", "attn": "bf16", "lm_head": "bf16"}
-GiB = 1024**3
 
 
 def random_model(cfg: ModelConfig) -> Transformer:
@@ -207,7 +207,7 @@ def main() -> None:
         model_module.MoeLayer.forward = traced_forward
     results = {
         "gpu": torch.cuda.get_device_name(device),
-        "host_to_device_gb_s": link_speed(device) / 1e9,
+        "host_to_device_gb_s": link_speed(device) / GB,
         "kernels": kernel_times(device),
         "trace": str(args.trace) if args.trace else None,
         "machine": vars(probe_machine(device)),
@@ -225,10 +225,10 @@ def main() -> None:
             model = random_model(cfg)
             row = run_budget(cfg, model, tokenizer, device, budget, args, mode)
             row["link_ms_per_token"] = (
-                row["link_mb_per_token"] * 1e6 / (results["host_to_device_gb_s"] * 1e9) * 1e3
+                row["link_mb_per_token"] * 1e6 / (results["host_to_device_gb_s"] * GB) * 1e3
             )
             results["runs"].append(row)
-            name = "whole GPU" if budget is None else f"{budget / GiB:.0f} GB"
+            name = "whole GPU" if budget is None else f"{budget / GiB:.0f} GiB"
             predicted = row["predicted_decode_tok_s"]
             print(
                 f"  {name:>9} {mode:>6}: decode {row['decode_tok_s']:.2f} tok/s (predicted "

@@ -29,12 +29,12 @@ from localmix.config import MIXTRAL_8X7B, ModelConfig
 from localmix.hybrid import MACHINES, MODES, MachineSpec, random_expert, simulate
 from localmix.offload import Machine, plan_for
 from localmix.trace import read_trace
+from localmix.units import GB, GiB
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRACE = ROOT.parent / "shared" / "traces" / "humaneval_2_routing.jsonl"
 TRACE = SHARED_TRACE if SHARED_TRACE.exists() else ROOT / "tests/data/humaneval_2_routing.jsonl"
 DEFAULTS = Settings().to_dict()  # what `localmix pull` writes: 4-bit g64 experts, 8-bit trunk
-GiB = 1024**3
 
 
 def cpu_efficiency(repeats: int = 5) -> tuple[float, float, float]:
@@ -50,10 +50,10 @@ def cpu_efficiency(repeats: int = 5) -> tuple[float, float, float]:
         for _ in range(repeats):
             t = time.perf_counter()
             expert(x)
-            kernel.append(nbytes / (time.perf_counter() - t) / 1e9)
+            kernel.append(nbytes / (time.perf_counter() - t) / GB)
             t = time.perf_counter()
             block.sum()
-            read.append(block.nbytes / (time.perf_counter() - t) / 1e9)
+            read.append(block.nbytes / (time.perf_counter() - t) / GB)
     k, r = max(kernel), max(read)  # the best of each: what the hardware does when left alone
     return k, r, min(k / r, 1.0)
 

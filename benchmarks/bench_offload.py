@@ -23,6 +23,7 @@ from benchmarks.common import mini_checkpoint
 from localmix.config import MIXTRAL_8X7B, ModelConfig
 from localmix.offload import Machine, plan_for
 from localmix.trace import read_trace, replay
+from localmix.units import GiB
 
 PCIE = {"PCIe 3.0 x16": 12e9, "PCIe 4.0 x16": 24e9}  # effective host-to-device bytes/s
 CARD_FREE_GIB = {12: 11.76, 16: 15.6, 24: 23.65}  # free to CUDA on an idle 12/16/24 GB card
@@ -68,7 +69,7 @@ def mixtral_on_gpus(trace_path: Path) -> None:
         + "".join(f"{k + ' tok/s':>20}" for k in PCIE)
     )
     for gb in (12, 16, 24):
-        free = CARD_FREE_GIB[gb] * 1024**3  # what CUDA has free on such a card once started
+        free = CARD_FREE_GIB[gb] * GiB  # what CUDA has free on such a card once started
         plan = plan_for(cfg, q, None, "cuda", 4096, machine=Machine(int(free), None))
         for prefetch in (None, "cross-layer"):
             r = replay(trace, layers, plan.slots, "transition", prefetch, plan.expert_bytes)

@@ -17,7 +17,6 @@ import typer
 from localmix.cli import EXIT_INTERRUPTED, command_started
 from localmix.cli.render import (
     err,
-    human_bytes,
     os_error_line,
     prefill_progress,
     print_stats,
@@ -28,6 +27,7 @@ from rich.table import Table
 from localmix.defaults import DEFAULT_EXPERTS, DEFAULT_METHOD, DEFAULT_POLICY, DEFAULT_PREFETCH
 from localmix.defaults import QUANT_METHODS as METHODS
 from localmix.errors import LocalmixError
+from localmix.units import human_bytes
 from localmix.workflows import PULL_HINT
 
 if TYPE_CHECKING:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from rich.console import Console
 
 from localmix.events import Summary
+from localmix.units import human_bytes
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -31,14 +32,6 @@ def print_stats(summary: Summary, console: Console = err) -> None:
             f"{i}:{ls['hits']}/{ls['hits'] + ls['misses']}" for i, ls in enumerate(s["per_layer"])
         )
         console.print(f"[dim]hits per layer: {per_layer}[/dim]")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def prefill_progress(console: Console = err) -> Callable[[int, int], None]:

@@ -21,6 +21,7 @@ from .quant.linear import QuantLinear, describe_device_kernels
 from .sampling import SamplingOptions, StopMatcher, make_sampler
 from .text import valid_text
 from .tokenizer import ChatTemplate, ConversationFormat, Tokenizer
+from .units import gib
 
 if TYPE_CHECKING:
     from .hybrid import Prediction, Speeds
@@ -412,9 +413,9 @@ class Engine:
             replanned = self._plan(self.plan.budget, None, None, kv, context, mode)
             if sum(replanned.slots) < sum(self.plan.slots):
                 raise MemoryBudgetError(
-                    f"a context of {context} tokens needs {(kv - self.cache.nbytes) / 1024**3:.2f} "
-                    "GiB more device memory than the expert slots leave; load the model again "
-                    "with this --context (fewer slots), or keep a smaller one"
+                    f"a context of {context} tokens needs {gib(kv - self.cache.nbytes)} more "
+                    "device memory than the expert slots leave; load the model again with this "
+                    "--context (fewer slots), or keep a smaller one"
                 )
         self.context = context
         self.cache = self.new_cache(self.context, sinks=min(self.sinks, self.context - 1))

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from .expert_cache import ExpertCache, make_policy
+from .units import GB
 
 MODES = ("gpu", "cpu", "hybrid")
-GB = 1e9
 # Practical pinned host-to-device rate of an x16 link, by PCIe generation: about 75% of the
 # signalling rate, what copy benchmarks report on desktop boards, and the figure the rest of
 # localmix's estimates take (benchmarks/bench_offload.py).

@@ -23,6 +23,7 @@ from .config import ModelConfig
 from .errors import MemoryBudgetError, OptionError
 from .expert_cache import ExpertCache, make_policy
 from .model import MoeLayer, ResidentExperts, Transformer, route
+from .units import GiB, MiB, gib, mib
 
 if TYPE_CHECKING:
     from .hybrid import Scheduler, Speeds
@@ -31,19 +32,19 @@ ALIGN = 64  # byte alignment of each tensor inside a packed expert
 DEFAULT_PREFETCH = 1  # layers looked ahead; 2 rarely pays (see benchmarks/bench_nano.py)
 # cuBLAS workspaces and the caching allocator's rounding and fragmentation, kept out of a CUDA
 # plan (the CUDA context itself is already outside the free memory `mem_get_info` reports).
-CUDA_ALLOCATOR_BYTES = 256 * 1024**2
+CUDA_ALLOCATOR_BYTES = 256 * MiB
 # Host RAM a plan leaves to the rest of the machine beside the expert store.
-HOST_MARGIN_BYTES = 2 * 1024**3
+HOST_MARGIN_BYTES = 2 * GiB
 UNITS = {
     "": 1,
     "b": 1,
     "kb": 1024,
     "kib": 1024,
-    "mb": 1024**2,
-    "mib": 1024**2,
-    "gb": 1024**3,
-    "gib": 1024**3,
-    "tb": 1024**4,
+    "mb": MiB,
+    "mib": MiB,
+    "gb": GiB,
+    "gib": GiB,
+    "tb": 1024 * GiB,
 }
 
 
@@ -67,10 +68,6 @@ def layer_experts(moe: MoeLayer) -> list[nn.Module]:
 def first_expert(model: Transformer) -> nn.Module:
     """The first MoE layer's first expert: every expert of a model has its shape."""
     return layer_experts(model.moe_layers()[0])[0]
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1024**3:.2f} GiB"
 
 
 @dataclass(frozen=True)
@@ -159,22 +156,22 @@ class Plan:
         return {**asdict(self), "device_bytes": self.device_bytes}
 
     def __str__(self) -> str:
-        budget = _gb(self.budget) if self.budget is not None else "not limited"
+        budget = gib(self.budget) if self.budget is not None else "not limited"
         lines = [f"placement on {self.device}, budget {budget}:"]
         for part, n in self.trunk.items():
-            lines.append(f"  {part:<22}{_gb(n):>12}")
-        lines.append(f"  {'KV cache':<22}{_gb(self.kv_cache):>12}")
+            lines.append(f"  {part:<22}{gib(n):>12}")
+        lines.append(f"  {'KV cache':<22}{gib(self.kv_cache):>12}")
         for part, n in self.reserve.items():
             if n:
-                lines.append(f"  {part:<22}{_gb(n):>12}")
+                lines.append(f"  {part:<22}{gib(n):>12}")
         total_slots = sum(self.slots)
         lines.append(
-            f"  {'expert slots':<22}{_gb(total_slots * self.expert_bytes):>12}  "
-            f"({total_slots} x {self.expert_bytes / 1024**2:.1f} MiB; per layer "
+            f"  {'expert slots':<22}{gib(total_slots * self.expert_bytes):>12}  "
+            f"({total_slots} x {mib(self.expert_bytes)}; per layer "
             f"{min(self.slots)}-{max(self.slots)} of {self.experts_per_layer})"
         )
-        lines.append(f"  {'device total':<22}{_gb(self.device_bytes):>12}")
-        lines.append(f"  {'host RAM for experts':<22}{_gb(self.host_bytes):>12}")
+        lines.append(f"  {'device total':<22}{gib(self.device_bytes):>12}")
+        lines.append(f"  {'host RAM for experts':<22}{gib(self.host_bytes):>12}")
         lines += [f"  {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -231,17 +228,17 @@ def make_plan(
     limit = budget
     if free is not None and (limit is None or free < limit):
         if limit is not None:
-            notes.append(f"the budget of {_gb(limit)} is capped at the {_gb(free)} free now")
+            notes.append(f"the budget of {gib(limit)} is capped at the {gib(free)} free now")
         limit = free
     fixed = sum(trunk.values()) + kv_bytes + sum(reserve.values())
     minimum = fixed + layers * top_k * expert_bytes
     if limit is not None and limit < minimum:
         what = "free on the device" if limit == free else "in the device budget"
         raise MemoryBudgetError(
-            f"{_gb(limit)} {what} cannot hold the trunk ({_gb(sum(trunk.values()))}), the KV "
-            f"cache ({_gb(kv_bytes)}), the runtime's working memory ({_gb(sum(reserve.values()))}) "
-            f"and {top_k} experts per layer ({_gb(layers * top_k * expert_bytes)}): "
-            f"{_gb(minimum - limit)} short of the {_gb(minimum)} needed; shrink the context "
+            f"{gib(limit)} {what} cannot hold the trunk ({gib(sum(trunk.values()))}), the KV "
+            f"cache ({gib(kv_bytes)}), the runtime's working memory ({gib(sum(reserve.values()))}) "
+            f"and {top_k} experts per layer ({gib(layers * top_k * expert_bytes)}): "
+            f"{gib(minimum - limit)} short of the {gib(minimum)} needed; shrink the context "
             "or free the GPU"
         )
     total = layers * (experts if max_slots is None else max_slots)
@@ -261,8 +258,8 @@ def make_plan(
     if min(per_layer) < experts and machine is not None and machine.host_free is not None:
         if host + HOST_MARGIN_BYTES > machine.host_free:
             raise MemoryBudgetError(
-                f"host RAM: the experts need {_gb(host)} in host RAM (plus {_gb(HOST_MARGIN_BYTES)} "
-                f"left to the system), {_gb(machine.host_free)} are available; close programs "
+                f"host RAM: the experts need {gib(host)} in host RAM (plus {gib(HOST_MARGIN_BYTES)} "
+                f"left to the system), {gib(machine.host_free)} are available; close programs "
                 "or use a machine with more RAM"
             )
     return Plan(
