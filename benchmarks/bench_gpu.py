@@ -149,6 +149,7 @@ def run_budget(cfg, model, tokenizer, device, budget, args, mode: str = "gpu") -
     prompt = list(range(3, 3 + args.prompt))
     s = engine.complete(prompt, temperature=0, max_tokens=args.tokens)
     stats = engine.stats()
+    assert stats is not None  # offloaded above
     row = {
         "experts": mode,
         "predicted_decode_tok_s": predicted.tokens_per_s if predicted else None,
@@ -158,8 +159,8 @@ def run_budget(cfg, model, tokenizer, device, budget, args, mode: str = "gpu") -
         "peak_device_gib": torch.cuda.max_memory_allocated(device) / GiB,
         "decode_tok_s": s.decode_tokens_per_s,
         "prefill_tok_s": s.prefill_tokens_per_s,
-        "hit_rate": stats.get("hit_rate"),
-        "link_mb_per_token": stats.get("bytes_per_token", 0) / 1e6,
+        "hit_rate": stats.summary.hit_rate,
+        "link_mb_per_token": stats.summary.bytes_per_token / 1e6,
     }
     engine.offload.close()
     torch.cuda.set_per_process_memory_fraction(1.0, device)

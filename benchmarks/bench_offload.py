@@ -51,11 +51,13 @@ def overhead_on_cpu(root: Path) -> None:
     for slots, prefetch in ((8, 0), (8, 1), (4, 0), (4, 1), (2, 1)):
         e = localmix.load(q, device="cpu", expert_slots=slots, prefetch=prefetch)
         speed = decode(e)
-        s = e.stats()
+        stats = e.stats()
+        assert stats is not None  # loaded with expert slots: offloaded
+        s = stats.summary
         print(
             f"   offloaded, {slots} slots, prefetch {prefetch}   {speed:6.1f} tok/s "
-            f"({speed / plain:.0%} of plain)   hit rate {s['hit_rate']:.3f}, "
-            f"{s['loads_per_token']:.2f} loads/token"
+            f"({speed / plain:.0%} of plain)   hit rate {s.hit_rate:.3f}, "
+            f"{s.loads_per_token:.2f} loads/token"
         )
 
 

@@ -165,7 +165,7 @@ def _events(response: http.client.HTTPResponse) -> Generator[Event, None, None]:
                 "text": "".join(pieces),
                 "token_ids": choice["token_ids"],
             }
-            yield Summary(**fields)
+            yield Summary.from_dict(fields)
         elif choice.get("token_ids"):
             pieces.append(str(text))
             yield TokenEvent(int(choice["token_ids"][0]), str(text))

@@ -21,15 +21,15 @@ def print_stats(summary: Summary, console: Console = err) -> None:
         f"{summary.decode_tokens_per_s:.1f} tok/s · stop: {summary.stop_reason} · context "
         f"{summary.context_used}/{summary.context_size}[/dim]"
     )
-    s = summary.stats
-    if s:
+    if summary.stats is not None:
+        s = summary.stats.summary
         console.print(
-            f"[dim]experts: hit rate {s['hit_rate']:.1%} · {s['loads_per_token']:.2f} loads/token · "
-            f"{human_bytes(s['bytes_per_token'])}/token moved · prefetch precision "
-            f"{s['prefetch_precision']:.1%}, recall {s['prefetch_recall']:.1%}[/dim]"
+            f"[dim]experts: hit rate {s.hit_rate:.1%} · {s.loads_per_token:.2f} loads/token · "
+            f"{human_bytes(s.bytes_per_token)}/token moved · prefetch precision "
+            f"{s.prefetch_precision:.1%}, recall {s.prefetch_recall:.1%}[/dim]"
         )
         per_layer = " ".join(
-            f"{i}:{ls['hits']}/{ls['hits'] + ls['misses']}" for i, ls in enumerate(s["per_layer"])
+            f"{i}:{ls.hits}/{ls.hits + ls.misses}" for i, ls in enumerate(summary.stats.per_layer)
         )
         console.print(f"[dim]hits per layer: {per_layer}[/dim]")
 

@@ -24,6 +24,7 @@ from .tokenizer import ChatTemplate, ConversationFormat, Tokenizer
 from .units import gib
 
 if TYPE_CHECKING:
+    from .expert_cache import OffloadStats
     from .hybrid import Prediction, Speeds
     from .offload import Machine, Offload, Plan
 
@@ -434,7 +435,7 @@ class Engine:
         layers = self.model.moe_layers()
         if self.offload is None:
             return [set(range(self.config.num_local_experts)) for _ in layers]
-        return [set(self.offload.cache.where[i]) for i in range(len(layers))]
+        return [set(self.offload.cache.resident(i)) for i in range(len(layers))]
 
     def memory(self) -> dict[str, int]:
         """Bytes in use: host (resident set) and device (allocated, or the plan's on the CPU)."""
@@ -456,10 +457,10 @@ class Engine:
             return describe_device_kernels(modules)
         return describe_cpu_kernels()
 
-    def stats(self) -> dict[str, Any]:
-        """Runtime counters: the expert cache's, when the experts are offloaded."""
+    def stats(self) -> OffloadStats | None:
+        """Runtime counters: the expert cache's, when the experts are offloaded (else None)."""
         if self.offload is None:
-            return {}
+            return None
         return self.offload.stats()
 
     def complete(self, prompt: str | Sequence[int], **sampling: Any) -> Summary:

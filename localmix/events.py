@@ -4,8 +4,10 @@ server's answer): a TokenEvent per token, then one Summary."""
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from .expert_cache import OffloadStats
 
 if TYPE_CHECKING:
     from .sampling import SamplingOptions
@@ -34,10 +36,21 @@ class Summary:
     stop_reason: str  # "eos", "length" (max_tokens), "stop" (a stop string)
     context_used: int  # KV cache slots in use afterwards
     context_size: int
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: OffloadStats | None = None  # the expert cache's, when experts are offloaded
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """The JSON shape of `run --json` and of the server's closing chunk (stats: {} when
+        no expert is offloaded)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["stats"] = self.stats.to_dict() if self.stats is not None else {}
+        return out
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> Summary:
+        """The Summary `to_dict` wrote; a missing or unknown field raises TypeError or
+        KeyError."""
+        stats = fields.get("stats")
+        return cls(**{**fields, "stats": OffloadStats.from_dict(stats) if stats else None})
 
 
 Event = TokenEvent | Summary

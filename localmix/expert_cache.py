@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 
 class Mover(Protocol):
@@ -131,6 +131,8 @@ def make_policy(name: str) -> Policy:
 
 @dataclass
 class LayerStats:
+    """One layer's running counters."""
+
     hits: int = 0
     misses: int = 0
     prefetch_hits: int = 0  # hits on experts that a prefetch brought in
@@ -144,6 +146,58 @@ class LayerStats:
     @property
     def requests(self) -> int:
         return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(self.requests, 1)
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    """An expert cache's counters over all layers, read per token where that is what matters."""
+
+    hit_rate: float
+    computed_on_host: int  # misses computed on the CPU instead of copied
+    prefetch_hits: int
+    loads_per_token: float  # demand and prefetch loads
+    bytes_per_token: float  # moved over the link
+    bytes_moved: int
+    prefetch_precision: float  # of the experts a prefetch predicted, the share then used
+    prefetch_recall: float  # of the experts used where a prediction was made, the share predicted
+    tokens: int
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One layer's slots and what its requests found."""
+
+    slots: int
+    hits: int
+    misses: int
+    prefetch_hits: int
+    loads: int  # demand and prefetch loads
+
+
+@dataclass(frozen=True)
+class OffloadStats:
+    """What serving offloaded experts has cost so far: the totals and each layer's share.
+
+    `to_dict` is the JSON shape of `run --json`'s stats and of the server's `/health` (the
+    totals' fields, then `per_layer`); `from_dict` reads it back (a client of the server).
+    """
+
+    summary: CacheSummary
+    per_layer: tuple[LayerSummary, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self.summary), "per_layer": [asdict(ls) for ls in self.per_layer]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OffloadStats:
+        """The stats `to_dict` wrote; a missing or unknown field raises TypeError or KeyError."""
+        totals = {k: v for k, v in data.items() if k != "per_layer"}
+        per_layer = tuple(LayerSummary(**ls) for ls in data["per_layer"])
+        return cls(CacheSummary(**totals), per_layer)
 
 
 @dataclass
@@ -161,23 +215,23 @@ class CacheStats:
                 setattr(out, k, getattr(out, k) + getattr(s, k))
         return out
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> CacheSummary:
         t = self.total()
         loads = t.loads + t.prefetch_loads
         tokens = max(self.tokens, 1)
-        return {
-            "hit_rate": t.hits / max(t.requests, 1),
-            "computed_on_host": t.elsewhere,
-            "prefetch_hits": t.prefetch_hits,
-            "loads_per_token": loads / tokens,
-            "bytes_per_token": loads * self.expert_bytes / tokens,
-            "bytes_moved": loads * self.expert_bytes,
-            "prefetch_precision": t.predicted_right / t.predicted if t.predicted else 0.0,
-            "prefetch_recall": (
+        return CacheSummary(
+            hit_rate=t.hit_rate,
+            computed_on_host=t.elsewhere,
+            prefetch_hits=t.prefetch_hits,
+            loads_per_token=loads / tokens,
+            bytes_per_token=loads * self.expert_bytes / tokens,
+            bytes_moved=loads * self.expert_bytes,
+            prefetch_precision=t.predicted_right / t.predicted if t.predicted else 0.0,
+            prefetch_recall=(
                 t.predicted_right / t.requested_predicted if t.requested_predicted else 0.0
             ),
-            "tokens": self.tokens,
-        }
+            tokens=self.tokens,
+        )
 
 
 class ExpertCache:
@@ -206,6 +260,14 @@ class ExpertCache:
         # the policy again where it estimates reuse (checked once: isinstance on a protocol is slow)
         self.reuse_policy = policy if isinstance(policy, ReusePolicy) else None
         self.stats = CacheStats(expert_bytes, [LayerStats() for _ in slots_per_layer])
+
+    def report(self) -> OffloadStats:
+        """The statistics so far: the totals and, per layer, its slots and counters."""
+        per_layer = tuple(
+            LayerSummary(len(held), s.hits, s.misses, s.prefetch_hits, s.loads + s.prefetch_loads)
+            for held, s in zip(self.slots, self.stats.layers, strict=True)
+        )
+        return OffloadStats(self.stats.summary(), per_layer)
 
     def resident(self, layer: int) -> list[int]:
         """The experts of `layer` that hold a device slot, ascending."""

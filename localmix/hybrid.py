@@ -291,7 +291,7 @@ def simulate(
         mode=mode,
         slots_per_layer=sum(slots) / max(layers, 1),
         tokens_per_s=n / now if now > 0 else 0.0,
-        hit_rate=total.hits / max(total.requests, 1),
+        hit_rate=total.hit_rate,
         on_cpu_per_token=total.elsewhere / n,
         copies_per_token=loads / n,
         seconds={k: v / n for k, v in parts.items()},

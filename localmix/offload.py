@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import MemoryBudgetError, OptionError
-from .expert_cache import ExpertCache, make_policy
+from .expert_cache import ExpertCache, OffloadStats, make_policy
 from .model import MoeLayer, ResidentExperts, Transformer, route
 from .units import GiB, MiB, gib, mib
 
@@ -792,20 +792,9 @@ class Offload:
             self.host.close()
         self.store.close()
 
-    def stats(self) -> dict[str, Any]:
-        s = self.cache.stats
-        out: dict[str, Any] = dict(s.summary())
-        out["per_layer"] = [
-            {
-                "slots": n,
-                "hits": ls.hits,
-                "misses": ls.misses,
-                "prefetch_hits": ls.prefetch_hits,
-                "loads": ls.loads + ls.prefetch_loads,
-            }
-            for n, ls in zip(self.plan.slots, s.layers, strict=True)
-        ]
-        return out
+    def stats(self) -> OffloadStats:
+        """The expert cache's statistics so far."""
+        return self.cache.report()
 
 
 def plan_for(

@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 import localmix
 from localmix.errors import MemoryBudgetError
+from localmix.events import Summary
+from localmix.expert_cache import ExpertCache, OffloadStats, make_policy
 from localmix.trace import read_trace, replay
 from tests.helpers import TRACE, save_reference, tiny_mixtral_config
 
@@ -88,7 +90,7 @@ def test_prefill_streams_each_expert_once_per_chunk(quantized):
 def test_stats_reach_events_and_cli(quantized):
     e = localmix.load(quantized[1], device="cpu", expert_slots=3, prefetch=1)
     summary = e.complete(IDS, temperature=0, max_tokens=8)
-    s = summary.stats
+    s = summary.to_dict()["stats"]
     for key in (
         "hit_rate",
         "loads_per_token",
@@ -100,6 +102,41 @@ def test_stats_reach_events_and_cli(quantized):
         assert key in s
     assert len(s["per_layer"]) == 3 and s["tokens"] == len(IDS) + 7
     assert 0 < s["hit_rate"] < 1 and s["bytes_per_token"] > 0
+
+
+def test_stats_keep_their_json_shape_and_read_back():
+    """run --json, the server's closing chunk and /health write the stats as a flat object
+    with `per_layer` last; a client reads them back into the same values."""
+    cache = ExpertCache([2, 3], make_policy("lru"), None, 10)
+    list(cache.request(0, [0, 1]))
+    list(cache.request(1, [1, 2]))
+    stats = cache.report()
+    data = json.loads(json.dumps(stats.to_dict()))
+    assert list(data) == [
+        "hit_rate",
+        "computed_on_host",
+        "prefetch_hits",
+        "loads_per_token",
+        "bytes_per_token",
+        "bytes_moved",
+        "prefetch_precision",
+        "prefetch_recall",
+        "tokens",
+        "per_layer",
+    ]
+    assert data["bytes_moved"] == 40 and data["tokens"] == 1
+    assert data["per_layer"][1] == {
+        "slots": 3,
+        "hits": 0,
+        "misses": 2,
+        "prefetch_hits": 0,
+        "loads": 2,
+    }
+    assert OffloadStats.from_dict(data) == stats
+    summary = Summary(2, 2, 1, "a", [5], 0.1, 20.0, 0.0, "length", 3, 64, stats)
+    assert Summary.from_dict(json.loads(json.dumps(summary.to_dict()))) == summary
+    plain = Summary(2, 2, 1, "a", [5], 0.1, 20.0, 0.0, "length", 3, 64)
+    assert plain.to_dict()["stats"] == {} and Summary.from_dict(plain.to_dict()) == plain
 
 
 def test_trace_replay_matches_known_figures():

@@ -514,10 +514,10 @@ class LocalmixApp(App):
         if "device" in mem:
             lines.append(f"device mem.  {mem['device'] / 1e6:.0f} MB")
         stats = e.stats()
-        if stats:
+        if stats is not None:
             lines.append(
-                f"expert hits  {stats['hit_rate']:.1%}  "
-                f"({stats['loads_per_token']:.1f} loads/token)"
+                f"expert hits  {stats.summary.hit_rate:.1%}  "
+                f"({stats.summary.loads_per_token:.1f} loads/token)"
             )
         else:
             lines.append("expert cache all experts resident")

@@ -232,6 +232,7 @@ def _model_status(residency: Residency) -> dict[str, Any] | None:
     engine = residency.engine
     if engine is None:
         return None
+    stats = engine.stats()
     return {
         "name": engine.name,
         "path": str(residency.path),
@@ -243,7 +244,7 @@ def _model_status(residency: Residency) -> dict[str, Any] | None:
         "plan": str(engine.plan) if engine.plan is not None else None,
         "kernels": engine.kernels(),
         "memory": engine.memory(),
-        "cache": engine.stats(),
+        "cache": stats.to_dict() if stats is not None else {},
         "expires_in_s": residency.idle_left(),
     }
 
