@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 from localmix.quant.convert import SHAPES_KEY, Settings, convert
-from localmix.quant.export import EXPERT_RE, export, integer_zero_point
+from localmix.quant.export import export, integer_zero_point
 from localmix.quant.formats import QuantizedTensor
+from localmix.quant.names import EXPERT_QWEIGHT_RE
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -40,7 +41,7 @@ def dense_checkpoint(quantized: Path, out: Path, exported: bool) -> Path:
         with safe_open(str(shard), framework="pt") as f:
             shapes = json.loads(f.metadata()[SHAPES_KEY])
             for name in f.keys():
-                m = EXPERT_RE.match(name)
+                m = EXPERT_QWEIGHT_RE.match(name)
                 if m:
                     base = m.group(1)
                     q = QuantizedTensor(

@@ -16,6 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .quant.names import EMBEDDING, checkpoint_name
+from .quant.safetensors_io import INDEX, SINGLE_FILE, shard_name, write_file
+
 if TYPE_CHECKING:  # the random builder imports them when it runs: finding nano needs neither
     import torch
 
@@ -56,13 +59,13 @@ def nano_path() -> Path:
 def builtin_model(store: Path) -> Path:
     """nano from the package; the seeded random model if the package data is missing."""
     nano = nano_path()
-    if (nano / "model.safetensors").exists():
+    if (nano / SINGLE_FILE).exists():
         return nano
     return ensure_demo(store / "demo")
 
 
 def builtin_note() -> str:
-    return NANO_NOTE if (nano_path() / "model.safetensors").exists() else RANDOM_NOTE
+    return NANO_NOTE if (nano_path() / SINGLE_FILE).exists() else RANDOM_NOTE
 
 
 def demo_tokenizer_path() -> Path:
@@ -85,20 +88,17 @@ def random_state_dict(cfg: ModelConfig, seed: int, dtype: torch.dtype) -> dict[s
             t = torch.ones(shape)
         else:
             t = torch.randn(shape, generator=gen) * 0.02
-            if name.endswith("embed_tokens.weight"):
+            if name == EMBEDDING:
                 t *= 50  # unit-scale embeddings, so the random model is not all-uniform
-        hf = name if name.startswith("lm_head") else "model." + name
-        out[hf] = t.to(dtype)
+        out[checkpoint_name(name)] = t.to(dtype)
     return out
 
 
 def write_shards(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
     """Tensors as `model.safetensors`, or as numbered shards with an index past the size given."""
-    from .safetensors_io import write_file
-
     total = sum(t.nbytes for t in tensors.values())
     if total <= max_shard_bytes:
-        write_file(folder / "model.safetensors", tensors, {"format": "pt"})
+        write_file(folder / SINGLE_FILE, tensors, {"format": "pt"})
         return
     groups: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -110,11 +110,11 @@ def write_shards(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes
         size += t.nbytes
     weight_map = {}
     for i, group in enumerate(groups):
-        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        fname = shard_name(i + 1, len(groups))
         write_file(folder / fname, group, {"format": "pt"})
         weight_map.update(dict.fromkeys(group, fname))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / INDEX).write_text(json.dumps(index, indent=2))
 
 
 def write_checkpoint(
@@ -148,7 +148,7 @@ def write_checkpoint(
 
 def ensure_demo(dst: Path) -> Path:
     """The demo checkpoint at `dst`, written there first if it is not yet."""
-    if not (dst / "model.safetensors").exists():
+    if not (dst / SINGLE_FILE).exists():
         if dst.exists():
             shutil.rmtree(dst)
         write_checkpoint(dst, DEMO_CONFIG, demo_tokenizer_path(), DEMO_SEED)

@@ -20,12 +20,13 @@ from .errors import DiskSpaceError, HubError
 from .quant.files import exclusive, free_space, is_plain_name
 from .quant.formats import QuantError
 from .quant.manifest import QUANTIZED_SIZE_RATIO
+from .quant.safetensors_io import INDEX, SUFFIX
 
 WANTED = (
     "config.json",
     "generation_config.json",
-    "*.safetensors",
-    "model.safetensors.index.json",
+    f"*{SUFFIX}",
+    INDEX,
     "tokenizer.model",
     "tokenizer_config.json",  # small; without a chat_template it marks a base model
 )
@@ -139,7 +140,7 @@ def list_files(repo: str, revision: str) -> tuple[str, list[RemoteFile]]:
                 f"the Hub listed a file {path!r} of size {size!r} in {repo}; refusing it"
             )
         files.append(RemoteFile(path, size))
-    if not any(f.name.endswith(".safetensors") for f in files):
+    if not any(f.name.endswith(SUFFIX) for f in files):
         unsafe = [f.path for f in tree if any(fnmatch.fnmatch(f.path, p) for p in REFUSED)]
         more = " (only pickle weights, which localmix never loads)" if unsafe else ""
         raise HubError(f"{repo}@{revision} has no safetensors weights{more}")
@@ -152,7 +153,7 @@ def check_space(
     """Refuse up front when the download (and the quantized copy) cannot fit on disk."""
     snapshot = repo_folder(repo) / "snapshots" / commit
     missing = sum(f.size for f in files if not (snapshot / f.name).exists())
-    weights = sum(f.size for f in files if f.name.endswith(".safetensors"))
+    weights = sum(f.size for f in files if f.name.endswith(SUFFIX))
     needs = {cache_dir(): missing}
     if quantize:
         needs[store] = needs.get(store, 0) + int(weights * QUANTIZED_SIZE_RATIO)

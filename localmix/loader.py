@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -11,64 +12,60 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .model import Rotary, Transformer
 from .quant import manifest as quant_manifest
-from .quant.files import read_index
+from .quant import safetensors_io
 from .quant.formats import QuantError
 from .quant.linear import swap_linears
 from .quant.manifest import Settings, plan_bits
-from .safetensors_io import SafetensorsFile
+from .quant.names import (
+    EMBEDDING,
+    EXPERT_RE,
+    HEAD_WEIGHT,
+    IGNORED_RE,
+    LAYER_RE,
+    PREFIX,
+    SCALES_ZEROS,
+    hf_name,
+    local_name,
+)
+from .quant.safetensors_io import SafetensorsFile
 
-UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
-EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.")
-IGNORED_RE = re.compile(r"\.rotary_emb\.inv_freq$")  # a buffer older checkpoints saved
+
+@contextmanager
+def checkpoint_errors() -> Iterator[None]:
+    """The runtime's gate onto `quant`'s file readers: what they refuse is a CheckpointError."""
+    try:
+        yield
+    except QuantError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def checkpoint_files(model_dir: Path) -> dict[str, str]:
-    """Map each tensor name to the safetensors file that should hold it (from the index, whose
-    file names are checked to stay in `model_dir`).
-
-    Without an index, every tensor of `model.safetensors` (or of each `*.safetensors`) counts.
-    """
-    try:
-        index = read_index(model_dir)
-    except QuantError as e:
-        raise CheckpointError(str(e)) from e
-    if index is not None:
-        return index
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        unsafe = [p.name for p in model_dir.iterdir() if p.suffix in UNSAFE_SUFFIXES]
-        if unsafe:
-            raise CheckpointError(
-                f"{model_dir}: only pickle checkpoints here ({', '.join(unsafe)}); localmix "
-                "loads safetensors only, since unpickling a downloaded file can run code"
-            )
-        raise CheckpointError(f"{model_dir}: no *.safetensors files here")
-    out: dict[str, str] = {}
-    for f in files:
-        for name in SafetensorsFile(f).keys():
-            out[name] = f.name
-    return out
+    """Map each tensor name to the safetensors file that should hold it
+    (`safetensors_io.weight_map`: the index's, whose file names are checked to stay in
+    `model_dir`, or every tensor of each `*.safetensors`)."""
+    with checkpoint_errors():
+        return safetensors_io.weight_map(model_dir)
 
 
-def local_name(hf_name: str) -> str:
-    """Our module path for a checkpoint tensor name (the checkpoint nests the trunk in `model.`)."""
-    return hf_name.removeprefix("model.")
+def open_file(path: Path) -> SafetensorsFile:
+    """One safetensors file of a checkpoint, its header checked (`safetensors_io.read_header`)."""
+    with checkpoint_errors():
+        return SafetensorsFile(path)
 
 
 def open_shards(model_dir: Path, weight_map: dict[str, str]) -> dict[str, SafetensorsFile]:
     """Each shard the weight map names, its header checked."""
     files: dict[str, SafetensorsFile] = {}
-    for hf_name, fname in sorted(weight_map.items(), key=lambda kv: kv[1]):
+    for tensor, fname in sorted(weight_map.items(), key=lambda kv: kv[1]):
         if fname in files:
             continue
         path = model_dir / fname
         if not path.exists():
             raise CheckpointError(
-                f"{path}: missing shard (the index puts tensor '{hf_name}' there); "
+                f"{path}: missing shard (the index puts tensor '{tensor}' there); "
                 "download the model again"
             )
-        files[fname] = SafetensorsFile(path)
+        files[fname] = open_file(path)
     return files
 
 
@@ -90,7 +87,7 @@ def check_config(cfg: ModelConfig, model_dir: Path) -> None:
                 f"{model_dir}: config.json asks for {cfg.num_local_experts} experts per layer, "
                 f"the checkpoint holds {_count(experts)}"
             )
-    embed = "model.embed_tokens.weight"
+    embed = PREFIX + EMBEDDING
     if embed not in weight_map:
         raise CheckpointError(f"{model_dir}: tensor '{embed}' is missing")
     info = open_shards(model_dir, {embed: weight_map[embed]})[weight_map[embed]].infos.get(embed)
@@ -128,30 +125,30 @@ def open_checkpoint(
     tensors: dict[str, torch.Tensor] = {}
     by_local = {local_name(n): n for n in weight_map}
     for name, (shape, dtype) in expected.items():
-        hf_name = by_local.get(name)
-        if hf_name is None:
-            raise CheckpointError(f"{model_dir}: tensor 'model.{name}' (or '{name}') is missing")
-        f = files[weight_map[hf_name]]
-        info = f.infos.get(hf_name)
+        stored = by_local.get(name)
+        if stored is None:
+            raise CheckpointError(f"{model_dir}: tensor '{PREFIX}{name}' (or '{name}') is missing")
+        f = files[weight_map[stored]]
+        info = f.infos.get(stored)
         if info is None:
-            raise CheckpointError(f"{f.path}: tensor '{hf_name}' is missing from this shard")
+            raise CheckpointError(f"{f.path}: tensor '{stored}' is missing from this shard")
         if info.shape != tuple(shape):
             raise CheckpointError(
-                f"{f.path}: tensor '{hf_name}' has shape {list(info.shape)}, "
+                f"{f.path}: tensor '{stored}' has shape {list(info.shape)}, "
                 f"the config asks for {list(shape)}"
             )
         if info.dtype.is_floating_point != dtype.is_floating_point or (
             not dtype.is_floating_point and info.dtype != dtype
         ):
             raise CheckpointError(
-                f"{f.path}: tensor '{hf_name}' holds {info.dtype}, localmix expects {dtype}"
+                f"{f.path}: tensor '{stored}' holds {info.dtype}, localmix expects {dtype}"
             )
-        tensors[name] = f.get(hf_name)
+        tensors[name] = f.get(stored)
     used = {by_local[name] for name in expected}
     unused = [
         n
         for n in weight_map
-        if n not in used and not IGNORED_RE.search(n) and not (tied and n == "lm_head.weight")
+        if n not in used and not IGNORED_RE.search(n) and not (tied and n == HEAD_WEIGHT)
     ]
     if unused:
         raise CheckpointError(
@@ -165,21 +162,14 @@ def open_checkpoint(
 def read_manifest(model_dir: Path) -> dict | None:
     """The gate for a quantized checkpoint's manifest (`quant.manifest.read_manifest`): its
     values checked, or None for a plain Hugging Face checkpoint; a CheckpointError otherwise."""
-    try:
+    with checkpoint_errors():
         return quant_manifest.read_manifest(model_dir)
-    except QuantError as e:
-        raise CheckpointError(str(e)) from e
 
 
 def quantize_modules(model: Transformer, quantization: dict) -> None:
     """Swap in QuantLinear wherever the manifest's settings put quantized weights."""
     settings = Settings.of(quantization)
     swap_linears(model, lambda name: plan_bits(hf_name(name), settings), quantization["group_size"])
-
-
-def hf_name(local: str) -> str:
-    """The checkpoint's name of a local module's weight."""
-    return (local if local.startswith("lm_head") else "model." + local) + ".weight"
 
 
 def load_transformer(
@@ -201,14 +191,12 @@ def load_transformer(
         quantize_modules(model, manifest["quantization"])
     state = model.state_dict()
     if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight")
+        state.pop(HEAD_WEIGHT)
     expected = {k: (v.shape, v.dtype) for k, v in state.items()}
-    floats = {
-        k for k, v in state.items() if v.is_floating_point() and not k.endswith("scales_zeros")
-    }
+    floats = {k for k, v in state.items() if v.is_floating_point() and not k.endswith(SCALES_ZEROS)}
     tensors = open_checkpoint(model_dir, expected, tied=cfg.tie_word_embeddings)
     if cfg.tie_word_embeddings:
-        tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+        tensors[HEAD_WEIGHT] = tensors[EMBEDDING]
     tensors = {
         k: t.to(device=device, dtype=dtype if t.is_floating_point() and k in floats else t.dtype)
         for k, t in tensors.items()

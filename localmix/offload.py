@@ -23,6 +23,7 @@ from .config import ModelConfig
 from .errors import MemoryBudgetError, OptionError
 from .expert_cache import ExpertCache, OffloadStats, make_policy
 from .model import MoeLayer, ResidentExperts, Transformer, route
+from .quant.names import TRUNK_PARTS, trunk_part
 from .units import GiB, MiB, gib, mib
 
 if TYPE_CHECKING:
@@ -178,20 +179,11 @@ class Plan:
 
 def trunk_bytes(model: Transformer) -> dict[str, int]:
     """Bytes of everything but the experts, by part."""
-    parts = {"embeddings": 0, "attention": 0, "router": 0, "norms": 0, "output head": 0}
+    parts = dict.fromkeys(TRUNK_PARTS, 0)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if ".experts." in name or name.startswith("rotary"):
-            continue
-        if name.startswith("embed_tokens"):
-            parts["embeddings"] += t.nbytes
-        elif ".self_attn." in name:
-            parts["attention"] += t.nbytes
-        elif ".gate." in name:
-            parts["router"] += t.nbytes
-        elif name.startswith("lm_head"):
-            parts["output head"] += t.nbytes
-        else:
-            parts["norms"] += t.nbytes
+        part = trunk_part(name)
+        if part is not None:
+            parts[part] += t.nbytes
     return parts
 
 

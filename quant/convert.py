@@ -26,22 +26,18 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .files import (
-    INDEX,
     LOCK,
     exclusive,
     free_space,
     is_plain_name,
-    read_index,
     read_json,
     write_atomic,
     write_json,
 )
 from .formats import QuantError, quantize_tensor
 from .manifest import (
-    EXPERT_RE,
     FORMAT_VERSION,
     MANIFEST,
     PROGRESS,
@@ -58,7 +54,15 @@ from .manifest import (
     plan_bits,
     str_map,
 )
-from .safetensors_write import write_file
+from .names import EXPERT_WEIGHT_RE, QWEIGHT, SCALES_ZEROS, expert_weights, quantized_base
+from .safetensors_io import (
+    INDEX,
+    SafetensorsError,
+    SafetensorsFile,
+    shard_name,
+    weight_map,
+    write_file,
+)
 
 COPIED_FILES = (
     "config.json",
@@ -77,28 +81,27 @@ def sha256(path: Path, chunk: int = 1 << 24) -> str:
 
 
 def source_weight_map(src: Path) -> dict[str, str]:
-    """Tensor name -> source shard: the index's (checked by `read_index`), or else every tensor
-    of every `*.safetensors` in `src`."""
-    index = read_index(src)
-    if index is not None:
-        return index
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise ConvertError(f"{src}: no *.safetensors files to convert")
-    out = {}
-    for f in files:
-        for name in open_source(f).keys():
-            out[name] = f.name
-    return out
+    """Tensor name -> source shard (`safetensors_io.weight_map`), a shard that cannot be read a
+    ConvertError."""
+    try:
+        return weight_map(src)
+    except SafetensorsError as e:
+        raise unreadable(e) from e
 
 
-def open_source(path: Path):
+def open_source(path: Path) -> SafetensorsFile:
+    """A source shard, its header checked; a missing, truncated or corrupt one is a
+    ConvertError."""
     if not path.exists():
         raise ConvertError(f"{path}: missing source shard; download the model again")
     try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ConvertError(f"{path}: corrupt or truncated safetensors file ({e})") from e
+        return SafetensorsFile(path)
+    except SafetensorsError as e:
+        raise unreadable(e) from e
+
+
+def unreadable(e: SafetensorsError) -> ConvertError:
+    return ConvertError(f"{e.path}: corrupt or truncated safetensors file ({e.reason})")
 
 
 def fingerprint(src: Path, shards: list[str], settings: Settings) -> dict:
@@ -265,7 +268,7 @@ def convert(
 
 def _convert_locked(src, dst, settings, weight_map, shards, fp, total, progress) -> dict:
     n_out = len(shards)
-    out_names = {s: f"model-{i + 1:05d}-of-{n_out:05d}.safetensors" for i, s in enumerate(shards)}
+    out_names = {s: shard_name(i + 1, n_out) for i, s in enumerate(shards)}
     record = check_destination(dst, fp)
     record = check_progress(record, list(out_names.values()), shards) if record else {}
     digests = SourceDigests(src, record.get("sources", {}))
@@ -288,15 +291,15 @@ def _convert_locked(src, dst, settings, weight_map, shards, fp, total, progress)
     # Each expert goes with the shard that holds its w1, so its three matrices stay together.
     owner = {}
     for name, shard in weight_map.items():
-        m = EXPERT_RE.match(name)
+        m = EXPERT_WEIGHT_RE.match(name)
         if m:
-            first = f"{m.group(1)}.w1.weight"
+            first = expert_weights(m.group(1))[0]
             if first not in weight_map:
                 raise ConvertError(f"{src}: expert weight '{name}' has no '{first}' beside it")
             owner[m.group(1)] = weight_map[first]
         else:
             owner[name] = shard
-    handles = {}
+    handles: dict[str, SafetensorsFile] = {}
 
     def tensor(name: str) -> torch.Tensor:
         shard = weight_map.get(name)
@@ -304,13 +307,16 @@ def _convert_locked(src, dst, settings, weight_map, shards, fp, total, progress)
             raise ConvertError(f"{src}: tensor '{name}' is missing from the checkpoint")
         if shard not in handles:
             handles[shard] = open_source(src / shard)
+        f = handles[shard]
+        if name not in f.infos:
+            raise ConvertError(f"{f.path}: cannot read tensor '{name}' (the index puts it here)")
         try:
-            w = handles[shard].get_tensor(name)
-        except SafetensorError as e:
-            raise ConvertError(f"{src / shard}: cannot read tensor '{name}' ({e})") from e
+            w = f.get(name)
+        except ValueError as e:  # the file shrank since its header was read
+            raise ConvertError(f"{f.path}: cannot read tensor '{name}' ({e})") from e
         if w.is_floating_point() and not bool(torch.isfinite(w).all()):
             raise ConvertError(
-                f"{src / shard}: tensor '{name}' holds NaN or infinite values; the checkpoint "
+                f"{f.path}: tensor '{name}' holds NaN or infinite values; the checkpoint "
                 "is broken, refusing to quantize it"
             )
         return w
@@ -335,13 +341,7 @@ def _convert_locked(src, dst, settings, weight_map, shards, fp, total, progress)
         errors: dict[str, float] = {}
         shapes: dict[str, list[int]] = {}
         names = [
-            n
-            for key in keys
-            for n in (
-                [f"{key}.{w}.weight" for w in ("w1", "w3", "w2")]
-                if key not in weight_map
-                else [key]
-            )
+            n for key in keys for n in (expert_weights(key) if key not in weight_map else [key])
         ]
         reads = sorted({weight_map.get(n, shard) for n in names} | {shard})
         before = {s: digests.identity(s) for s in reads}  # the files must not change meanwhile
@@ -352,9 +352,9 @@ def _convert_locked(src, dst, settings, weight_map, shards, fp, total, progress)
                 q = quantize_tensor(
                     w, bits=bits, group_size=settings.group_size, method=settings.method
                 )
-                base = name.removesuffix(".weight")
-                tensors[f"{base}.qweight"] = q.qweight
-                tensors[f"{base}.scales_zeros"] = q.scales_zeros
+                base = quantized_base(name)
+                tensors[base + QWEIGHT] = q.qweight
+                tensors[base + SCALES_ZEROS] = q.scales_zeros
                 assert q.error is not None  # quantize_tensor measures it
                 errors[name] = q.error
                 shapes[base] = list(q.shape)
@@ -386,7 +386,7 @@ def _convert_locked(src, dst, settings, weight_map, shards, fp, total, progress)
         if (src / name).exists():
             write_atomic(dst / name, partial(shutil.copyfile, src / name))
     errors = {k: v for d in done.values() for k, v in d["errors"].items()}
-    expert_errors = [v for k, v in errors.items() if EXPERT_RE.match(k)]
+    expert_errors = [v for k, v in errors.items() if EXPERT_WEIGHT_RE.match(k)]
     manifest = {
         "format": "localmix",
         "format_version": FORMAT_VERSION,

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 import time
@@ -51,14 +50,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .convert import check_free_space
-from .files import INDEX, read_index, read_json
+from .files import read_json
 from .formats import FIT_CHUNK, PARAM_DTYPE, QuantError, QuantizedTensor, unpack_int4
-from .manifest import EXPERT_RE as EXPERT_WEIGHT_RE
 from .manifest import MANIFEST, PROGRESS, SHAPES_KEY, Settings, check_manifest, plan_bits
-from .safetensors_write import write_file
+from .names import (
+    EXPERT_QWEIGHT_RE,
+    EXPERT_WEIGHT_RE,
+    QUANTIZED_SUFFIXES,
+    QWEIGHT,
+    SCALES_ZEROS,
+    quantized_base,
+)
+from .safetensors_io import INDEX, SafetensorsError, SafetensorsFile, read_index, write_file
 
 FORMATS = ("compressed-tensors",)
 RECORD = "localmix-export.json"  # what was exported, from what, and how far the weights moved
@@ -70,8 +75,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
-EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts\.\d+\.w[123])\.qweight$")
-QUANTIZED_SUFFIXES = (".qweight", ".scales_zeros")
 CODES = 16  # 4-bit codes 0..15
 # Not quantized in the export: vLLM matches these against its own module names (the router is
 # `block_sparse_moe.gate`, attention `self_attn.qkv_proj` / `o_proj`, the head `lm_head`).
@@ -344,7 +347,7 @@ def export(
 def trunk_bits(qweight_name: str, settings: Settings) -> int:
     """The bits of a quantized attention projection or output head (`NAME.qweight`), 0 for
     anything else."""
-    name = qweight_name.removesuffix(".qweight") + ".weight"
+    name = quantized_base(qweight_name) + ".weight"
     return 0 if EXPERT_WEIGHT_RE.match(name) else plan_bits(name, settings)
 
 
@@ -355,30 +358,32 @@ def _write(model_dir, out, config, manifest, weight_map, group_size, progress) -
     changes: dict[str, float] = {}
     for done, shard in enumerate(shards):
         try:
-            f = safe_open(str(model_dir / shard), framework="pt")
-            shapes = json.loads((f.metadata() or {}).get(SHAPES_KEY, "{}"))
-        except (SafetensorError, OSError, ValueError) as e:
+            f = SafetensorsFile(model_dir / shard)
+            shapes = json.loads(f.metadata.get(SHAPES_KEY, "{}"))
+        except SafetensorsError as e:
+            raise ExportError(f"{e.path}: unreadable shard ({e.reason})") from e
+        except ValueError as e:
             raise ExportError(f"{model_dir / shard}: unreadable shard ({e})") from e
         tensors: dict[str, torch.Tensor] = {}
-        for name in [n for n in f.keys() if weight_map.get(n) == shard]:
-            m = EXPERT_RE.match(name)
+        for name in sorted(n for n in f.keys() if weight_map.get(n) == shard):
+            m = EXPERT_QWEIGHT_RE.match(name)
             if m:
                 base = m.group(1)
-                qweight = f.get_tensor(name)
-                scales_zeros = f.get_tensor(f"{base}.scales_zeros")
+                qweight = f.get(name)
+                scales_zeros = f.get(base + SCALES_ZEROS)
                 shape = shapes.get(base, [qweight.shape[0], 2 * qweight.shape[1]])
                 q = QuantizedTensor(
                     qweight, scales_zeros, tuple(shape), torch.bfloat16, 4, group_size, "stored"
                 )
                 written, changes[f"{base}.weight"] = export_tensors(q, base)
                 tensors.update(written)
-            elif name.endswith(".qweight") and (bits := trunk_bits(name, settings)):
+            elif name.endswith(QWEIGHT) and (bits := trunk_bits(name, settings)):
                 # an 8- or 4-bit attention projection or head: written in bfloat16 as it
                 # dequantizes (vLLM would take a quantized one for the experts' scheme, and
                 # reads no quantized head from compressed-tensors checkpoints)
-                base = name.removesuffix(".qweight")
-                scales_zeros = f.get_tensor(f"{base}.scales_zeros")
-                qweight = f.get_tensor(name)
+                base = quantized_base(name)
+                scales_zeros = f.get(base + SCALES_ZEROS)
+                qweight = f.get(name)
                 width = qweight.shape[1] * (2 if bits == 4 else 1)
                 shape = shapes.get(base, [qweight.shape[0], width])
                 g = settings.group_size if bits == 4 else 0
@@ -387,16 +392,16 @@ def _write(model_dir, out, config, manifest, weight_map, group_size, progress) -
                 )
                 tensors[f"{base}.weight"] = q.dequantize()
             elif name.endswith(QUANTIZED_SUFFIXES):
-                if not name.endswith(".scales_zeros") or not (
-                    EXPERT_RE.match(name.removesuffix(".scales_zeros") + ".qweight")
-                    or trunk_bits(name.removesuffix(".scales_zeros") + ".qweight", settings)
+                qweight_name = quantized_base(name) + QWEIGHT
+                if not name.endswith(SCALES_ZEROS) or not (
+                    EXPERT_QWEIGHT_RE.match(qweight_name) or trunk_bits(qweight_name, settings)
                 ):
                     raise ExportError(
                         f"{model_dir / shard}: quantized tensor '{name}' is not an expert, "
                         "attention or output-head weight"
                     )
             else:
-                tensors[name] = f.get_tensor(name)
+                tensors[name] = f.get(name)
         write_file(
             out / shard, tensors, {"format": "pt"}
         )  # the whole directory is renamed at the end

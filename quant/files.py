@@ -1,5 +1,5 @@
 """Files the converter and the runtime share: the gates for names and JSON that come from
-outside, the checkpoint index, atomic writes, and an exclusive lock on a directory.
+outside, atomic writes, and an exclusive lock on a directory.
 
 (Here, in `quant`, because the runtime may import `quant` and not the other way round.)
 """
@@ -17,7 +17,6 @@ from pathlib import Path
 
 from .errors import QuantError
 
-INDEX = "model.safetensors.index.json"
 LOCK = ".localmix.lock"
 
 
@@ -47,26 +46,6 @@ def read_json(path: Path) -> object:
         raise QuantError(f"{path}: not valid JSON ({e})") from e
     except RecursionError as e:
         raise QuantError(f"{path}: not valid JSON (nested too deep)") from e
-
-
-def read_index(folder: Path) -> dict[str, str] | None:
-    """The weight map of `model.safetensors.index.json` (tensor name -> shard file), checked:
-    every shard is a plain file name in `folder` (a symlink there, as in the Hugging Face
-    cache, is fine). None without an index."""
-    path = folder / INDEX
-    if not path.exists():
-        return None
-    raw = read_json(path)
-    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise QuantError(f"{path}: unreadable index (no 'weight_map' of tensor names to files)")
-    for tensor, shard in weight_map.items():
-        if not is_plain_name(shard) or not shard.endswith(".safetensors"):
-            raise QuantError(
-                f"{path}: tensor '{tensor}' is put in {shard!r}, not a .safetensors file of "
-                "this directory; refusing to read it"
-            )
-    return dict(weight_map)
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:

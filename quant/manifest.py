@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .errors import QuantError
 from .files import is_plain_name, read_json
+from .names import ATTN_RE, EXPERT_WEIGHT_RE, HEAD_RE
 
 # 2: quantized tensors padded so that any shape can be stored (quant.formats); a version-1
 # model is a version-2 model whose shapes needed no padding, and is read as it is.
@@ -30,9 +31,6 @@ PROGRESS = ".localmix-progress.json"  # while a conversion is unfinished
 RESUME_KEY = "resume"  # the finished conversion's progress record, in its manifest
 LAYOUT = "localmix-tiled32-padded"  # see quant.formats; the same bytes on every machine
 SHAPES_KEY = "localmix.shapes"  # shard metadata: logical (out, in) of each quantized tensor
-EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts\.\d+)\.(w[123])\.weight$")
-ATTN_RE = re.compile(r"^model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
-HEAD_RE = re.compile(r"^lm_head\.weight$")
 # Attention projections and output head: kept 16-bit, 8-bit per channel or 4-bit grouped.
 TRUNK_FORMATS = {"bf16": 0, "int8": 8, "int4": 4}
 # The defaults, by measurement: int8 for both costs nano 3% more KL divergence than bf16 for
@@ -89,7 +87,7 @@ class Settings:
 
 def plan_bits(name: str, settings: Settings) -> int:
     """4 for expert weights, the bits asked for attention and head, 0 (kept 16-bit) otherwise."""
-    if EXPERT_RE.match(name):
+    if EXPERT_WEIGHT_RE.match(name):
         return 4
     if ATTN_RE.match(name):
         return TRUNK_FORMATS[settings.attn]

@@ -33,7 +33,7 @@ from localmix.errors import (
     TokenizerError,
 )
 from localmix.loader import read_manifest
-from localmix.safetensors_io import read_header
+from localmix.loader import open_file
 
 runner = CliRunner()
 
@@ -299,7 +299,7 @@ def test_unchanged_source_is_not_quantized_again(model, tmp_path):
     ],
 )
 def test_non_finite_weights_are_refused_at_quantize(model, tmp_path, tensor, value):
-    from localmix.safetensors_io import SafetensorsFile, write_file
+    from localmix.quant.safetensors_io import SafetensorsFile, write_file
 
     index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
     path = model / index[tensor]
@@ -353,7 +353,7 @@ def test_quantize_refuses_a_source_its_config_does_not_describe(model, tmp_path)
 
 
 def test_unused_tensors_are_an_error(model):
-    from localmix.safetensors_io import SafetensorsFile, write_file
+    from localmix.quant.safetensors_io import SafetensorsFile, write_file
 
     path = shards(model)[-1]
     f = SafetensorsFile(path)
@@ -445,7 +445,7 @@ def test_malformed_safetensors_headers(model, kind):
         mutated["__metadata__"] = metadata
     rewrite_header(path, mutated)
     with pytest.raises(CheckpointError, match=path.name):
-        read_header(path)
+        open_file(path)
     one_line_error(invoke("run", str(model), "hi", "--max-tokens", "1"), path.name)
 
 
@@ -453,7 +453,7 @@ def test_deeply_nested_header(model):
     path = shards(model)[0]
     rewrite_header(path, None, raw=b"[" * 200_000 + b"]" * 200_000)
     with pytest.raises(CheckpointError, match="nested too deep"):
-        read_header(path)
+        open_file(path)
     one_line_error(invoke("show", str(model)), "nested too deep")
 
 

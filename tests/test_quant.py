@@ -348,7 +348,7 @@ def test_converted_model_loads_and_stays_close(source, tmp_path):
     assert kl < 0.05
     assert q.complete("x", max_tokens=5, temperature=0).generated_tokens == 5
     # the quantized files keep each expert's tensors adjacent
-    from localmix.safetensors_io import read_header
+    from localmix.quant.safetensors_io import read_header
 
     names = []
     for shard in sorted((tmp_path / "q").glob("model-*.safetensors")):
@@ -395,7 +395,7 @@ def test_a_model_of_any_shape_converts_and_runs(tmp_path, monkeypatch):
     save_reference(src, config, dtype=torch.bfloat16)
     manifest = convert(src, tmp_path / "q", Settings(attn="int8", lm_head="int8"))
     assert manifest["format_version"] == 2
-    from localmix.safetensors_io import read_header
+    from localmix.quant.safetensors_io import read_header
 
     infos, meta = read_header(next((tmp_path / "q").glob("model-*.safetensors")))
     shapes = json.loads(meta[SHAPES_KEY])
