@@ -10,8 +10,11 @@ its hash and the hashes of the source shards it was made from are recorded in
 `.localmix-progress.json`; a rerun skips shards whose output and sources are unchanged, and
 redoes the others (a source changed in place, with the same sizes, is quantized again). The
 manifest, written last, marks the output complete and takes the progress record in (a finished
-model has no progress file; a rerun still finds what it needs to skip the work). The source is only ever read; one conversion
-at a time writes into a destination (a lock file in it).
+model has no progress file; a rerun still finds what it needs to skip the work). The source is
+only ever read; one conversion at a time writes into a destination (a lock file in it).
+
+`convert` is the list of steps: `plan_conversion` (check everything, refuse before writing),
+`resume` (what an earlier run left), `start`, `convert_shard` for each shard, `finish`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -64,6 +68,7 @@ from .safetensors_io import (
     write_file,
 )
 
+Progress = Callable[[int, int, str], None]  # (source bytes done, total, what)
 COPIED_FILES = (
     "config.json",
     "generation_config.json",
@@ -72,12 +77,304 @@ COPIED_FILES = (
 )
 
 
-def sha256(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    settings: Settings | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Quantize the checkpoint in `src` into `dst` with `settings` (default: `Settings()`);
+    returns the manifest.
+
+    `progress(done_bytes, total_bytes, what)` is called as source bytes are processed. Only
+    `dst` is written; a second conversion into it waits for the first to finish.
+    """
+    plan = plan_conversion(Path(src), Path(dst), check_settings(settings or Settings()))
+    with exclusive(plan.dst, partial(report_waiting, plan, progress)):
+        run = resume(plan)
+        finished = finished_manifest(plan, run)
+        if finished is not None:
+            return finished
+        start(plan, run)
+        source = SourceTensors(plan.src, plan.weight_map)
+        for shard in plan.shards:
+            convert_shard(plan, run, source, shard, progress)
+        return finish(plan, run)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A conversion, checked before anything is written: what is read and what is written."""
+
+    src: Path
+    dst: Path
+    settings: Settings
+    weight_map: dict[str, str]  # tensor name -> source shard
+    shards: list[str]  # the source shards, sorted; one output shard each
+    out_names: dict[str, str]  # source shard -> output shard
+    tensors: dict[str, list[str]]  # source shard -> the tensors its output holds, in order
+    fingerprint: dict
+    total: int  # bytes of the source shards
+
+
+def plan_conversion(src: Path, dst: Path, settings: Settings) -> Plan:
+    """Check the source (its config, index and every shard's header), the destination and the
+    free space, and work out which tensors go into which output shard: a conversion that cannot
+    go ahead is refused here, before anything is written."""
+    if src.resolve() == dst.resolve():
+        raise ConvertError("the destination must differ from the source")
+    if not (src / "config.json").exists():
+        raise ConvertError(f"{src}: no config.json; is this a model directory?")
+    if (src / MANIFEST).exists():
+        raise ConvertError(f"{src} is already a quantized model; convert its source instead")
+    weights = source_weight_map(src)
+    shards = sorted(set(weights.values()))
+    for s in shards:
+        open_source(src / s)  # a missing or truncated shard fails here, before any writing
+    fp = fingerprint(src, shards, settings)
+    total = sum((src / s).stat().st_size for s in shards)
+    if not check_destination(dst, fp).get("complete"):  # refuse before writing anything
+        check_free_space(dst, int(total * QUANTIZED_SIZE_RATIO))
+    return Plan(
+        src,
+        dst,
+        settings,
+        weights,
+        shards,
+        {s: shard_name(i + 1, len(shards)) for i, s in enumerate(shards)},
+        output_tensors(src, weights, shards),
+        fp,
+        total,
+    )
+
+
+def output_tensors(src: Path, weights: dict[str, str], shards: list[str]) -> dict[str, list[str]]:
+    """The tensors each output shard holds, by source shard, in the order written. Each expert
+    goes with the shard that holds its w1, its three matrices together (so they stay adjacent)."""
+    owner = {}
+    for name, shard in weights.items():
+        m = EXPERT_WEIGHT_RE.match(name)
+        if m:
+            first = expert_weights(m.group(1))[0]
+            if first not in weights:
+                raise ConvertError(f"{src}: expert weight '{name}' has no '{first}' beside it")
+            owner[m.group(1)] = weights[first]
+        else:
+            owner[name] = shard
+    out: dict[str, list[str]] = {s: [] for s in shards}
+    for key in sorted(owner):
+        out[owner[key]] += [key] if key in weights else expert_weights(key)
+    return out
+
+
+def report_waiting(plan: Plan, progress: Progress | None) -> None:
+    """Tell `progress` that another conversion holds the destination."""
+    if progress:
+        progress(0, plan.total, f"waiting for another conversion into {plan.dst}")
+
+
+@dataclass
+class Run:
+    """A conversion under way, as its progress file records it: the output shards done (by an
+    earlier run or this one) and the source shards' digests."""
+
+    fingerprint: dict
+    digests: SourceDigests
+    done: dict[str, dict]  # output shard -> {"sha256", "size", "source", "reads", ...}
+    complete: bool  # an earlier run finished
+    processed: int = 0  # source bytes through, this run
+
+    def record(self) -> dict:
+        """The progress file's content."""
+        return {"fingerprint": self.fingerprint, "sources": self.digests.known, "shards": self.done}
+
+
+def resume(plan: Plan) -> Run:
+    """What an earlier run of the same conversion left in the destination that can be kept
+    (read again under the lock: the earlier run may have just finished)."""
+    record = check_destination(plan.dst, plan.fingerprint)
+    record = check_progress(record, list(plan.out_names.values()), plan.shards) if record else {}
+    return Run(
+        plan.fingerprint,
+        SourceDigests(plan.src, record.get("sources", {})),
+        record.get("shards", {}),
+        bool(record.get("complete")),
+    )
+
+
+def finished_manifest(plan: Plan, run: Run) -> dict | None:
+    """The manifest of a finished conversion whose source shards are unchanged, or None."""
+    if (
+        run.complete
+        and set(run.done) == set(plan.out_names.values())
+        and all(run.digests.match(d["reads"]) for d in run.done.values())
+    ):
+        try:
+            return check_manifest(read_json(plan.dst / MANIFEST), plan.dst / MANIFEST)
+        except QuantError:
+            pass  # written again
+    return None
+
+
+def start(plan: Plan, run: Run) -> None:
+    """Mark the destination unfinished: no manifest (not loadable while shards change), no
+    temporary file of a run that was killed, a progress file."""
+    (plan.dst / MANIFEST).unlink(missing_ok=True)
+    for stale in plan.dst.glob(".*.tmp"):
+        stale.unlink()
+    write_json(plan.dst / PROGRESS, run.record())
+
+
+class SourceTensors:
+    """The source checkpoint's tensors by name, each checked finite; a shard is opened when
+    first read."""
+
+    def __init__(self, src: Path, weights: dict[str, str]) -> None:
+        self.src = src
+        self.weights = weights
+        self.files: dict[str, SafetensorsFile] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        shard = self.weights.get(name)
+        if shard is None:
+            raise ConvertError(f"{self.src}: tensor '{name}' is missing from the checkpoint")
+        if shard not in self.files:
+            self.files[shard] = open_source(self.src / shard)
+        f = self.files[shard]
+        if name not in f.infos:
+            raise ConvertError(f"{f.path}: cannot read tensor '{name}' (the index puts it here)")
+        try:
+            w = f.get(name)
+        except ValueError as e:  # the file shrank since its header was read
+            raise ConvertError(f"{f.path}: cannot read tensor '{name}' ({e})") from e
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            raise ConvertError(
+                f"{f.path}: tensor '{name}' holds NaN or infinite values; the "
+                "checkpoint is broken, refusing to quantize it"
+            )
+        return w
+
+
+def convert_shard(
+    plan: Plan, run: Run, source: SourceTensors, shard: str, progress: Progress | None
+) -> None:
+    """Quantize and write the output shard made from source `shard` and record it in the
+    progress file, unless an earlier run wrote it from the same source bytes."""
+    out_name = plan.out_names[shard]
+    out = plan.dst / out_name
+    run.processed += (plan.src / shard).stat().st_size
+    previous = run.done.get(out_name)
+    if (
+        previous
+        and run.digests.match(previous["reads"])
+        and out.is_file()
+        and sha256(out) == previous["sha256"]
+    ):
+        if progress:
+            progress(run.processed, plan.total, f"{out_name} (already done)")
+        return
+    names = plan.tensors[shard]
+    reads = sorted({plan.weight_map.get(n, shard) for n in names} | {shard})
+    before = {s: run.digests.identity(s) for s in reads}  # the files must not change meanwhile
+    tensors, errors, shapes = quantize_tensors(names, source, plan.settings)
+    read = {s: run.digests.digest(s) for s in reads}  # hashed while still in the page cache
+    if any(read[s]["identity"] != before[s] for s in reads):
+        raise ConvertError(f"{plan.src} changed while it was read; run the same command again")
+    metadata = {
+        "format": "pt",
+        "localmix": str(FORMAT_VERSION),
+        SHAPES_KEY: json.dumps(shapes, sort_keys=True),
+    }
+    write_atomic(out, partial(write_file, tensors=tensors, metadata=metadata))
+    run.done[out_name] = {
+        "sha256": sha256(out),
+        "size": out.stat().st_size,
+        "source": shard,
+        "reads": {s: read[s]["sha256"] for s in reads},
+        "errors": errors,
+        "tensors": sorted(tensors),
+    }
+    write_json(plan.dst / PROGRESS, run.record())
+    if progress:
+        progress(run.processed, plan.total, out_name)
+
+
+def quantize_tensors(
+    names: list[str], source: SourceTensors, settings: Settings
+) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, list[int]]]:
+    """An output shard's tensors, in the order of `names`: each weight `plan_bits` quantizes as
+    `NAME.qweight` and `NAME.scales_zeros`, the others as they are; with each quantized
+    weight's relative error and logical shape."""
+    tensors: dict[str, torch.Tensor] = {}
+    errors: dict[str, float] = {}
+    shapes: dict[str, list[int]] = {}
+    for name in names:
+        w = source.get(name)
+        bits = plan_bits(name, settings)
+        if bits:
+            q = quantize_tensor(
+                w, bits=bits, group_size=settings.group_size, method=settings.method
+            )
+            base = quantized_base(name)
+            tensors[base + QWEIGHT] = q.qweight
+            tensors[base + SCALES_ZEROS] = q.scales_zeros
+            assert q.error is not None  # quantize_tensor measures it
+            errors[name] = q.error
+            shapes[base] = list(q.shape)
+        else:
+            tensors[name] = w.contiguous()
+    return tensors, errors, shapes
+
+
+def finish(plan: Plan, run: Run) -> dict:
+    """Copy the source's config and tokenizer files, write the index and the manifest (the
+    mark of a finished model) and remove the progress file; returns the manifest."""
+    src, dst = plan.src, plan.dst
+    for name in COPIED_FILES:
+        if (src / name).exists():
+            write_atomic(dst / name, partial(shutil.copyfile, src / name))
+    manifest = make_manifest(plan, run)
+    index = {
+        "metadata": {"format": "localmix"},
+        "weight_map": {t: n for n, d in sorted(run.done.items()) for t in d["tensors"]},
+    }
+    write_json(dst / INDEX, index)
+    # A finished model keeps no progress file: what a rerun checks to skip the work (the
+    # sources' identities and what each shard read) goes into the manifest.
+    write_json(dst / MANIFEST, {**manifest, RESUME_KEY: {**run.record(), "complete": True}})
+    (dst / PROGRESS).unlink(missing_ok=True)
+    return manifest
+
+
+def make_manifest(plan: Plan, run: Run) -> dict:
+    """The manifest of the finished conversion: format, settings, source files, output shards
+    and the quantization errors."""
+    errors = {k: v for d in run.done.values() for k, v in d["errors"].items()}
+    expert_errors = [v for k, v in errors.items() if EXPERT_WEIGHT_RE.match(k)]
+    return {
+        "format": "localmix",
+        "format_version": FORMAT_VERSION,
+        "quantization": plan.settings.to_dict(),
+        "fingerprint": plan.fingerprint,
+        "source": {
+            "path": str(plan.src),
+            "files": {
+                s: {"size": d["identity"][2], "sha256": d["sha256"]}
+                for s, d in sorted(run.digests.known.items())
+                if s in plan.shards
+            },
+        },
+        "shards": {
+            n: {"size": d["size"], "sha256": d["sha256"]} for n, d in sorted(run.done.items())
+        },
+        "error_summary": {
+            "expert_mean_relative_error": sum(expert_errors) / max(len(expert_errors), 1),
+            "expert_worst_relative_error": max(expert_errors, default=0.0),
+            "tensors": len(errors),
+        },
+        "errors": errors,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def source_weight_map(src: Path) -> dict[str, str]:
@@ -104,6 +401,15 @@ def unreadable(e: SafetensorsError) -> ConvertError:
     return ConvertError(f"{e.path}: corrupt or truncated safetensors file ({e.reason})")
 
 
+def check_free_space(dst: Path, needed: int) -> None:
+    probe, free = free_space(dst)
+    if free < needed:
+        raise ConvertError(
+            f"not enough disk space in {probe}: the quantized model needs about "
+            f"{needed / 1e9:.1f} GB, {free / 1e9:.1f} GB are free"
+        )
+
+
 def fingerprint(src: Path, shards: list[str], settings: Settings) -> dict:
     """What identifies a conversion: the source's config, file names and sizes, and the
     settings. The shards' content is checked on top of it, shard by shard (`SourceDigests`)."""
@@ -113,6 +419,14 @@ def fingerprint(src: Path, shards: list[str], settings: Settings) -> dict:
         "source_files": {s: (src / s).stat().st_size for s in shards},
         "settings": settings.to_dict(),
     }
+
+
+def sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 class SourceDigests:
@@ -218,204 +532,3 @@ def check_destination(dst: Path, fp: dict) -> dict:
     raise ConvertError(
         f"{dst} is not empty and is not a localmix conversion; refusing to write there"
     )
-
-
-def check_free_space(dst: Path, needed: int) -> None:
-    probe, free = free_space(dst)
-    if free < needed:
-        raise ConvertError(
-            f"not enough disk space in {probe}: the quantized model needs about "
-            f"{needed / 1e9:.1f} GB, {free / 1e9:.1f} GB are free"
-        )
-
-
-def convert(
-    src: str | Path,
-    dst: str | Path,
-    settings: Settings | None = None,
-    progress: Callable[[int, int, str], None] | None = None,
-) -> dict:
-    """Quantize the checkpoint in `src` into `dst` with `settings` (default: `Settings()`);
-    returns the manifest.
-
-    `progress(done_bytes, total_bytes, what)` is called as source bytes are processed. Only
-    `dst` is written; a second conversion into it waits for the first to finish.
-    """
-    src, dst = Path(src), Path(dst)
-    settings = check_settings(settings or Settings())
-    if src.resolve() == dst.resolve():
-        raise ConvertError("the destination must differ from the source")
-    if not (src / "config.json").exists():
-        raise ConvertError(f"{src}: no config.json; is this a model directory?")
-    if (src / MANIFEST).exists():
-        raise ConvertError(f"{src} is already a quantized model; convert its source instead")
-    weight_map = source_weight_map(src)
-    shards = sorted(set(weight_map.values()))
-    for s in shards:
-        open_source(src / s)  # a missing or truncated shard fails here, before any writing
-    fp = fingerprint(src, shards, settings)
-    total = sum((src / s).stat().st_size for s in shards)
-    if not check_destination(dst, fp).get("complete"):  # refuse before writing anything
-        check_free_space(dst, int(total * QUANTIZED_SIZE_RATIO))
-
-    def waiting() -> None:
-        if progress:
-            progress(0, total, f"waiting for another conversion into {dst}")
-
-    with exclusive(dst, waiting):
-        return _convert_locked(src, dst, settings, weight_map, shards, fp, total, progress)
-
-
-def _convert_locked(src, dst, settings, weight_map, shards, fp, total, progress) -> dict:
-    n_out = len(shards)
-    out_names = {s: shard_name(i + 1, n_out) for i, s in enumerate(shards)}
-    record = check_destination(dst, fp)
-    record = check_progress(record, list(out_names.values()), shards) if record else {}
-    digests = SourceDigests(src, record.get("sources", {}))
-    done = record.get("shards", {})
-    if (
-        record.get("complete")
-        and set(done) == set(out_names.values())
-        and all(digests.match(d["reads"]) for d in done.values())
-    ):
-        try:
-            return check_manifest(read_json(dst / MANIFEST), dst / MANIFEST)
-        except QuantError:
-            pass  # written again below
-    (dst / MANIFEST).unlink(missing_ok=True)  # not loadable while shards change
-    for stale in dst.glob(".*.tmp"):  # left by a run that was killed
-        stale.unlink()
-    record = {"fingerprint": fp, "sources": digests.known, "shards": done}
-    write_json(dst / PROGRESS, record)
-
-    # Each expert goes with the shard that holds its w1, so its three matrices stay together.
-    owner = {}
-    for name, shard in weight_map.items():
-        m = EXPERT_WEIGHT_RE.match(name)
-        if m:
-            first = expert_weights(m.group(1))[0]
-            if first not in weight_map:
-                raise ConvertError(f"{src}: expert weight '{name}' has no '{first}' beside it")
-            owner[m.group(1)] = weight_map[first]
-        else:
-            owner[name] = shard
-    handles: dict[str, SafetensorsFile] = {}
-
-    def tensor(name: str) -> torch.Tensor:
-        shard = weight_map.get(name)
-        if shard is None:
-            raise ConvertError(f"{src}: tensor '{name}' is missing from the checkpoint")
-        if shard not in handles:
-            handles[shard] = open_source(src / shard)
-        f = handles[shard]
-        if name not in f.infos:
-            raise ConvertError(f"{f.path}: cannot read tensor '{name}' (the index puts it here)")
-        try:
-            w = f.get(name)
-        except ValueError as e:  # the file shrank since its header was read
-            raise ConvertError(f"{f.path}: cannot read tensor '{name}' ({e})") from e
-        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
-            raise ConvertError(
-                f"{f.path}: tensor '{name}' holds NaN or infinite values; the checkpoint "
-                "is broken, refusing to quantize it"
-            )
-        return w
-
-    processed = 0
-    for shard in shards:
-        out_name = out_names[shard]
-        keys = sorted(k for k, s in owner.items() if s == shard)
-        shard_bytes = (src / shard).stat().st_size
-        previous = done.get(out_name)
-        if (
-            previous
-            and digests.match(previous["reads"])
-            and (dst / out_name).is_file()
-            and sha256(dst / out_name) == previous["sha256"]
-        ):
-            processed += shard_bytes
-            if progress:
-                progress(processed, total, f"{out_name} (already done)")
-            continue
-        tensors: dict[str, torch.Tensor] = {}
-        errors: dict[str, float] = {}
-        shapes: dict[str, list[int]] = {}
-        names = [
-            n for key in keys for n in (expert_weights(key) if key not in weight_map else [key])
-        ]
-        reads = sorted({weight_map.get(n, shard) for n in names} | {shard})
-        before = {s: digests.identity(s) for s in reads}  # the files must not change meanwhile
-        for name in names:
-            w = tensor(name)
-            bits = plan_bits(name, settings)
-            if bits:
-                q = quantize_tensor(
-                    w, bits=bits, group_size=settings.group_size, method=settings.method
-                )
-                base = quantized_base(name)
-                tensors[base + QWEIGHT] = q.qweight
-                tensors[base + SCALES_ZEROS] = q.scales_zeros
-                assert q.error is not None  # quantize_tensor measures it
-                errors[name] = q.error
-                shapes[base] = list(q.shape)
-            else:
-                tensors[name] = w.contiguous()
-        read = {s: digests.digest(s) for s in reads}  # hashed while still in the page cache
-        if any(read[s]["identity"] != before[s] for s in reads):
-            raise ConvertError(f"{src} changed while it was read; run the same command again")
-        metadata = {
-            "format": "pt",
-            "localmix": str(FORMAT_VERSION),
-            SHAPES_KEY: json.dumps(shapes, sort_keys=True),
-        }
-        write_atomic(dst / out_name, partial(write_file, tensors=tensors, metadata=metadata))
-        done[out_name] = {
-            "sha256": sha256(dst / out_name),
-            "size": (dst / out_name).stat().st_size,
-            "source": shard,
-            "reads": {s: read[s]["sha256"] for s in reads},
-            "errors": errors,
-            "tensors": sorted(tensors),
-        }
-        write_json(dst / PROGRESS, record)
-        processed += shard_bytes
-        if progress:
-            progress(processed, total, out_name)
-
-    for name in COPIED_FILES:
-        if (src / name).exists():
-            write_atomic(dst / name, partial(shutil.copyfile, src / name))
-    errors = {k: v for d in done.values() for k, v in d["errors"].items()}
-    expert_errors = [v for k, v in errors.items() if EXPERT_WEIGHT_RE.match(k)]
-    manifest = {
-        "format": "localmix",
-        "format_version": FORMAT_VERSION,
-        "quantization": settings.to_dict(),
-        "fingerprint": fp,
-        "source": {
-            "path": str(src),
-            "files": {
-                s: {"size": d["identity"][2], "sha256": d["sha256"]}
-                for s, d in sorted(digests.known.items())
-                if s in shards
-            },
-        },
-        "shards": {n: {"size": d["size"], "sha256": d["sha256"]} for n, d in sorted(done.items())},
-        "error_summary": {
-            "expert_mean_relative_error": sum(expert_errors) / max(len(expert_errors), 1),
-            "expert_worst_relative_error": max(expert_errors, default=0.0),
-            "tensors": len(errors),
-        },
-        "errors": errors,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    index = {
-        "metadata": {"format": "localmix"},
-        "weight_map": {t: n for n, d in sorted(done.items()) for t in d["tensors"]},
-    }
-    write_json(dst / INDEX, index)
-    # A finished model keeps no progress file: what a rerun checks to skip the work (the
-    # sources' identities and what each shard read) goes into the manifest.
-    write_json(dst / MANIFEST, {**manifest, RESUME_KEY: {**record, "complete": True}})
-    (dst / PROGRESS).unlink(missing_ok=True)
-    return manifest
