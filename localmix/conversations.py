@@ -26,6 +26,11 @@ NAME_RE = re.compile(r"^[\w.-]{1,100}$")
 ROLES = ("user", "assistant")
 
 
+def clock(tz: timezone | None = None) -> datetime:
+    """The time conversations are dated and named by: now (tests set a fixed one)."""
+    return datetime.now(tz)
+
+
 def conversations_dir() -> Path:
     return home() / "conversations"
 
@@ -57,7 +62,7 @@ class Conversation:
         """Write the conversation to its file (atomically); an OSError becomes a LocalmixError."""
         path = conversation_path(self.name)
         # microseconds: saves within one second still sort newest first (`run -c`)
-        self.updated = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        self.updated = clock(timezone.utc).isoformat(timespec="microseconds")
         tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,4 +206,4 @@ def rename_conversation(old: str, new: str, *, force: bool = False) -> Path:
 
 
 def new_name() -> str:
-    return datetime.now().strftime("chat-%Y%m%d-%H%M%S-%f")
+    return clock().strftime("chat-%Y%m%d-%H%M%S-%f")

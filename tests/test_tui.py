@@ -9,6 +9,7 @@ import pytest
 from localmix.tui.app import LocalmixApp, PromptArea
 
 import localmix
+from localmix import conversations
 from localmix.conversations import Conversation, list_conversations
 from localmix.tokenizer import ChatTemplate
 
@@ -205,9 +206,9 @@ async def test_a_model_error_is_shown_and_the_app_goes_on(engine, monkeypatch):
 def deterministic(engine, monkeypatch):
     """Fixed clock and memory figures, so the stats panel renders the same every run."""
     clock = itertools.count(0, 0.02)
-    monkeypatch.setattr("localmix.engine.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr(engine, "clock", lambda: next(clock))
     monkeypatch.setattr(engine, "memory", lambda: {"host": 300_000_000})
-    monkeypatch.setattr("localmix.conversations.datetime", FixedClock)
+    monkeypatch.setattr(conversations, "clock", FixedClock.now)
     return engine
 
 
