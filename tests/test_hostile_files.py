@@ -23,8 +23,9 @@ from localmix.quant.convert import ConvertError, Settings, convert
 from typer.testing import CliRunner
 
 import localmix
+from benchmarks.common import mixtral_config
 from localmix import store
-from localmix.demo import DEMO_CONFIG, demo_tokenizer_path, write_checkpoint
+from localmix.demo import demo_tokenizer_path, write_checkpoint
 from localmix.errors import (
     CheckpointError,
     ConfigError,
@@ -32,13 +33,11 @@ from localmix.errors import (
     ModelNotFoundError,
     TokenizerError,
 )
-from localmix.loader import read_manifest
-from localmix.loader import open_file
+from localmix.loader import open_file, read_manifest
 
 runner = CliRunner()
 
-TINY = dict(
-    DEMO_CONFIG,
+TINY = mixtral_config(
     hidden_size=32,
     intermediate_size=64,
     num_hidden_layers=2,

@@ -147,11 +147,12 @@ def test_weights_are_views_of_the_file(tiny_mixtral):
 
 def test_peak_rss_while_loading_is_bounded(tmp_path):
     """Load and run a ~160 MB bf16 checkpoint in a fresh process: RSS grows < 1.3x its size."""
-    from localmix.demo import DEMO_CONFIG, demo_tokenizer_path, write_checkpoint
+    from benchmarks.common import mixtral_config
+    from localmix.demo import demo_tokenizer_path, write_checkpoint
 
-    cfg = dict(DEMO_CONFIG, hidden_size=512, intermediate_size=1536, num_hidden_layers=4)
+    cfg = mixtral_config(hidden_size=512, intermediate_size=1536, num_hidden_layers=4)
     write_checkpoint(tmp_path / "m", cfg, demo_tokenizer_path(), seed=0)
-    write_checkpoint(tmp_path / "warm", DEMO_CONFIG, demo_tokenizer_path(), seed=0)
+    write_checkpoint(tmp_path / "warm", mixtral_config(), demo_tokenizer_path(), seed=0)
     script = textwrap.dedent(
         f"""
         import json

