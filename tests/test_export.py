@@ -19,8 +19,8 @@ from localmix.cli.main import app
 from localmix.quant.convert import convert
 from localmix.quant.export import RECORD, export, integer_zero_point, localmix_parts
 from localmix.quant.formats import QuantError, QuantizedTensor
-from localmix.quant.names import EXPERT_WEIGHT_RE
 from localmix.quant.manifest import MANIFEST, PROGRESS, SHAPES_KEY, Settings, plan_bits
+from localmix.quant.names import EXPERT_WEIGHT_RE
 from safetensors import safe_open
 from typer.testing import CliRunner
 

@@ -347,9 +347,9 @@ def test_copies_through_the_staging_buffer_land_repacked_in_their_slot(quantized
 
     def reverse_bytes(module):
         for m in module.modules():
-            for name, t in list(m._buffers.items()):
-                if t is not None and t.dtype == torch.uint8:
-                    m._buffers[name] = t.flip(-1).contiguous()
+            for name, t in list(m.named_buffers(recurse=False)):
+                if t.dtype == torch.uint8:
+                    setattr(m, name, t.flip(-1).contiguous())
 
     monkeypatch.setattr(linear_module, "use_device_kernels", reverse_bytes)
     e = localmix.load(quantized, device="cpu")
