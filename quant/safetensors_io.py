@@ -54,6 +54,9 @@ class SafetensorsError(QuantError):
         self.path = path
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:  # pickled as it was made
+        return type(self), (self.path, self.reason)
+
 
 def shard_name(i: int, n: int) -> str:
     """The Hugging Face name of shard `i` (from 1) of `n`."""
