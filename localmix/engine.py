@@ -87,7 +87,7 @@ class Engine:
     def new_cache(
         self, window: int, *, sinks: int = 0, capacity: int | None = None
     ) -> RollingKVCache:
-        """A KV cache shaped for this model (window, attention sinks, slots)."""
+        """A KV cache shaped for this model (window, attention sinks, capacity)."""
         cfg = self.config
         return RollingKVCache(
             cfg.num_hidden_layers,
@@ -372,7 +372,7 @@ class Engine:
     def _plan(
         self,
         budget: int | None,
-        slots: int | None,
+        max_slots: int | None,
         machine: Machine | None,
         kv_bytes: int,
         context: int,
@@ -393,7 +393,7 @@ class Engine:
             context,
             self.dtype,
             machine=machine,
-            max_slots=slots,
+            max_slots=max_slots,
             fused_int4=cuda and cuda_int4_kernel(self.device),
             mode=mode,
         )

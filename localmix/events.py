@@ -34,7 +34,7 @@ class Summary:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     stop_reason: str  # "eos", "length" (max_tokens), "stop" (a stop string)
-    context_used: int  # KV cache slots in use afterwards
+    context_used: int  # KV cache positions in use afterwards
     context_size: int
     stats: OffloadStats | None = None  # the expert cache's, when experts are offloaded
 

@@ -68,8 +68,8 @@ class Transition:
 
     Per layer, an online count of how often expert b follows expert a at the next token,
     smoothed toward each expert's recency-weighted frequency. Routing has memory (adjacent
-    tokens share ~40% of experts in Mixtral), and which experts follow which is stable within
-    a text; LRU keeps only the first half of that. Scores depend on counts, so the policy
+    tokens share many of their experts in Mixtral), and which experts follow which is stable
+    within a text; LRU keeps only the first half of that. Scores depend on counts, so the policy
     adapts to any model without tuning.
     """
 
@@ -241,25 +241,25 @@ class ExpertCache:
     first, then each missing one after loading it into a slot whose expert is not among those
     still to be served (so a token's experts never evict each other, and a prefill chunk that
     needs more experts than there are slots streams each one once). `prefetch(layer, experts)`
-    loads predicted experts ahead of their layer.
+    loads predicted experts ahead of their layer. `slots` gives each layer's number of slots.
     """
 
     def __init__(
         self,
-        slots_per_layer: list[int],
+        slots: list[int],
         policy: Policy,
         mover: Mover | None = None,
         expert_bytes: int = 0,
     ) -> None:
-        self.slots = [[-1] * n for n in slots_per_layer]
-        self.where: list[dict[int, int]] = [{} for _ in slots_per_layer]
-        self.prefetched: list[set[int]] = [set() for _ in slots_per_layer]
-        self.predicted: list[set[int]] = [set() for _ in slots_per_layer]
-        self.predicted_any = [False] * len(slots_per_layer)
+        self.slots = [[-1] * n for n in slots]  # the expert in each slot, -1 if free
+        self.where: list[dict[int, int]] = [{} for _ in slots]
+        self.prefetched: list[set[int]] = [set() for _ in slots]
+        self.predicted: list[set[int]] = [set() for _ in slots]
+        self.predicted_any = [False] * len(slots)
         self.policy, self.mover = policy, mover
         # the policy again where it estimates reuse (checked once: isinstance on a protocol is slow)
         self.reuse_policy = policy if isinstance(policy, ReusePolicy) else None
-        self.stats = CacheStats(expert_bytes, [LayerStats() for _ in slots_per_layer])
+        self.stats = CacheStats(expert_bytes, [LayerStats() for _ in slots])
 
     def report(self) -> OffloadStats:
         """The statistics so far: the totals and, per layer, its slots and counters."""

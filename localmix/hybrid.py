@@ -28,8 +28,8 @@ from .expert_cache import ExpertCache, make_policy
 from .units import GB
 
 MODES = ("gpu", "cpu", "hybrid")
-# Practical pinned host-to-device rate of an x16 link, by PCIe generation: about 75% of the
-# signalling rate, what copy benchmarks report on desktop boards, and the figure the rest of
+# Practical pinned host-to-device rate of an x16 link, by PCIe generation: below the
+# signalling rate, as copy benchmarks report it on desktop boards, and the figure the rest of
 # localmix's estimates take (benchmarks/bench_offload.py).
 PCIE_GBPS = {3: 12.0, 4: 24.0, 5: 48.0}
 # Share of a card's memory bandwidth that a one-token 4-bit product reaches (PyTorch's fused
@@ -218,10 +218,10 @@ MACHINES = {
 
 @dataclass
 class Prediction:
-    """What the simulator predicts for one mode and slot count."""
+    """What the simulator predicts for one mode and plan."""
 
     mode: str
-    slots_per_layer: float
+    slots_per_layer: float  # the plan's slots, averaged over the layers
     tokens_per_s: float
     hit_rate: float
     on_cpu_per_token: float

@@ -198,7 +198,6 @@ def make_plan(
     *,
     machine: Machine | None = None,
     reserve: dict[str, int] | None = None,
-    experts_on_device: bool = True,
 ) -> Plan:
     """Give the device memory left after trunk, KV cache and runtime reserve to expert slots,
     spread over the layers, and check that the rest fits in host RAM.
@@ -206,14 +205,14 @@ def make_plan(
     The memory planned for is the `budget` (a cap the user gave) or what `machine` says is
     free on the device, whichever is smaller: never more than is free. Every layer gets the
     same share; slots left over go to the last layers, whose routing is the hardest to
-    predict ahead of time. A plan that cannot work is refused with the numbers, before
-    anything is allocated: fewer than top_k slots per layer on the device, or an expert store
-    larger than the host RAM available. Without `experts_on_device` (every expert computed on
-    the CPU) the device holds no slots.
+    predict ahead of time; `max_slots` caps each layer's slots (0: every expert is computed on
+    the CPU, the device holds none). A plan that cannot work is refused with the numbers,
+    before anything is allocated: fewer than top_k slots per layer on the device, or an expert
+    store larger than the host RAM available.
     """
     layers, experts, top_k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
-    if not experts_on_device:
-        max_slots, top_k = 0, 0
+    if max_slots == 0:
+        top_k = 0
     reserve = dict(reserve or {})
     notes = []
     free = machine.device_free if machine is not None else None
@@ -236,27 +235,25 @@ def make_plan(
     total = layers * (experts if max_slots is None else max_slots)
     if limit is not None:
         total = min((limit - fixed) // expert_bytes, total)
-    per_layer = [min(total // layers, experts)] * layers
-    extra = total - sum(per_layer)
+    slots = [min(total // layers, experts)] * layers
+    extra = total - sum(slots)
     for i in reversed(range(layers)):
         if extra <= 0:
             break
-        if per_layer[i] < experts:
-            per_layer[i] += 1
+        if slots[i] < experts:
+            slots[i] += 1
             extra -= 1
-    if not experts_on_device:
+    if max_slots == 0:
         notes.append("every expert is computed on the CPU: the device holds the trunk only")
     host = layers * experts * expert_bytes
-    if min(per_layer) < experts and machine is not None and machine.host_free is not None:
+    if min(slots) < experts and machine is not None and machine.host_free is not None:
         if host + HOST_MARGIN_BYTES > machine.host_free:
             raise MemoryBudgetError(
                 f"host RAM: the experts need {gib(host)} in host RAM (plus {gib(HOST_MARGIN_BYTES)} "
                 f"left to the system), {gib(machine.host_free)} are available; close programs "
                 "or use a machine with more RAM"
             )
-    return Plan(
-        device, limit, trunk, kv_bytes, reserve, expert_bytes, experts, per_layer, host, notes
-    )
+    return Plan(device, limit, trunk, kv_bytes, reserve, expert_bytes, experts, slots, host, notes)
 
 
 @dataclass(frozen=True)
@@ -871,8 +868,7 @@ def plan_model(
         kv_bytes,
         budget,
         device,
-        max_slots,
+        0 if mode == "cpu" else max_slots,
         machine=machine,
         reserve=reserve,
-        experts_on_device=mode != "cpu",
     )
