@@ -190,6 +190,7 @@ class OffloadStats:
     per_layer: tuple[LayerSummary, ...]
 
     def to_dict(self) -> dict[str, Any]:
+        """The totals' fields, then `per_layer`: a list of each layer's."""
         return {**asdict(self.summary), "per_layer": [asdict(ls) for ls in self.per_layer]}
 
     @classmethod
@@ -209,6 +210,7 @@ class CacheStats:
     tokens: int = 0
 
     def total(self) -> LayerStats:
+        """Every layer's counters summed."""
         out = LayerStats()
         for s in self.layers:
             for k in vars(out):
@@ -216,6 +218,7 @@ class CacheStats:
         return out
 
     def summary(self) -> CacheSummary:
+        """The totals over all layers, per token where that is what matters."""
         t = self.total()
         loads = t.loads + t.prefetch_loads
         tokens = max(self.tokens, 1)
