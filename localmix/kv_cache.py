@@ -35,13 +35,24 @@ class CacheStep:
     the new positions once the call has gone through every layer."""
 
     cache: RollingKVCache
-    positions: torch.Tensor  # (n,) absolute positions of the new tokens
-    slots: torch.Tensor  # (n,) where they are written
-    concat: bool  # attend over buffer + new keys, then write (a multi-token chunk that wraps)
-    key_positions: torch.Tensor  # (keys,) positions of the keys attended
-    mask: torch.Tensor | None  # (n, keys) bool, None when every key is visible to the one query
+    n: int  # new tokens
+    first_slot: int  # where the first new token is written, as a Python int
     used: int  # slots in use after the write (a prefix of the buffer)
-    first_slot: int  # slots[0] as a Python int, read once for all layers
+    mask: torch.Tensor | None = None  # (n, keys) bool; None: every key visible to the one query
+    concat: bool = False  # attend over buffer + new keys, then write (a chunk that wraps)
+    # (n,) absolute positions of the new tokens and their slots; None for one token that sees
+    # every key, whose bookkeeping is done in Python integers
+    positions: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+
+    def single(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
+        """For a step of one token that sees every cached key (the usual decode step): this
+        layer's key and value buffers (kv_heads, capacity, head_dim), the slot the token's key
+        and value go to, and how many slots it attends (0..used-1, its own included). None for
+        any other step, which goes through `update_and_fetch`."""
+        if self.slots is not None:
+            return None
+        return self.cache.k[layer], self.cache.v[layer], self.first_slot, self.used
 
     def update_and_fetch(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -55,6 +66,7 @@ class CacheStep:
         if self.concat:
             keys = torch.cat([keys_of, k], dim=1)
             values = torch.cat([values_of, v], dim=1)
+            assert self.slots is not None  # a chunk that wraps has several tokens
             keys_of[:, self.slots] = k
             values_of[:, self.slots] = v
             return keys, values, self.mask
@@ -63,6 +75,7 @@ class CacheStep:
             keys_of[:, slot : slot + 1] = k
             values_of[:, slot : slot + 1] = v
         else:
+            assert self.slots is not None  # several tokens
             keys_of[:, self.slots] = k
             values_of[:, self.slots] = v
         return keys_of[:, : self.used], values_of[:, : self.used], self.mask
@@ -154,6 +167,12 @@ class RollingKVCache:
         limit = max(self.max_chunk, self.capacity - self.next_pos)
         if not 0 < n <= limit:
             raise ValueError(f"chunk of {n} tokens; the cache takes 1..{limit} now")
+        if n == 1 and (self.next_pos < self.window or self.capacity <= self.window):
+            # One token that sees every key: either no key has left the window yet, or the
+            # buffer holds no more than the window (see the class docstring).
+            pos = self.next_pos
+            slot = pos if pos < self.sinks else self.sinks + (pos - self.sinks) % self.max_chunk
+            return CacheStep(self, 1, slot, min(pos + 1, self.capacity))
         dev = self.slot_pos.device
         positions = torch.arange(self.next_pos, self.next_pos + n, device=dev)
         slots = slot_of(positions, self.sinks, self.capacity)
@@ -169,9 +188,12 @@ class RollingKVCache:
         allowed = attention_allowed(positions, key_positions, self.window, self.sinks)
         mask = None if n == 1 and bool(allowed.all()) else allowed  # None: every key visible
         first = int(slots[0])  # once per step, not once per layer
-        return CacheStep(self, positions, slots, concat, key_positions, mask, used, first)
+        return CacheStep(self, n, first, used, mask, concat, positions, slots)
 
     def _record(self, step: CacheStep) -> None:
         """The step's positions are in every layer now: they hold their slots."""
-        self.slot_pos[step.slots] = step.positions
-        self.next_pos += len(step.positions)
+        if step.slots is None or step.positions is None:  # one token, in Python integers
+            self.slot_pos[step.first_slot] = self.next_pos
+        else:
+            self.slot_pos[step.slots] = step.positions
+        self.next_pos += step.n

@@ -111,3 +111,24 @@ def test_context_stays_bounded_in_long_generation(tiny_mixtral):
     s = engine.complete(list(range(3, 40)), temperature=0.8, seed=1, max_tokens=40)
     assert s.context_size == 16 and s.context_used == 16
     assert engine.cache.k.shape[2] == 16
+
+
+@pytest.mark.parametrize(
+    ("window", "capacity", "sinks"), [(8, 8, 0), (8, 8, 2), (8, 12, 0), (8, 12, 3), (6, 20, 1)]
+)
+def test_one_token_step_is_single_exactly_when_every_key_is_visible(window, capacity, sinks):
+    """A one-token step takes the Python-integer bookkeeping (`single`) exactly when the mask of
+    the general case would let it see every key, and then writes where that case writes."""
+    cache = RollingKVCache(1, 1, 8, window, sinks=sinks, capacity=capacity)
+    for pos in range(3 * capacity):
+        with cache.step(1) as step:
+            new = torch.full((1, 1, 8), float(pos))
+            _, _, mask = step.update_and_fetch(0, new, new)
+            single = step.single(0)
+        keys = cache.slot_pos[: step.used]  # the positions the new token attended
+        visible = attention_allowed(torch.tensor([pos]), keys, window, sinks)
+        assert (single is not None) == bool(visible.all()), pos
+        if single is not None:
+            _, _, slot, used = single
+            assert mask is None and used == step.used and int(cache.slot_pos[slot]) == pos
+            assert cache.k[0, 0, slot, 0] == pos
