@@ -517,12 +517,14 @@ def random_expert(cfg, quantization: dict | None, dtype):
     from .loader import quantize_modules
     from .model import Transformer
     from .offload import first_expert
+    from .quant.linear import use_device_kernels
 
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)
     if quantization is not None:
         quantize_modules(model, quantization)
     expert = first_expert(model).to_empty(device="cpu")
+    use_device_kernels(expert)  # the CPU kernels a loaded model's experts run
     gen = torch.Generator().manual_seed(0)
     for t in list(expert.parameters()) + list(expert.buffers()):
         if t.dtype == torch.uint8:

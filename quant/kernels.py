@@ -1,17 +1,17 @@
 """localmix's own CPU kernels for quantized matrix-vector products, compiled once on first use.
 
 A decode step multiplies each weight by one activation row. PyTorch's int4 CPU kernel unpacks
-4-bit codes at ~7 GB/s on an AVX2 machine, slower than reading the bf16 weight it replaces.
+4-bit codes more slowly on an AVX2 machine than the bf16 weight it replaces could be read.
 `csrc/gemv_cpu.cpp` rounds 16-bit activations to int8 (per weight group for 4-bit weights,
 per 32 columns for 8-bit ones), as llama.cpp does, and multiplies 32 codes per integer
-instruction: 2-3x PyTorch's speed in 4 bits (benchmarks/bench_quant.py measures both), with
+instruction: faster than PyTorch in 4 bits (benchmarks/bench_quant.py measures both), with
 an error well below that of the quantized weights. Float32 activations (a model loaded with
 dtype="fp32") take an exact float32 path instead. The same module also runs the converter's
 scale fit (`formats.fit_groups`), eight groups per AVX2 register.
 
 The module is built with PyTorch's C++ extension machinery into TORCH_EXTENSIONS_DIR (by
 default ~/.cache/torch_extensions) the first time it is needed (a model run on the CPU, whose
-norms it computes too, or a conversion), which takes about a minute; later runs load the
+norms it computes too, or a conversion), which takes a while; later runs load the
 cached build.
 
 The kernels need AVX2 and FMA. Whether this CPU has them is read from the CPU itself when the
@@ -20,6 +20,8 @@ on a CPU without them the module is never loaded. Where the kernels cannot be bu
 C++ compiler, a CPU without AVX2 and FMA, or LOCALMIX_CPU_KERNELS=0 in the environment),
 `cpu_kernels()` returns None, `unavailable_reason()` says why, and the caller uses PyTorch's
 kernels, fed a layout packed on this machine by PyTorch's own function: slower, never wrong.
+A module asks once, when it chooses its forward (`quant.choice`), not on every call: the switch
+reaches the modules that have not run yet, or have moved since.
 """
 
 from __future__ import annotations

@@ -3,30 +3,128 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choice import Kernel, KernelChoice
 from .formats import QuantizedTensor, padded_shape, unpack_int4
 from .kernels import cpu_kernels
+from .layers import replace, swap_plain_modules
+
+# (padded activations, layer) -> (rows, out_p): one product on a format's CPU kernel
+Product = Callable[[torch.Tensor, "QuantLinear"], torch.Tensor]
 
 
-class QuantLinear(nn.Module):
+class Format:
+    """What differs between the stored formats: buffer shapes and the kernels that read them.
+
+    One instance per format (`FORMATS`), chosen when a QuantLinear is built; the layer asks it
+    instead of testing its bits.
+    """
+
+    bits: int
+    pytorch_max_rows: int  # rows up to which PyTorch's CPU kernel beats one dequantized product
+    fused_cuda = False  # whether PyTorch's fused int4 CUDA kernel takes this format
+
+    def buffers(
+        self, padded: tuple[int, int], group_size: int
+    ) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]:
+        """(qweight shape, qweight dtype, scales_zeros shape) for a weight padded to `padded`."""
+        raise NotImplementedError
+
+    def group(self, group_size: int) -> int:
+        """The group size QuantizedTensor records (0 where the format has no groups)."""
+        return 0
+
+    def own_kernel(self, kernels: ModuleType) -> Product:
+        """The product on localmix's CPU kernels (`kernels`, the compiled module)."""
+        raise NotImplementedError
+
+    def pytorch_weight(self, qweight: torch.Tensor) -> torch.Tensor:
+        """The stored codes in the layout PyTorch's CPU kernel takes on this machine."""
+        raise NotImplementedError
+
+    def pytorch_product(
+        self, x: torch.Tensor, weight: torch.Tensor, params: torch.Tensor, group_size: int
+    ) -> torch.Tensor:
+        """The product on PyTorch's CPU kernel, over `pytorch_weight`'s layout."""
+        raise NotImplementedError
+
+
+class Int4Grouped(Format):
+    """4-bit codes, two a byte, with a bf16 scale and zero per group of input columns."""
+
+    bits, pytorch_max_rows, fused_cuda = 4, 128, True
+
+    def buffers(
+        self, padded: tuple[int, int], group_size: int
+    ) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]:
+        n_p, k_p = padded
+        return (n_p, k_p // 2), torch.uint8, (k_p // group_size, n_p, 2)
+
+    def group(self, group_size: int) -> int:
+        return group_size
+
+    def own_kernel(self, kernels: ModuleType) -> Product:
+        mm = kernels.int4_mm
+        return lambda x, layer: mm(x, layer.qweight, layer.scales_zeros, layer.group_size)
+
+    def pytorch_weight(self, qweight: torch.Tensor) -> torch.Tensor:
+        codes = unpack_int4(qweight).to(torch.int32)  # (out_p, in_p)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+
+    def pytorch_product(
+        self, x: torch.Tensor, weight: torch.Tensor, params: torch.Tensor, group_size: int
+    ) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group_size, params)
+
+
+class Int8PerRow(Format):
+    """8-bit codes with one bf16 scale per output row."""
+
+    bits, pytorch_max_rows = 8, 16
+
+    def buffers(
+        self, padded: tuple[int, int], group_size: int
+    ) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]:
+        n_p, k_p = padded
+        return (n_p, k_p), torch.int8, (n_p,)
+
+    def own_kernel(self, kernels: ModuleType) -> Product:
+        mm = kernels.int8_mm
+        return lambda x, layer: mm(x, layer.qweight, layer.scales_zeros)
+
+    def pytorch_weight(self, qweight: torch.Tensor) -> torch.Tensor:
+        return qweight
+
+    def pytorch_product(
+        self, x: torch.Tensor, weight: torch.Tensor, params: torch.Tensor, group_size: int
+    ) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, weight, params)
+
+
+FORMATS: dict[int, Format] = {4: Int4Grouped(), 8: Int8PerRow()}
+
+
+class QuantLinear(KernelChoice):
     """A linear layer over a quantized weight; swapped in for nn.Linear by the loader.
 
     Buffers `qweight` and `scales_zeros` hold the weight in localmix's stored layout, padded to
-    `padded_shape` (see `quant.formats`). On the CPU, localmix's own kernels run straight on the
+    `padded_shape` (see `quant.formats`). Which kernel runs is chosen for where the buffers sit
+    (`KernelChoice`), not on every call. On the CPU, localmix's own kernels run straight on the
     stored layout (`quant.kernels`) for any number of activation rows: prefill included, since
     they share each unpacked weight column between two rows and keep a chunk of rows in cache,
-    their time per row stays flat, and on a 2-core AVX2 machine they beat dequantizing the weight
-    and one float32 matmul at every row count measured (2 to 512). Without them, up to
-    KERNEL_MAX_ROWS[bits] rows run PyTorch's int4/int8 kernels on a copy that PyTorch's own
-    packing function made on this machine (its layout differs between CPUs), kept until the
-    weight changes; more rows dequantize once and run one float32 matmul.
+    their time per row stays flat, and they beat dequantizing the weight and one float32 matmul
+    at every row count measured (benchmarks/bench_quant.py). Without them, up to the format's
+    `pytorch_max_rows` rows run PyTorch's int4/int8 kernels on a copy that PyTorch's own packing
+    function made on this machine (its layout differs between CPUs), kept until the weight
+    changes; more rows dequantize once and run one float32 matmul. On a GPU, 4-bit weights
+    repacked by `to_kernel_layout` run PyTorch's fused kernel; others dequantize per product.
     """
 
-    KERNEL_MAX_ROWS = {4: 128, 8: 16}  # PyTorch's kernels
     layout = "localmix"  # or "tinygemm" once repacked for PyTorch's CUDA kernel
 
     def __init__(
@@ -35,21 +133,18 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
+        self.format = FORMATS[bits]
         self.padded = padded_shape(out_features, in_features, bits, group_size)
-        n_p, k_p = self.padded
-        sshape: tuple[int, ...]
-        if bits == 4:
-            qshape, qdtype, sshape = (n_p, k_p // 2), torch.uint8, (k_p // group_size, n_p, 2)
-        else:
-            qshape, qdtype, sshape = (n_p, k_p), torch.int8, (n_p,)
+        qshape, qdtype, sshape = self.format.buffers(self.padded, group_size)
         self.qweight: torch.Tensor
         self.scales_zeros: torch.Tensor
         self.register_buffer("qweight", torch.empty(qshape, dtype=qdtype))
         self.register_buffer("scales_zeros", torch.empty(sshape, dtype=torch.bfloat16))
-        self._torch_packed: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._pytorch_packed: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
-        g = f", group_size={self.group_size}" if self.bits == 4 else ""
+        group = self.format.group(self.group_size)
+        g = f", group_size={group}" if group else ""
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}{g}"
 
     def quantized(self, dtype: torch.dtype = torch.bfloat16) -> QuantizedTensor:
@@ -64,23 +159,46 @@ class QuantLinear(nn.Module):
             (self.out_features, self.in_features),
             dtype,
             self.bits,
-            self.group_size if self.bits == 4 else 0,
+            self.format.group(self.group_size),
             "stored",
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "tinygemm":  # (rows, in_p) bf16 -> (rows, out_p)
-            y = torch.ops.aten._weight_int4pack_mm(
-                self._pad(x).to(torch.bfloat16), self.qweight, self.group_size, self.scales_zeros
-            ).to(x.dtype)
-        elif x.device.type == "cpu" and (
-            cpu_kernels() is not None or x.shape[0] <= self.KERNEL_MAX_ROWS[self.bits]
-        ):
-            y = self._cpu_product(self._pad(x))
-        else:  # many rows on the CPU, or a GPU without the fused kernel: one dequantized product
-            compute = torch.float32 if x.device.type == "cpu" else x.dtype
-            w = self.quantized(compute).dequantize()
-            return F.linear(x.to(compute), w).to(x.dtype)
+    def choose(self) -> Kernel:
+        if self.layout == "tinygemm":
+            return QuantLinear._fused_cuda
+        if self.qweight.device.type != "cpu":  # a GPU without the fused kernel, or 8 bits
+            return QuantLinear._dequantized
+        kernels = cpu_kernels()
+        if kernels is None:
+            return QuantLinear._pytorch_cpu
+        self._own_kernel = self.format.own_kernel(kernels)
+        return QuantLinear._own_cpu
+
+    def _fused_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        """PyTorch's fused int4 CUDA kernel: (rows, in_p) bf16 -> (rows, out_p)."""
+        y = torch.ops.aten._weight_int4pack_mm(
+            self._pad(x).to(torch.bfloat16), self.qweight, self.group_size, self.scales_zeros
+        )
+        return self._logical(y.to(x.dtype))
+
+    def _own_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        return self._logical(self._own_kernel(self._pad(x), self))
+
+    def _pytorch_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.format.pytorch_max_rows:
+            return self._dequantized(x)
+        weight, params = self._pytorch_layout(x.dtype)
+        y = self.format.pytorch_product(self._pad(x), weight, params, self.group_size)
+        return self._logical(y)
+
+    def _dequantized(self, x: torch.Tensor) -> torch.Tensor:
+        """One product with the dequantized weight: float32 on the CPU, x's dtype elsewhere."""
+        compute = torch.float32 if x.device.type == "cpu" else x.dtype
+        w = self.quantized(compute).dequantize()
+        return F.linear(x.to(compute), w).to(x.dtype)
+
+    def _logical(self, y: torch.Tensor) -> torch.Tensor:
+        """y (rows, out_p) without the padding rows of the weight."""
         return y if y.shape[-1] == self.out_features else y.narrow(1, 0, self.out_features)
 
     def to_kernel_layout(self) -> bool:
@@ -88,7 +206,7 @@ class QuantLinear(nn.Module):
         (sm80 and newer) into that kernel's layout, on the device, with PyTorch's own packing
         function. Returns whether it did; elsewhere the stored layout stays."""
         if not (
-            self.bits == 4
+            self.format.fused_cuda
             and self.layout == "localmix"
             and self.qweight.device.type == "cuda"
             and cuda_int4_kernel(self.qweight.device)
@@ -103,6 +221,7 @@ class QuantLinear(nn.Module):
         self.qweight = torch.ops.aten._convert_weight_to_int4pack(pairs, inner)
         self.scales_zeros = self.scales_zeros.contiguous()
         self.layout = "tinygemm"
+        self.rechoose()
         return True
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,19 +229,7 @@ class QuantLinear(nn.Module):
         extra = self.padded[1] - self.in_features
         return F.pad(x, (0, extra)) if extra else x
 
-    def _cpu_product(self, x: torch.Tensor) -> torch.Tensor:
-        """x (rows, in_p) times the padded weight: (rows, out_p) in x's dtype."""
-        kernels = cpu_kernels()
-        if kernels is not None:
-            if self.bits == 4:
-                return kernels.int4_mm(x, self.qweight, self.scales_zeros, self.group_size)
-            return kernels.int8_mm(x, self.qweight, self.scales_zeros)
-        weight, params = self._torch_layout(x.dtype)
-        if self.bits == 4:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, self.group_size, params)
-        return torch.ops.aten._weight_int8pack_mm(x, weight, params)
-
-    def _torch_layout(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pytorch_layout(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight as PyTorch's CPU kernels take it, packed by PyTorch on this machine, and
         the scales in the activation dtype. Made on first use and again whenever the buffers
         change (an expert cache slot refilled in place bumps their version counter)."""
@@ -132,47 +239,64 @@ class QuantLinear(nn.Module):
             self.scales_zeros._version,
             dtype,
         )
-        if self._torch_packed is None or self._torch_packed[0] != key:
-            if self.bits == 4:
-                codes = unpack_int4(self.qweight).to(torch.int32)  # (out_p, in_p)
-                weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-            else:
-                weight = self.qweight
-            self._torch_packed = (key, weight, self.scales_zeros.to(dtype))
-        return self._torch_packed[1], self._torch_packed[2]
+        if self._pytorch_packed is None or self._pytorch_packed[0] != key:
+            weight = self.format.pytorch_weight(self.qweight)
+            self._pytorch_packed = (key, weight, self.scales_zeros.to(dtype))
+        return self._pytorch_packed[1], self._pytorch_packed[2]
 
-    def swiglu(self, up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """down(silu(self(x)) * up(x)) in one kernel call, or None where that does not apply.
 
-        A decode step runs each expert on one row; doing the three products and the gating in
-        one call saves the dispatches between them. Applies to 4-bit layers on the CPU with
-        localmix's kernels, for any number of rows, where the padded shapes chain (the hidden
-        width padded alike as w1's rows and w2's columns).
-        """
-        if not (
-            isinstance(up, QuantLinear)
-            and isinstance(down, QuantLinear)
-            and self.bits == up.bits == down.bits == 4
-            and self.group_size == up.group_size == down.group_size
-            and self.padded == up.padded
-            and down.padded[1] == self.padded[0]
-            and x.device.type == "cpu"
-        ):
-            return None
-        kernels = cpu_kernels()
-        if kernels is None:
-            return None
-        y = kernels.int4_swiglu(
-            self._pad(x),
-            self.qweight,
-            self.scales_zeros,
-            up.qweight,
-            up.scales_zeros,
-            down.qweight,
-            down.scales_zeros,
-            self.group_size,
+class QuantExpert(KernelChoice):
+    """A SwiGLU expert, w2(silu(w1 x) * w3 x), over three 4-bit QuantLinear that chain (the
+    hidden width padded alike as w1's and w3's rows and w2's columns, one group size).
+
+    On the CPU with localmix's kernels it runs the whole expert in one call (`int4_swiglu`): a
+    decode step runs each expert on one row, and one call saves the dispatches between the
+    three products and the gating. Elsewhere it runs the three products.
+    """
+
+    def __init__(self, w1: QuantLinear, w2: QuantLinear, w3: QuantLinear) -> None:
+        super().__init__()
+        self.w1, self.w2, self.w3 = w1, w2, w3
+
+    @staticmethod
+    def fits(w1: nn.Module, w2: nn.Module, w3: nn.Module) -> bool:
+        """Whether the fused kernel takes these three matrices."""
+        return (
+            isinstance(w1, QuantLinear)
+            and isinstance(w2, QuantLinear)
+            and isinstance(w3, QuantLinear)
+            and w1.bits == w2.bits == w3.bits == 4
+            and w1.group_size == w2.group_size == w3.group_size
+            and w1.padded == w3.padded
+            and w2.padded[1] == w1.padded[0]
         )
-        return y if y.shape[-1] == down.out_features else y.narrow(1, 0, down.out_features)
+
+    def choose(self) -> Kernel:
+        on_cpu = self.w1.qweight.device.type == "cpu" and self.w1.layout == "localmix"
+        kernels = cpu_kernels() if on_cpu else None
+        if kernels is None:
+            return QuantExpert.separate
+        self._swiglu = kernels.int4_swiglu
+        return QuantExpert.fused
+
+    def separate(self, x: torch.Tensor) -> torch.Tensor:
+        """The three products."""
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole expert in one call of localmix's `int4_swiglu` (on the CPU, once chosen)."""
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        y = self._swiglu(
+            w1._pad(x),
+            w1.qweight,
+            w1.scales_zeros,
+            w3.qweight,
+            w3.scales_zeros,
+            w2.qweight,
+            w2.scales_zeros,
+            w1.group_size,
+        )
+        return w2._logical(y)
 
 
 def cuda_int4_kernel(device: torch.device) -> bool:
@@ -186,8 +310,10 @@ def inner_k_tiles(in_padded: int) -> int:
 
 
 def use_device_kernels(model: nn.Module) -> None:
-    """Repack every quantized layer of `model` that sits on a CUDA device for the fused kernel,
-    where that kernel runs there."""
+    """Make `model` (loaded) run on the kernels of the machine it sits on: its 16-bit linear
+    layers and norms swapped for the kernel modules (`quant.layers`), and every 4-bit layer on a
+    CUDA device with PyTorch's fused int4 kernel repacked for it."""
+    swap_plain_modules(model)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.to_kernel_layout()
@@ -204,9 +330,11 @@ def describe_device_kernels(modules: Iterable[nn.Module]) -> str:
 
 
 def swap_linears(model: nn.Module, choose: Callable[[str], int], group_size: int) -> list[str]:
-    """Replace each nn.Linear whose name `choose` maps to 4 or 8 bits by a QuantLinear.
+    """Replace each nn.Linear whose name `choose` maps to 4 or 8 bits by a QuantLinear, then each
+    expert (children `w1`, `w2`, `w3`) whose three matrices `QuantExpert.fits` by a QuantExpert.
 
-    Works on a model built on the meta device (nothing is allocated). Returns the names swapped.
+    Works on a model built on the meta device (nothing is allocated). Returns the names of the
+    linear layers swapped.
     """
     swapped = []
     for name, module in list(model.named_modules()):
@@ -215,10 +343,13 @@ def swap_linears(model: nn.Module, choose: Callable[[str], int], group_size: int
         bits = choose(name)
         if not bits:
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         with torch.device("meta"):
-            q = QuantLinear(module.in_features, module.out_features, bits, group_size)
-        setattr(parent, child, q)
+            replace(
+                model, name, QuantLinear(module.in_features, module.out_features, bits, group_size)
+            )
         swapped.append(name)
+    for name, module in list(model.named_modules()):
+        children = dict(module.named_children())
+        if name and set(children) == {"w1", "w2", "w3"} and QuantExpert.fits(**children):
+            replace(model, name, QuantExpert(**children))
     return swapped

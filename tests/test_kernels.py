@@ -103,6 +103,8 @@ def test_many_rows_cross_the_row_chunks(kernels):
 def test_rms_norm_is_the_models(kernels, monkeypatch, dtype):
     """The kernel's RMSNorm against the model's PyTorch one (the kernels switched off), for one
     row and many: equal but for the order of the float32 sum of squares."""
+    from localmix.quant.layers import KernelRMSNorm
+
     from localmix.model import RMSNorm
 
     gen = torch.Generator().manual_seed(3)
@@ -111,18 +113,18 @@ def test_rms_norm_is_the_models(kernels, monkeypatch, dtype):
     for rows in (1, 37):
         x = (torch.randn(rows, 1024, generator=gen) * 3).to(dtype)
         got = kernels.rms_norm(x, norm.weight, norm.eps)
-        assert torch.equal(norm(x), got)  # the model's forward takes the kernel
+        assert torch.equal(KernelRMSNorm(norm)(x), got)  # the swapped-in norm takes the kernel
         with monkeypatch.context() as m:
             m.setenv(ENV_SWITCH, "0")
-            want = norm(x)
+            want = KernelRMSNorm(norm)(x)
         tol = 1e-6 if dtype == torch.float32 else 2**-7
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 def test_bf16_product_is_float_math(kernels):
     """bf16_mm against float64 math, with row counts that are not multiples of 4 and widths
-    that are not multiples of 8 or 16; the model's Linear takes it for a few bf16 rows."""
-    from localmix.model import Linear
+    that are not multiples of 8 or 16; the swapped-in KernelLinear takes it for a few bf16 rows."""
+    from localmix.quant.layers import KernelLinear
 
     gen = torch.Generator().manual_seed(4)
     for n, k in ((8, 1024), (1001, 100), (33, 24), (5, 7)):
@@ -135,7 +137,7 @@ def test_bf16_product_is_float_math(kernels):
             torch.testing.assert_close(
                 got.double(), want, rtol=2**-8, atol=2**-8 * want.abs().max()
             )
-    layer = Linear(100, 1001, bias=False)
+    layer = KernelLinear(100, 1001, bias=False)
     layer.weight.data = w = torch.randn(1001, 100, generator=gen).bfloat16()
     x = torch.randn(2, 100, generator=gen).bfloat16()
     assert torch.equal(layer(x), kernels.bf16_mm(x, w))

@@ -26,6 +26,7 @@ from localmix.quant.formats import (
     unpack_int4,
 )
 from localmix.quant.kernels import ENV_SWITCH, cpu_features, cpu_kernels, unavailable_reason
+from localmix.quant.linear import QuantExpert
 
 import localmix
 from benchmarks.common import minilm_matrices
@@ -270,16 +271,19 @@ def test_fused_expert_equals_three_products(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     w1, w3 = (quant_linear(torch.randn(192, 128, generator=gen)) for _ in range(2))
     w2 = quant_linear(torch.randn(128, 192, generator=gen))
+    expert = QuantExpert(w1, w2, w3)
     for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 0.03)]:
         x = torch.randn(3, 128, generator=gen).to(dtype)
-        fused = w1.swiglu(w3, w2, x)
-        assert fused is not None and fused.dtype == dtype
+        fused = expert(x)
+        assert expert.chosen is QuantExpert.fused and fused.dtype == dtype
         separate = w2(torch.nn.functional.silu(w1(x).float()) * w3(x).float())
         assert (fused.float() - separate.float()).abs().max() < tol * separate.abs().max()
     # not applicable: an 8-bit layer in the chain, or localmix's kernels switched off
-    assert w1.swiglu(w3, quant_linear(torch.randn(128, 192), bits=8), x) is None
+    assert not QuantExpert.fits(w1, quant_linear(torch.randn(128, 192), bits=8), w3)
     monkeypatch.setenv(ENV_SWITCH, "0")
-    assert w1.swiglu(w3, w2, x) is None
+    expert = QuantExpert(w1, w2, w3)
+    expert(x)
+    assert expert.chosen is not QuantExpert.fused
 
 
 def test_optimised_methods_beat_round_to_nearest_on_trained_weights():
