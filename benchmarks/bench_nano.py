@@ -181,7 +181,7 @@ def routing_and_prediction(tokens: int) -> dict[int, list[dict[int, list[int]]]]
     for event in events:
         if not hasattr(event, "token_id"):
             continue
-        chosen = {i: set(m.last_choice[-1].tolist()) for i, m in enumerate(moes)}
+        chosen = {i: set(experts) for i, experts in enumerate(engine.expert_routing())}
         trace_tokens.append({i: sorted(c) for i, c in chosen.items()})
         for i in range(len(moes)):
             x = inputs[i][-1:]

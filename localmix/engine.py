@@ -15,7 +15,7 @@ from .defaults import DEFAULT_CONTEXT, DEFAULT_EXPERTS
 from .errors import CheckpointError, MemoryBudgetError, OptionError
 from .events import Event, Summary, TokenEvent
 from .kv_cache import RollingKVCache
-from .model import Transformer
+from .model import RoutingRecorder, Transformer
 from .quant.kernels import describe as describe_cpu_kernels
 from .quant.linear import QuantLinear, describe_device_kernels
 from .sampling import SamplingOptions, StopMatcher, make_sampler
@@ -66,6 +66,8 @@ class Engine:
     ) -> None:
         self.model, self.tokenizer, self.name, self.path = model, tokenizer, name, path
         self.config: ModelConfig = model.cfg
+        self.routing = RoutingRecorder(moe.layer for moe in model.moe_layers())
+        model.observe_routing(self.routing)  # for `expert_routing`
         self.device, self.dtype = device, dtype
         self.template = template or ChatTemplate(tokenizer)
         self.defaults = defaults or SamplingOptions()
@@ -426,10 +428,7 @@ class Engine:
     def expert_routing(self) -> list[list[int]]:
         """Experts each MoE layer chose for the last token it ran (layers x top_k), read from
         the device in one synchronisation."""
-        choices = [moe.last_choice for moe in self.model.moe_layers()]
-        ran = [c[-1] for c in choices if c is not None]
-        rows = iter(torch.stack(ran).tolist() if ran else [])
-        return [next(rows) if c is not None else [] for c in choices]
+        return self.routing.last_token()
 
     def resident_experts(self) -> list[set[int]]:
         """Experts held on the device, per MoE layer (all of them unless offloaded)."""

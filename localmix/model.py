@@ -7,7 +7,7 @@ so a state dict loads without renaming.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 import torch
@@ -16,44 +16,10 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import CacheStep, RollingKVCache
-from .quant.kernels import cpu_kernels
-
-
-class Linear(nn.Linear):
-    """nn.Linear that runs many-row 16-bit matmuls on the CPU in float32.
-
-    CPUs without native bf16/fp16 arithmetic (AVX2) multiply 16-bit matrices several times
-    slower than float32 ones; from `UPCAST_ROWS` rows on (prefill), upcasting the weight once
-    costs less than it saves (128 rows: about 6x faster on a 2-core AVX2 machine). Fewer rows
-    of bf16 (decode) run localmix's kernel (`bf16_mm`, float32 sums) where it is built: on a
-    2-core AVX2 machine it reads a 1024x1024 weight 1.8x as fast as PyTorch's, and the router's
-    8x1024 in 2.5 us instead of 17-100 (PyTorch wakes a second thread for it).
-    """
-
-    UPCAST_ROWS = 16
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (
-            x.device.type == "cpu"
-            and x.dtype == w.dtype == torch.bfloat16
-            and x.shape[0] < self.UPCAST_ROWS
-            and x.dim() == 2
-            and self.bias is None
-            and (kernels := cpu_kernels()) is not None
-        ):
-            return kernels.bf16_mm(x, w)
-        if x.shape[0] >= self.UPCAST_ROWS and w.device.type == "cpu" and w.dtype != torch.float32:
-            return F.linear(x.float(), w.float()).to(x.dtype)
-        return F.linear(x, w)
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in float32 as the reference does.
-
-    On the CPU, rows in the weight's dtype (bf16 or fp32) take one call of localmix's kernels
-    (`rms_norm`) instead of eight PyTorch ops; a decode step runs 2 norms a layer.
-    """
+    """Root-mean-square layer norm, computed in float32 as the reference does."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -61,15 +27,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.device.type == "cpu"
-            and x.dtype == self.weight.dtype
-            and x.dtype in (torch.bfloat16, torch.float32)
-            and x.dim() == 2
-            and x.is_contiguous()
-            and (kernels := cpu_kernels()) is not None
-        ):
-            return kernels.rms_norm(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -134,10 +91,10 @@ class Attention(nn.Module):
             cfg.num_key_value_heads,
             hd,
         )
-        self.q_proj = Linear(d, self.n_heads * hd, bias=False)
-        self.k_proj = Linear(d, self.n_kv * hd, bias=False)
-        self.v_proj = Linear(d, self.n_kv * hd, bias=False)
-        self.o_proj = Linear(self.n_heads * hd, d, bias=False)
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
 
     def forward(
         self, x: torch.Tensor, step: CacheStep, rope: tuple[torch.Tensor, torch.Tensor]
@@ -156,7 +113,7 @@ class Attention(nn.Module):
         q = q.reshape(self.n_kv, n_rep * t, self.head_dim)
         if mask is not None:
             mask = mask.repeat(n_rep, 1)  # (n_rep * tokens, keys)
-        # A leading batch dimension lets PyTorch pick its fused CPU kernel (2-3x the 3-D path).
+        # A leading batch dimension lets PyTorch pick its fused CPU kernel (faster than 3-D).
         out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask)
         out = out.view(self.n_kv, n_rep, t, self.head_dim).permute(2, 0, 1, 3)
         return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
@@ -167,15 +124,11 @@ class Expert(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.w1 = Linear(dim, hidden, bias=False)
-        self.w2 = Linear(hidden, dim, bias=False)
-        self.w3 = Linear(dim, hidden, bias=False)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A quantized w1 may run the whole expert in one kernel call (QuantLinear.swiglu).
-        fused = getattr(self.w1, "swiglu", None)
-        if fused is not None and (out := fused(self.w3, self.w2, x)) is not None:
-            return out
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -184,9 +137,9 @@ class DenseMLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.gate_proj = Linear(dim, hidden, bias=False)
-        self.up_proj = Linear(dim, hidden, bias=False)
-        self.down_proj = Linear(hidden, dim, bias=False)
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -224,6 +177,29 @@ class ResidentExperts(nn.ModuleList):
             yield e, self[e]
 
 
+# Called with a MoE layer's number and the experts it chose, (tokens, k) on the device, unread.
+RoutingObserver = Callable[[int, torch.Tensor], None]
+
+
+class RoutingRecorder:
+    """Keeps the routing of each MoE layer's last forward, as an observer of the layers
+    (`Transformer.observe_routing`); reads it from the device only when asked."""
+
+    def __init__(self, layers: Iterable[int]) -> None:
+        self.chosen: dict[int, torch.Tensor | None] = dict.fromkeys(layers)
+
+    def __call__(self, layer: int, chosen: torch.Tensor) -> None:
+        self.chosen[layer] = chosen
+
+    def last_token(self) -> list[list[int]]:
+        """The experts each layer chose for the last token it ran (layers x k; [] for a layer
+        that has not run), read from the device in one synchronisation."""
+        choices = list(self.chosen.values())
+        ran = [c[-1] for c in choices if c is not None]
+        rows = iter(torch.stack(ran).tolist() if ran else [])
+        return [next(rows) if c is not None else [] for c in choices]
+
+
 def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixtral's router: the top-k experts, weighted by a softmax over their logits.
 
@@ -246,13 +222,17 @@ class MoeLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, experts: ExpertProvider | None = None) -> None:
         super().__init__()
         self.layer, self.top_k = layer, cfg.num_experts_per_tok
-        self.gate = Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
         if experts is None:
             experts = ResidentExperts(
                 Expert(cfg.hidden_size, cfg.intermediate_size) for _ in range(cfg.num_local_experts)
             )
         self.experts = experts
-        self.last_choice: torch.Tensor | None = None  # (tokens, k), for stats and prefetch
+        self.observer: RoutingObserver | None = None
+
+    def observe(self, observer: RoutingObserver | None) -> None:
+        """Hand each forward's routing to `observer` from now on (None: to nobody)."""
+        self.observer = observer
 
     def use_experts(self, provider: ExpertProvider) -> None:
         """Serve this layer's experts from `provider` (an expert cache) from now on; the
@@ -262,7 +242,8 @@ class MoeLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, chosen = route(self.gate(x), self.top_k)  # (tokens, k) each
-        self.last_choice = chosen
+        if self.observer is not None:
+            self.observer(self.layer, chosen)
         weights = weights.to(x.dtype)
         if x.shape[0] == 1:  # decode: no gather/scatter needed
             ahead = self.experts.predict(x)  # ids to fetch ahead, still on the device
@@ -332,12 +313,17 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=embedding)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
 
     def moe_layers(self) -> list[MoeLayer]:
         moes = [getattr(b, "block_sparse_moe", None) for b in self.layers]
         return [m for m in moes if isinstance(m, MoeLayer)]
+
+    def observe_routing(self, observer: RoutingObserver | None) -> None:
+        """Hand every MoE layer's routing to `observer` (see `MoeLayer.observe`)."""
+        for moe in self.moe_layers():
+            moe.observe(observer)
 
     def forward(
         self, tokens: torch.Tensor, cache: RollingKVCache, last_only: bool = False

@@ -134,7 +134,7 @@ def test_the_routing_record_is_one_read(quantized, monkeypatch):
     and says what each layer chose for the last token."""
     e = localmix.load(quantized, device="cpu")
     e.complete(list(range(3, 12)), temperature=0, max_tokens=2)
-    expected = [moe.last_choice[-1].tolist() for moe in e.model.moe_layers()]
+    expected = [chosen[-1].tolist() for chosen in e.routing.chosen.values()]
     reads = []
     tolist = torch.Tensor.tolist
 
