@@ -54,8 +54,6 @@ class ModelConfig:
     num_local_experts: int = 0
     num_experts_per_tok: int = 0
     tie_word_embeddings: bool = False
-    bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
     torch_dtype: str = "bfloat16"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -149,9 +147,13 @@ class ModelConfig:
                 "num_experts_per_tok": field_.count("num_experts_per_tok"),
             }
         vocab = field_.count("vocab_size")
-        eos = raw.get("eos_token_id", 2)
+        # BOS and EOS are the tokenizer's (tokenizer.model); the config's are checked, as a
+        # damaged file's would be, and kept among `extra`
+        eos = raw.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
+        field_.token_id("bos_token_id", raw.get("bos_token_id"), vocab)
+        field_.token_id("eos_token_id", eos, vocab)
         known = {f.name for f in fields(cls)} | {"rope_parameters", "rope_scaling"}
         return cls(
             model_type=model_type,
@@ -167,8 +169,6 @@ class ModelConfig:
             max_position_embeddings=field_.count("max_position_embeddings", default=32768),
             sliding_window=window,
             tie_word_embeddings=field_.flag("tie_word_embeddings"),
-            bos_token_id=field_.token_id("bos_token_id", raw.get("bos_token_id", 1), vocab),
-            eos_token_id=field_.token_id("eos_token_id", eos, vocab),
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
             extra={k: v for k, v in raw.items() if k not in known},
             **moe,
@@ -237,13 +237,12 @@ class Fields:
             raise ConfigError(f"{self.source}: field '{name}' must be true or false, not {value!r}")
         return value
 
-    def token_id(self, name: str, value: Any, vocab: int) -> int | None:
-        """A token id inside the vocabulary, or None."""
-        if value is None:
-            return None
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab:
+    def token_id(self, name: str, value: Any, vocab: int) -> None:
+        """Check that `value` is a token id inside the vocabulary, or None."""
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab
+        ):
             raise ConfigError(
                 f"{self.source}: field '{name}' must be a token id below vocab_size ({vocab}), "
                 f"not {value!r}"
             )
-        return value
