@@ -34,6 +34,26 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// exp(x) for eight float32 values (Cephes' polynomial, within 2 ulp; -inf gives 0).
+inline __m256 exp8(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+  fx = _mm256_floor_ps(fx);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, z, _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
 // One column of a block as four float vectors (rows 0-7, 8-15, 16-23, 24-31). The bytes are
 // widened straight from memory and split into nibbles in 32-bit lanes, which keeps shuffles,
 // the scarce unit on AVX2, to two per column.
@@ -116,7 +136,7 @@ void int4_block(const uint8_t* qb, const c10::BFloat16* sz, const float* x, cons
 // allocation beyond its result tensor. One per calling thread; the parallel regions only read
 // the caller's.
 struct Scratch {
-  std::vector<float> x, y, h, xsum, hsum, xdx, hdx;
+  std::vector<float> x, y, h, xsum, hsum, xdx, hdx, scores, partial;
   std::vector<int8_t> xpattern, hpattern, q8;
   std::vector<int32_t> xqsum, hqsum;
 };
@@ -158,24 +178,39 @@ Q8Rows q8_rows(std::vector<int8_t>& pattern, std::vector<float>& dx, std::vector
 // Quantizes groups g0..g1 of row m of `r` from x, that row's K float values.
 void quantize_groups(const float* x, int64_t m, int64_t g0, int64_t g1, int64_t group,
                      const Q8Rows& r) {
-  int8_t q[128];  // one group (group sizes are 32, 64 or 128)
+  alignas(32) int32_t q[128];  // one group (group sizes are 32, 64 or 128)
+  const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t g = g0; g < g1; ++g) {
     const float* xg = x + g * group;
-    float amax = 0.0f, sum = 0.0f;
-    for (int64_t i = 0; i < group; ++i) amax = std::max(amax, std::abs(xg[i])), sum += xg[i];
-    const float dx = amax > 0.0f ? amax / 127.0f : 1.0f;
-    int32_t qsum = 0;
-    for (int64_t i = 0; i < group; ++i) {
-      q[i] = static_cast<int8_t>(std::nearbyint(xg[i] / dx));
-      qsum += q[i];
+    __m256 amax = _mm256_setzero_ps(), sum = amax;
+    for (int64_t i = 0; i < group; i += 8) {
+      const __m256 v = _mm256_loadu_ps(xg + i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+      sum = _mm256_add_ps(sum, v);
     }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float top = _mm_cvtss_f32(m4);
+    const float dx = top > 0.0f ? top / 127.0f : 1.0f;
+    const __m256 dxv = _mm256_set1_ps(dx);
+    __m256i qsum = _mm256_setzero_si256();
+    for (int64_t i = 0; i < group; i += 8) {  // round to nearest even, as nearbyint does
+      const __m256i v = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(xg + i), dxv));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q + i), v);
+      qsum = _mm256_add_epi32(qsum, v);
+    }
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), qsum);
     const int64_t at = m * r.groups + g;
-    r.dx[at] = dx, r.qsum[at] = qsum, r.xsum[at] = sum;
+    r.dx[at] = dx, r.xsum[at] = hsum(sum);
+    r.qsum[at] = lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
     int8_t* p = r.pattern + (m * r.K + g * group) * 8;
     for (int64_t s = 0; s < group / 4; ++s, p += 32) {
+      const int8_t a = q[4 * s], b = q[4 * s + 2], c = q[4 * s + 1], d = q[4 * s + 3];
       for (int i = 0; i < 8; ++i) {
-        p[2 * i] = q[4 * s], p[2 * i + 1] = q[4 * s + 2];
-        p[16 + 2 * i] = q[4 * s + 1], p[16 + 2 * i + 1] = q[4 * s + 3];
+        p[2 * i] = a, p[2 * i + 1] = b;
+        p[16 + 2 * i] = c, p[16 + 2 * i + 1] = d;
       }
     }
   }
@@ -286,6 +321,34 @@ void int4_blocks(const uint8_t* q, const c10::BFloat16* sz, const Q8Rows& xr, in
     for (int64_t b = b0; b < b1; ++b)
       int4_block_rows(q + b * xr.K * 16, sz, xr.row(m0), std::min(chunk, M - m0), N, group, b,
                       y + m0 * N + b * kTile, N);
+}
+
+// Blocks b0..b1 of an expert's hidden activations (rows b * 32 ..): silu(w1 x) * (w3 x) for
+// every row of xr into h (M, H), w1's and w3's products block by block, two rows at a time.
+void swiglu_hidden(const uint8_t* p1, const c10::BFloat16* z1, const uint8_t* p3,
+                   const c10::BFloat16* z3, const Q8Rows& xr, int64_t M, int64_t K, int64_t H,
+                   int64_t group, int64_t b0, int64_t b1, float* h) {
+  alignas(32) float gate[2 * kTile], up[2 * kTile];
+  const int64_t chunk = row_chunk(K);
+  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t m = m0; m < std::min(M, m0 + chunk); m += 2) {
+        const int64_t rows = std::min<int64_t>(2, M - m);
+        int4_block_rows(p1 + b * K * 16, z1, xr.row(m), rows, H, group, b, gate, kTile);
+        int4_block_rows(p3 + b * K * 16, z3, xr.row(m), rows, H, group, b, up, kTile);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* hb = h + (m + r) * H + b * kTile;
+          const float *gr = gate + r * kTile, *ur = up + r * kTile;
+          for (int i = 0; i < kTile; i += 8) {  // silu(gate) * up
+            const __m256 g = _mm256_loadu_ps(gr + i);
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+            _mm256_storeu_ps(hb + i, _mm256_mul_ps(silu, _mm256_loadu_ps(ur + i)));
+          }
+        }
+      }
+    }
+  }
 }
 
 // Eight int32 partial sums of 32 int8 x int8 products. maddubs takes one unsigned operand, so
@@ -447,28 +510,108 @@ torch::Tensor int4_swiglu(const torch::Tensor& x, const torch::Tensor& q1,
   {
     const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
     const int64_t g0 = hidden_groups * t / T, g1 = hidden_groups * (t + 1) / T;
-    alignas(32) float gate[2 * kTile], up[2 * kTile];
-    const int64_t chunk = row_chunk(K);
-    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
-      for (int64_t b = g0 * blocks_per_group; b < g1 * blocks_per_group; ++b) {
-        for (int64_t m = m0; m < std::min(M, m0 + chunk); m += 2) {
-          // two rows at a time, w1's then w3's products for the block
-          const int64_t rows = std::min<int64_t>(2, M - m);
-          int4_block_rows(p1 + b * K * 16, z1, xr.row(m), rows, H, group, b, gate, kTile);
-          int4_block_rows(p3 + b * K * 16, z3, xr.row(m), rows, H, group, b, up, kTile);
-          for (int64_t r = 0; r < rows; ++r) {
-            float* hb = h + (m + r) * H + b * kTile;
-            const float *gr = gate + r * kTile, *ur = up + r * kTile;
-            for (int i = 0; i < kTile; ++i) hb[i] = gr[i] / (1.0f + std::exp(-gr[i])) * ur[i];
-          }
-        }
-      }
-    }
+    swiglu_hidden(p1, z1, p3, z3, xr, M, K, H, group, g0 * blocks_per_group,
+                  g1 * blocks_per_group, h);
     for (int64_t m = 0; m < M; ++m) quantize_groups(h + m * H, m, g0, g1, group, hr);
 #pragma omp barrier
     int4_blocks(p2, z2, hr, M, D, group, out_blocks * t / T, out_blocks * (t + 1) / T, y);
   }
   store_result(out, y);
+  return out;
+}
+
+namespace {
+
+// One expert's working memory in int4_moe: its hidden activations, their int8 rounding and its
+// output, kept apart from the other experts' so that no barrier separates one expert's last
+// phase from the next one's first.
+struct ExpertScratch {
+  std::vector<float> h, hdx, hsum, y;
+  std::vector<int8_t> hpattern;
+  std::vector<int32_t> hqsum;
+};
+
+// 16-bit y rounded to T, times w rounded to T, added to acc rounded to T: what
+// `sum_in_order(expert(x) * w ...)` computes in T, one expert at a time in the caller's order.
+template <class T>
+__attribute__((optimize("fp-contract=off"))) void add_weighted(const float* y, float w,
+                                                               bool first, T* acc, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T term = static_cast<T>(static_cast<float>(static_cast<T>(y[i])) * w);
+    acc[i] = first ? term : static_cast<T>(static_cast<float>(acc[i]) + static_cast<float>(term));
+  }
+}
+
+}  // namespace
+
+// A decode step's MoE experts, computed and combined in one call: sum over i of
+// weights[i] * expert_i(x), added in the order given (callers pass ascending expert ids), each
+// product and sum rounded to x's dtype as the model's own combine rounds them. experts[i] is
+// (q1, s1, q3, s3, q2, s2), all experts of one shape. For 16-bit x, x is rounded to int8 once
+// and all experts run in one parallel region with one barrier each; float32 x takes the exact
+// path expert by expert.
+torch::Tensor int4_moe(const torch::Tensor& x,
+                       const std::vector<std::vector<torch::Tensor>>& experts,
+                       const std::vector<double>& weights, int64_t group) {
+  TORCH_CHECK(!experts.empty() && experts.size() == weights.size(), "one weight per expert");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == torch::kBFloat16 || dtype == torch::kFloat32,
+              "int4_moe takes bfloat16 or float32 activations");
+  for (const auto& e : experts) {
+    TORCH_CHECK(e.size() == 6, "an expert is (q1, s1, q3, s3, q2, s2)");
+    check_int4(e[0], e[1], group), check_int4(e[2], e[3], group), check_int4(e[4], e[5], group);
+    TORCH_CHECK(e[0].sizes() == experts[0][0].sizes() && e[2].sizes() == e[0].sizes() &&
+                    e[4].sizes() == experts[0][4].sizes(),
+                "the experts do not share one shape");
+  }
+  const torch::Tensor& q1 = experts[0][0];
+  const torch::Tensor& q2 = experts[0][4];
+  const int64_t K = q1.size(1) * 2, H = q1.size(0), D = q2.size(0), M = x.size(0);
+  TORCH_CHECK(q2.size(1) * 2 == H, "w1, w3 and w2 do not chain");
+  const int64_t E = static_cast<int64_t>(experts.size());
+  torch::Tensor out = torch::empty({M, D}, x.options());
+  static thread_local std::vector<ExpertScratch> pool;
+  if (static_cast<int64_t>(pool.size()) < E) pool.resize(E);
+  if (dtype == torch::kFloat32) {
+    for (int64_t e = 0; e < E; ++e) {
+      torch::Tensor y = int4_swiglu(x, experts[e][0], experts[e][1], experts[e][2],
+                                    experts[e][3], experts[e][4], experts[e][5], group);
+      add_weighted(y.data_ptr<float>(), static_cast<float>(weights[e]), e == 0,
+                   out.data_ptr<float>(), M * D);
+    }
+    return out;
+  }
+  Scratch& s = scratch();
+  const float* xf = rows_as_float(x, K, s.x);
+  const Q8Rows xr = q8_rows(s.xpattern, s.xdx, s.xqsum, s.xsum, M, K, group);
+  for (int64_t m = 0; m < M; ++m) quantize_groups(xf + m * K, m, 0, K / group, group, xr);
+  std::vector<Q8Rows> hr;
+  std::vector<float*> hs, ys;
+  for (int64_t e = 0; e < E; ++e) {
+    ExpertScratch& b = pool[e];
+    hr.push_back(q8_rows(b.hpattern, b.hdx, b.hqsum, b.hsum, M, H, group));
+    hs.push_back(grown(b.h, M * H));
+    ys.push_back(grown(b.y, M * D));
+  }
+  const int64_t hidden_groups = H / group, blocks_per_group = group / kTile, out_blocks = D / kTile;
+#pragma omp parallel num_threads(region_threads())
+  {
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t g0 = hidden_groups * t / T, g1 = hidden_groups * (t + 1) / T;
+    for (int64_t e = 0; e < E; ++e) {
+      const auto& w = experts[e];
+      swiglu_hidden(w[0].data_ptr<uint8_t>(), w[1].data_ptr<c10::BFloat16>(),
+                    w[2].data_ptr<uint8_t>(), w[3].data_ptr<c10::BFloat16>(), xr, M, K, H,
+                    group, g0 * blocks_per_group, g1 * blocks_per_group, hs[e]);
+      for (int64_t m = 0; m < M; ++m) quantize_groups(hs[e] + m * H, m, g0, g1, group, hr[e]);
+#pragma omp barrier
+      int4_blocks(w[4].data_ptr<uint8_t>(), w[5].data_ptr<c10::BFloat16>(), hr[e], M, D, group,
+                  out_blocks * t / T, out_blocks * (t + 1) / T, ys[e]);
+    }
+  }
+  auto* acc = out.data_ptr<c10::BFloat16>();
+  for (int64_t e = 0; e < E; ++e)
+    add_weighted(ys[e], static_cast<float>(weights[e]), e == 0, acc, M * D);
   return out;
 }
 
@@ -773,11 +916,262 @@ std::vector<torch::Tensor> fit_groups(const torch::Tensor& groups, bool weighted
   return {scale, zero};
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// One decode step's attention for a layer: RoPE on the new token's query and key, the key and
+// value written into the cache, and softmax(q k^T / sqrt(head_dim)) v over the cached keys.
+
+namespace {
+
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_float(float v) { return v; }
+
+// Eight values of a row as float32.
+inline __m256 load8f(const c10::BFloat16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
+
+// RoPE of one head, as localmix.model.apply_rotary computes it in x's dtype: x * cos, then
+// x rolled by half times the signed sin, each product rounded to T, then their sum rounded.
+// No contraction into FMAs, which would round once where the reference rounds three times.
+template <class T>
+__attribute__((optimize("fp-contract=off"))) void rope_head(const T* x, const T* cos,
+                                                            const T* sin, int64_t hd, T* out) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < hd; ++i) {
+    const T a = static_cast<T>(to_float(x[i]) * to_float(cos[i]));
+    const T b = static_cast<T>(to_float(x[(i + half) % hd]) * to_float(sin[i]));
+    out[i] = static_cast<T>(to_float(a) + to_float(b));
+  }
+}
+
+// Attention of `rep` query rows (float32, hd each) to keys j0..j1 of one KV head: the rows'
+// running maximum and sum of exponentials and their unnormalised outputs, into part
+// (rep x (hd + 2): out[0..hd), max, sum).
+// Scores of up to four query rows against one key, scaled: each row its own FMA chain, the key
+// read once.
+template <class T>
+inline void dot_rows4(const float* q, int64_t rows, const T* key, int64_t hd, float scale,
+                      float* out, int64_t stride) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t d = 0; d < hd; d += 8) {
+    const __m256 kd = load8f(key + d);
+    a0 = _mm256_fmadd_ps(kd, _mm256_loadu_ps(q + d), a0);
+    if (rows > 1) a1 = _mm256_fmadd_ps(kd, _mm256_loadu_ps(q + hd + d), a1);
+    if (rows > 2) a2 = _mm256_fmadd_ps(kd, _mm256_loadu_ps(q + 2 * hd + d), a2);
+    if (rows > 3) a3 = _mm256_fmadd_ps(kd, _mm256_loadu_ps(q + 3 * hd + d), a3);
+  }
+  out[0] = hsum(a0) * scale;
+  if (rows > 1) out[stride] = hsum(a1) * scale;
+  if (rows > 2) out[2 * stride] = hsum(a2) * scale;
+  if (rows > 3) out[3 * stride] = hsum(a3) * scale;
+}
+
+// Keys taken together while their values are added up: a block's values stay in L1 while every
+// query row and every 32 of head_dim go over them.
+constexpr int64_t kKeyBlock = 64;
+
+// Attention of `rep` query rows (float32, hd each) to keys j0..j1 of one KV head: the rows'
+// maximum score and sum of exponentials, and their unnormalised outputs, into part
+// (rep x (hd + 2): out[0..hd), max, sum).
+template <class T>
+void attend_keys(const float* q, int64_t rep, const T* keys, const T* values, int64_t j0,
+                 int64_t j1, int64_t hd, float scale, float* scores, float* part) {
+  const int64_t n = j1 - j0;
+  for (int64_t r = 0; r < rep; r += 4)  // scores: (rep, n)
+    for (int64_t j = 0; j < n; ++j)
+      dot_rows4(q + r * hd, std::min<int64_t>(4, rep - r), keys + (j0 + j) * hd, hd, scale,
+                scores + r * n + j, n);
+  for (int64_t r = 0; r < rep; ++r) {
+    float* s = scores + r * n;
+    float* out = part + r * (hd + 2);
+    float m = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+    __m256 total = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(m)));
+      _mm256_storeu_ps(s + j, e);
+      total = _mm256_add_ps(total, e);
+    }
+    float sum = hsum(total);
+    for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - m));
+    std::fill(out, out + hd, 0.0f);
+    out[hd] = m, out[hd + 1] = sum;
+  }
+  for (int64_t b = 0; b < n; b += kKeyBlock) {  // outputs: (rep, hd) += p (rep, keys) v (keys, hd)
+    const int64_t e = std::min(n, b + kKeyBlock);
+    for (int64_t r = 0; r < rep; ++r) {
+      const float* s = scores + r * n;
+      float* out = part + r * (hd + 2);
+      int64_t d = 0;
+      for (; d + 32 <= hd; d += 32) {
+        __m256 o0 = _mm256_loadu_ps(out + d), o1 = _mm256_loadu_ps(out + d + 8);
+        __m256 o2 = _mm256_loadu_ps(out + d + 16), o3 = _mm256_loadu_ps(out + d + 24);
+        for (int64_t j = b; j < e; ++j) {
+          const T* vj = values + (j0 + j) * hd + d;
+          const __m256 p = _mm256_set1_ps(s[j]);
+          o0 = _mm256_fmadd_ps(p, load8f(vj), o0);
+          o1 = _mm256_fmadd_ps(p, load8f(vj + 8), o1);
+          o2 = _mm256_fmadd_ps(p, load8f(vj + 16), o2);
+          o3 = _mm256_fmadd_ps(p, load8f(vj + 24), o3);
+        }
+        _mm256_storeu_ps(out + d, o0), _mm256_storeu_ps(out + d + 8, o1);
+        _mm256_storeu_ps(out + d + 16, o2), _mm256_storeu_ps(out + d + 24, o3);
+      }
+      for (; d < hd; d += 8) {  // a head_dim that is not a multiple of 32
+        __m256 o = _mm256_loadu_ps(out + d);
+        for (int64_t j = b; j < e; ++j)
+          o = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), load8f(values + (j0 + j) * hd + d), o);
+        _mm256_storeu_ps(out + d, o);
+      }
+    }
+  }
+}
+
+// Keys a work item of the attention takes at the least: shorter contexts run a KV head per
+// thread, or on the calling thread alone when the whole cache is small.
+constexpr int64_t kMinKeysPerItem = 256;
+
+template <class T>
+torch::Tensor attend_one_typed(const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v, const torch::Tensor& cos,
+                               const torch::Tensor& sin, torch::Tensor& keys,
+                               torch::Tensor& values, int64_t slot, int64_t used) {
+  const int64_t KV = keys.size(0), cap = keys.size(1), hd = keys.size(2);
+  const int64_t H = q.numel() / hd, rep = H / KV;
+  const T* qp = q.data_ptr<T>();
+  const T *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  const T *cp = cos.data_ptr<T>(), *sp = sin.data_ptr<T>();
+  T* keys_p = keys.data_ptr<T>();
+  T* values_p = values.data_ptr<T>();
+  Scratch& scr = scratch();
+  float* qf = grown(scr.x, H * hd);  // the rotated queries, as float32
+  std::vector<T> rotated(hd);
+  for (int64_t h = 0; h < H; ++h) {
+    rope_head(qp + h * hd, cp, sp, hd, rotated.data());
+    for (int64_t d = 0; d < hd; ++d) qf[h * hd + d] = to_float(rotated[d]);
+  }
+  for (int64_t g = 0; g < KV; ++g) {
+    rope_head(kp + g * hd, cp, sp, hd, keys_p + (g * cap + slot) * hd);
+    std::copy(vp + g * hd, vp + (g + 1) * hd, values_p + (g * cap + slot) * hd);
+  }
+  // Work items: (KV head, chunk of keys), merged below by their maxima.
+  const int64_t threads = region_threads();
+  const int64_t want = std::max<int64_t>(1, (2 * threads + KV - 1) / KV);
+  const int64_t chunks = std::max<int64_t>(1, std::min(want, used / kMinKeysPerItem));
+  const int64_t per = (used + chunks - 1) / chunks;
+  float* partial = grown(scr.partial, KV * chunks * rep * (hd + 2));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const int64_t item_bytes = per * hd * 2 * static_cast<int64_t>(sizeof(T));
+  at::parallel_for(0, KV * chunks, grain(item_bytes, 1), [&](int64_t begin, int64_t end) {
+    std::vector<float>& scores = scratch().scores;
+    float* s = grown(scores, rep * per);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t g = i / chunks, c = i % chunks;
+      const int64_t j0 = c * per, j1 = std::min(used, j0 + per);
+      attend_keys(qf + g * rep * hd, rep, keys_p + g * cap * hd, values_p + g * cap * hd, j0, j1,
+                  hd, scale, s, partial + i * rep * (hd + 2));
+    }
+  });
+  torch::Tensor out = torch::empty({1, H * hd}, q.options());
+  T* op = out.data_ptr<T>();
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t g = h / rep, r = h % rep;
+    float m = -INFINITY;
+    for (int64_t c = 0; c < chunks; ++c)
+      m = std::max(m, partial[((g * chunks + c) * rep + r) * (hd + 2) + hd]);
+    float total = 0.0f;
+    float* acc = grown(scr.y, hd);
+    std::fill(acc, acc + hd, 0.0f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* part = partial + ((g * chunks + c) * rep + r) * (hd + 2);
+      const float w = std::exp(part[hd] - m);
+      total += w * part[hd + 1];
+      for (int64_t d = 0; d < hd; ++d) acc[d] += w * part[d];
+    }
+    for (int64_t d = 0; d < hd; ++d) op[h * hd + d] = static_cast<T>(acc[d] / total);
+  }
+  return out;
+}
+
+}  // namespace
+
+// The attention of one new token, all of whose `used` cached keys it may see (slots 0..used-1,
+// its own included). q (H * hd values), k and v (KV * hd) are the token's projections before
+// RoPE; cos and sin (hd,) the RoPE row of its position, sin's first half negated
+// (localmix.model.Rotary); keys and values (KV, capacity, hd) the layer's cache, into whose
+// `slot` the rotated key and the value are written. Returns (1, H * hd) in q's dtype. Query
+// head h attends with KV head h / (H / KV), as Mixtral's grouped-query attention does.
+torch::Tensor attend_one(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                         const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor keys,
+                         torch::Tensor values, int64_t slot, int64_t used) {
+  TORCH_CHECK(keys.dim() == 3 && keys.is_contiguous() && values.is_contiguous() &&
+                  values.sizes() == keys.sizes(),
+              "keys and values must be contiguous (kv_heads, capacity, head_dim)");
+  const int64_t KV = keys.size(0), cap = keys.size(1), hd = keys.size(2);
+  const auto dtype = keys.scalar_type();
+  for (const torch::Tensor* t :
+       std::initializer_list<const torch::Tensor*>{&q, &k, &v, &cos, &sin, &values})
+    TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous(),
+                "attend_one takes contiguous tensors of one dtype");
+  TORCH_CHECK(hd % 8 == 0 && k.numel() == KV * hd && v.numel() == KV * hd &&
+                  q.numel() % (KV * hd) == 0 && cos.numel() == hd && sin.numel() == hd,
+              "attend_one: shapes do not match");
+  TORCH_CHECK(0 <= slot && slot < used && used <= cap, "attend_one: slot ", slot, " used ", used);
+  if (dtype == torch::kBFloat16)
+    return attend_one_typed<c10::BFloat16>(q, k, v, cos, sin, keys, values, slot, used);
+  TORCH_CHECK(dtype == torch::kFloat32, "attend_one takes bfloat16 or float32");
+  return attend_one_typed<float>(q, k, v, cos, sin, keys, values, slot, used);
+}
+
+// Mixtral's router for one token, as localmix.model.route computes it: a softmax over the
+// expert logits (float32), the top_k experts, their probabilities renormalised to sum to one and
+// rounded to the logits' dtype. Returns [ids..., weights...] as Python floats, highest weight
+// first, so that a decode step reads its routing without a tensor op.
+std::vector<double> route_one(const torch::Tensor& logits, int64_t top_k) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(0) == 1 && logits.is_contiguous(),
+              "route_one takes one row of expert logits");
+  const int64_t E = logits.size(1);
+  TORCH_CHECK(0 < top_k && top_k <= E, "route_one: top_k ", top_k, " of ", E, " experts");
+  std::vector<float> p(E);
+  const auto dtype = logits.scalar_type();
+  if (dtype == torch::kBFloat16) {
+    const auto* l = logits.data_ptr<c10::BFloat16>();
+    for (int64_t e = 0; e < E; ++e) p[e] = static_cast<float>(l[e]);
+  } else {
+    TORCH_CHECK(dtype == torch::kFloat32, "route_one takes bfloat16 or float32 logits");
+    std::copy(logits.data_ptr<float>(), logits.data_ptr<float>() + E, p.begin());
+  }
+  const float m = *std::max_element(p.begin(), p.end());
+  float total = 0.0f;
+  for (float& v : p) total += (v = std::exp(v - m));
+  for (float& v : p) v /= total;
+  std::vector<int64_t> order(E);
+  for (int64_t e = 0; e < E; ++e) order[e] = e;
+  std::partial_sort(order.begin(), order.begin() + top_k, order.end(),
+                    [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+  float kept = 0.0f;
+  for (int64_t i = 0; i < top_k; ++i) kept += p[order[i]];
+  std::vector<double> out(2 * top_k);
+  for (int64_t i = 0; i < top_k; ++i) {
+    const float w = p[order[i]] / kept;
+    out[i] = static_cast<double>(order[i]);
+    out[top_k + i] = dtype == torch::kBFloat16 ? static_cast<float>(c10::BFloat16(w)) : w;
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "4-bit grouped weight times a few activation rows");
   m.def("int4_swiglu", &int4_swiglu, "a 4-bit SwiGLU expert, w2(silu(w1 x) * w3 x)");
   m.def("fit_groups", &fit_groups, "scale and zero per group by the (weighted) mse fit");
+  m.def("int4_moe", &int4_moe, "a decode step's 4-bit experts, computed and combined");
   m.def("int8_mm", &int8_mm, "8-bit per-channel weight times a few activation rows");
   m.def("bf16_mm", &bf16_mm, "bfloat16 weight times a few activation rows, float32 sums");
+  m.def("attend_one", &attend_one, "one new token's RoPE, cache write and attention");
+  m.def("route_one", &route_one, "one token's top-k experts and their weights");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row, as localmix.model.RMSNorm computes it");
 }

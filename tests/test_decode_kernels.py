@@ -1,0 +1,94 @@
+"""The fused kernels of a CPU decode step (attention, router, MoE experts) against the PyTorch
+ops they replace, on the CPU that runs the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from localmix.quant import quantize_tensor
+
+from localmix.model import Rotary, apply_rotary, route
+from tests import test_kernels
+
+kernels, threads = test_kernels.kernels, test_kernels.threads  # the fixtures, shared
+
+
+def reference_attention(q, k, v, cos, sin, keys, values, slot, used):
+    """The model's one-token attention in PyTorch ops: RoPE on q and k, the cache write, SDPA
+    over the first `used` slots, query head h on KV head h // (heads / kv_heads)."""
+    kv, _, hd = keys.shape
+    heads = q.numel() // hd
+    rotated = apply_rotary(torch.cat([q.view(1, heads, hd), k.view(1, kv, hd)], 1), cos, sin)
+    q, k = rotated.split([heads, kv], 1)
+    keys[:, slot] = k[0]
+    values[:, slot] = v.view(kv, hd)
+    q = q.view(kv, heads // kv, hd)  # (kv, rep, hd)
+    out = F.scaled_dot_product_attention(q[None], keys[None, :, :used], values[None, :, :used])
+    return out.reshape(1, heads * hd)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("heads", "kv", "hd"), [(8, 2, 128), (4, 4, 8), (6, 3, 40)])
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_attend_one_is_rope_cache_write_and_sdpa(kernels, threads, dtype, heads, kv, hd, n_threads):
+    """The fused decode attention writes the rotated key and the value exactly as the PyTorch ops
+    do and attends as SDPA does (within the rounding of SDPA's bf16 probabilities), for contexts
+    that fit one work item and contexts split among threads and merged."""
+    threads(n_threads)
+    gen = torch.Generator().manual_seed(heads * hd)
+    capacity = 1200
+    rope = Rotary(hd, 10000.0)
+    for used in (1, 5, 100, 1100):
+        cos, sin = rope.cos_sin(used + 7, 1, dtype)
+        q, k, v = (torch.randn(1, n * hd, generator=gen).to(dtype) for n in (heads, kv, kv))
+        keys, values = (torch.randn(kv, capacity, hd, generator=gen).to(dtype) for _ in range(2))
+        want_keys, want_values = keys.clone(), values.clone()
+        slot = used - 1
+        want = reference_attention(q, k, v, cos, sin, want_keys, want_values, slot, used)
+        got = kernels.attend_one(q, k, v, cos, sin, keys, values, slot, used)
+        assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+        assert got.dtype == dtype and got.shape == want.shape
+        tol = 1e-5 if dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_route_one_is_the_models_router(kernels, dtype):
+    """route_one picks the experts `route` picks, highest weight first, with the weights `route`
+    gives rounded to the logits' dtype."""
+    gen = torch.Generator().manual_seed(3)
+    for experts, top_k in ((8, 2), (8, 1), (6, 6), (64, 6)):
+        for _ in range(20):
+            logits = (torch.randn(1, experts, generator=gen) * 3).to(dtype)
+            weights, chosen = route(logits, top_k)
+            got = kernels.route_one(logits, top_k)
+            assert [int(e) for e in got[:top_k]] == chosen[0].tolist()
+            want = weights[0].to(dtype).double().tolist()
+            assert got[top_k:] == pytest.approx(want, rel=1e-6, abs=1e-7)
+
+
+def expert_tensors(dim: int, hidden: int, group_size: int, gen: torch.Generator) -> list:
+    w1, w3 = (
+        quantize_tensor(torch.randn(hidden, dim, generator=gen) / 16, group_size=group_size)
+        for _ in range(2)
+    )
+    w2 = quantize_tensor(torch.randn(dim, hidden, generator=gen) / 16, group_size=group_size)
+    return [t for w in (w1, w3, w2) for t in (w.qweight, w.scales_zeros)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_int4_moe_is_the_experts_combined_in_order(kernels, threads, dtype, group_size, n_threads):
+    """int4_moe equals each expert's own kernel, weighted and summed in the order given, in the
+    activations' dtype, bit for bit."""
+    threads(n_threads)
+    gen = torch.Generator().manual_seed(group_size + n_threads)
+    experts = [expert_tensors(256, 640, group_size, gen) for _ in range(3)]
+    x = torch.randn(1, 256, generator=gen).to(dtype)
+    weights = [float(torch.tensor(w).to(dtype)) for w in (0.55, 0.3, 0.15)]
+    want = torch.zeros(1, 256, dtype=dtype)
+    for tensors, w in zip(experts, weights, strict=True):
+        want += kernels.int4_swiglu(x, *tensors, group_size) * w
+    assert torch.equal(kernels.int4_moe(x, experts, weights, group_size), want)
