@@ -88,6 +88,7 @@ def load(
     import torch
 
     from .config import ModelConfig
+    from .cpu_decode import use_decode_kernels
     from .engine import Engine
     from .errors import LocalmixError
     from .expert_cache import DEFAULT_POLICY
@@ -137,6 +138,7 @@ def load(
     host = torch.device("cpu")
     net = load_transformer(path, cfg, dt, host if offloading else opts.device, manifest)
     use_device_kernels(net)
+    use_decode_kernels(net)
     if manifest is not None and opts.device.type == "cpu":
         cpu_kernels()  # built once, here rather than in the middle of the first reply
     tokenizer = Tokenizer(path / "tokenizer.model", vocab_size=cfg.vocab_size)

@@ -79,30 +79,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
-class Attention(nn.Module):
-    """Grouped-query attention over a rolling KV cache."""
+class GroupedAttention(nn.Module):
+    """Attention of new tokens' projections to the cache: RoPE on queries and keys, keys and
+    values stored through the cache step, softmax(q k^T / sqrt(head_dim)) v with query head h
+    reading KV head h // (heads / kv_heads). No parameters; `Attention` holds the projections."""
 
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, layer: int, n_heads: int, n_kv: int, head_dim: int) -> None:
         super().__init__()
-        d, hd = cfg.hidden_size, cfg.head_dim
-        self.layer = layer
-        self.n_heads, self.n_kv, self.head_dim = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            hd,
-        )
-        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        self.layer, self.n_heads, self.n_kv, self.head_dim = layer, n_heads, n_kv, head_dim
 
     def forward(
-        self, x: torch.Tensor, step: CacheStep, rope: tuple[torch.Tensor, torch.Tensor]
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        step: CacheStep,
+        rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
+        """(tokens, heads * head_dim) from q (tokens, heads * head_dim) and k, v (tokens,
+        kv_heads * head_dim), unrotated."""
+        t = q.shape[0]
+        q = q.view(t, self.n_heads, self.head_dim)
+        k = k.view(t, self.n_kv, self.head_dim)
+        v = v.view(t, self.n_kv, self.head_dim)
         # queries and keys rotated together: (tokens, heads + kv heads, head_dim)
         q, k = apply_rotary(torch.cat([q, k], dim=1), *rope).split([self.n_heads, self.n_kv], 1)
         keys, values, mask = step.update_and_fetch(self.layer, k, v)  # (kv, keys, head_dim)
@@ -116,7 +115,27 @@ class Attention(nn.Module):
         # A leading batch dimension lets PyTorch pick its fused CPU kernel (faster than 3-D).
         out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask)
         out = out.view(self.n_kv, n_rep, t, self.head_dim).permute(2, 0, 1, 3)
-        return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
+        return out.reshape(t, self.n_heads * self.head_dim)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over a rolling KV cache."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.q_proj = nn.Linear(d, heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, kv * hd, bias=False)
+        self.v_proj = nn.Linear(d, kv * hd, bias=False)
+        self.o_proj = nn.Linear(heads * hd, d, bias=False)
+        self.attend = GroupedAttention(layer, heads, kv, hd)
+
+    def forward(
+        self, x: torch.Tensor, step: CacheStep, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(self.attend(q, k, v, step, rope))
 
 
 class Expert(nn.Module):
@@ -212,6 +231,40 @@ def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]
     return weights / weights.sum(dim=-1, keepdim=True), chosen
 
 
+class TokenRouting:
+    """One token's routing, computed and not yet read: `chosen` (1, k) on the device for
+    observers, and `read`, which brings the ids and weights to the host together with the ids of
+    experts to fetch ahead, in one host synchronisation."""
+
+    def __init__(self, weights: torch.Tensor, chosen: torch.Tensor) -> None:
+        self.weights, self.chosen = weights, chosen  # (1, k) each, weights in the model's dtype
+
+    def read(self, ahead: torch.Tensor | None) -> tuple[list[int], list[float], list[int]]:
+        """The ids chosen, highest weight first, their weights (exact in float64) and the ids
+        `ahead` holds."""
+        parts = [self.chosen[0].double(), self.weights[0].double()]
+        read = torch.cat(parts if ahead is None else [*parts, ahead.double()]).tolist()
+        k = self.chosen.shape[1]
+        return [int(e) for e in read[:k]], read[k : 2 * k], [int(e) for e in read[2 * k :]]
+
+
+class Router(nn.Module):
+    """Mixtral's router over the gate's logits (`route`). No parameters; the gate is the MoE
+    layer's."""
+
+    def __init__(self, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+
+    def forward(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return route(logits, self.top_k)
+
+    def one(self, logits: torch.Tensor) -> TokenRouting:
+        """The routing of one token, logits (1, experts), weights rounded to the logits' dtype."""
+        weights, chosen = self(logits)
+        return TokenRouting(weights.to(logits.dtype), chosen)
+
+
 class MoeLayer(nn.Module):
     """Sparse feed-forward: a router picks top-k experts per token from an injected provider.
 
@@ -223,6 +276,7 @@ class MoeLayer(nn.Module):
         super().__init__()
         self.layer, self.top_k = layer, cfg.num_experts_per_tok
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        self.router = Router(self.top_k)
         if experts is None:
             experts = ResidentExperts(
                 Expert(cfg.hidden_size, cfg.intermediate_size) for _ in range(cfg.num_local_experts)
@@ -241,22 +295,21 @@ class MoeLayer(nn.Module):
         self.experts = provider
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, chosen = route(self.gate(x), self.top_k)  # (tokens, k) each
-        if self.observer is not None:
-            self.observer(self.layer, chosen)
-        weights = weights.to(x.dtype)
+        logits = self.gate(x)  # (tokens, experts)
         if x.shape[0] == 1:  # decode: no gather/scatter needed
+            routing = self.router.one(logits)
+            if self.observer is not None:
+                self.observer(self.layer, routing.chosen)
             ahead = self.experts.predict(x)  # ids to fetch ahead, still on the device
-            # ids, weights (rounded to the model's dtype, exact in float64) and the ids ahead,
-            # read in this layer's one host synchronisation
-            parts = [chosen[0].double(), weights[0].double()]
-            read = torch.cat(parts if ahead is None else [*parts, ahead.double()]).tolist()
-            ids = [int(e) for e in read[: self.top_k]]
-            weight = dict(zip(ids, read[self.top_k : 2 * self.top_k], strict=True))
-            predicted = [int(e) for e in read[2 * self.top_k :]]
+            ids, read, predicted = routing.read(ahead)
+            weight = dict(zip(ids, read, strict=True))
             served = self.experts.fetch(self.layer, ids, x, predicted)
             outs = {e: f(x) * weight[e] for e, f in served}
             return sum_in_order((outs[e] for e in sorted(ids)), x)
+        weights, chosen = self.router(logits)  # (tokens, k) each
+        if self.observer is not None:
+            self.observer(self.layer, chosen)
+        weights = weights.to(x.dtype)
         used = torch.unique(chosen).tolist()  # ascending
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for e, expert in self.experts.fetch(self.layer, used, x, []):

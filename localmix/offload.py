@@ -578,7 +578,9 @@ class SlotMover:
 
     def load(self, layer: int, expert: int, slot: int) -> None:
         src, dst = self.store.host[layer, expert], self.buffers[layer][slot]
-        after = self.last_read.pop((layer, slot), None)
+        # The slot's last reader stays its last reader until another reads it: a prefetch that
+        # is replaced before anyone reads it leaves the next copy waiting on the same reader.
+        after = self.last_read.get((layer, slot))
         pinned = self.store.pinned[layer]
         if self.on_copy is not None:
             self.on_copy()

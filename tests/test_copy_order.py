@@ -9,6 +9,8 @@ import torch
 
 import localmix
 import localmix.offload as offload_module
+from localmix.cpu_decode import KernelRouter
+from localmix.model import Router
 from tests.helpers import quantized_six_experts
 
 
@@ -108,10 +110,17 @@ def test_demand_copies_are_queued_before_prefetches(quantized, monkeypatch):
         assert copies == sorted(copies, key=lambda layer: layer == 0), copies
 
 
-def test_a_decode_step_reads_the_device_once_per_layer(quantized, monkeypatch):
+@pytest.mark.parametrize("kernel_router", [False, True])
+def test_a_decode_step_reads_the_device_once_per_layer(quantized, monkeypatch, kernel_router):
     """Routing and the prefetch prediction come to the host together: one synchronisation per
-    MoE layer in a decode step (where the prediction, read separately, made a second)."""
+    MoE layer in a decode step (where the prediction, read separately, made a second). The
+    model's own router is the one a GPU runs; the CPU's kernel router reads no tensor for the
+    routing it computes, only the prediction."""
     e = localmix.load(quantized, device="cpu", expert_slots=3, prefetch=1)
+    for moe in e.model.moe_layers():
+        assert isinstance(moe.router, KernelRouter)
+        if not kernel_router:
+            moe.router = Router(moe.top_k)
     e.complete(list(range(3, 12)), temperature=0, max_tokens=2)  # warm: prefill + a step
     reads = []
     tolist = torch.Tensor.tolist
@@ -126,7 +135,7 @@ def test_a_decode_step_reads_the_device_once_per_layer(quantized, monkeypatch):
         e._forward([5])  # one decode step through the engine's own forward
     layers, k = model.cfg.num_hidden_layers, model.cfg.num_experts_per_tok
     # a layer reads its k ids and k weights, and the k ids it predicts for the next layer
-    assert reads == [(3 * k,)] * layers, reads
+    assert reads == [((1 if kernel_router else 3) * k,)] * layers, reads
 
 
 def test_the_routing_record_is_one_read(quantized, monkeypatch):
