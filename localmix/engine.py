@@ -191,7 +191,8 @@ class Engine:
         tokens = torch.tensor(part, dtype=torch.long, device=self.device)
         try:
             logits = self.model(tokens, self.cache, last_only=True)[-1]
-            if not bool(torch.isfinite(logits).all()):
+            # one reduction: a NaN or an infinity makes the float64 sum non-finite
+            if not bool(torch.isfinite(logits.sum(dtype=torch.float64))):
                 raise CheckpointError(
                     f"the model {self.name} computed NaN or infinite logits: its weights hold "
                     "non-finite values (a corrupt or badly converted checkpoint); quantize or "
