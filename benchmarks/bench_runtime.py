@@ -8,9 +8,11 @@ parameters) is loaded by localmix as it is and quantized to 4-bit experts with 1
 8-bit attention and output head, and converted by llama.cpp's own tools to
 F16, Q8_0, Q4_0 and Q4_K_M (benchmarks/llamacpp.py says how llama.cpp is found). Every system
 is timed in turn, round after round: decode (`--tokens` greedy steps after a 128-token prompt)
-and prefill of 128 and 512 tokens from an empty cache. Prints the median of the rounds, the
-weight bytes each system reads per decoded token, the memory bandwidth measured in the same run
-and the speed that bandwidth allows (the roofline), then localmix's ratios to llama.cpp.
+and prefill of 128 and 512 tokens from an empty cache; localmix's default and Q4_K_M also
+decode after a 3000-token prompt, for the speed lost to a long context. Prints the median of
+the rounds, the weight bytes each system reads per decoded token, the memory bandwidth measured
+in the same run and the speed that bandwidth allows (the roofline), then localmix's ratios to
+llama.cpp.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from benchmarks import llamacpp
 from benchmarks.common import MINI, mini_checkpoint
 
 PROMPTS = (128, 512)
+LONG = 3000  # the position of the long-context decode (item 4 of #21)
 TRUNKS = ("bf16", "int8")  # attention and head formats of the 4-bit variants
 
 
@@ -105,20 +108,24 @@ def main() -> None:
         kinds = list(llamacpp.FTYPES)
         ggufs = llamacpp.convert(source, args.dir / "mini-gguf", args.llama_cpp_source, kinds)
         for kind, path in ggufs.items():
-            system = llamacpp.LlamaCpp(path, args.threads)
+            system = llamacpp.LlamaCpp(path, args.threads, context=LONG + args.tokens + 8)
             system.bytes = llamacpp.bytes_per_token(
                 path, MINI["num_experts_per_tok"], MINI["num_local_experts"]
             )
             systems[f"llama.cpp {kind}"] = system
 
-    prompts = {n: list(range(3, 3 + n)) for n in PROMPTS}
+    prompts = {n: list(range(3, 3 + n)) for n in (*PROMPTS, LONG)}
+    long_context = [n for n in systems if n.endswith("(default)") or n.endswith("Q4_K_M")]
     runs: dict[str, list[tuple[float, ...]]] = {name: [] for name in systems}
+    long_runs: dict[str, list[float]] = {name: [] for name in long_context}
     bandwidths = []
     for _ in range(args.repeats):  # rounds: every system once per round, in turn
         bandwidths.append(read_bandwidth(args.threads))
         for name, system in systems.items():
             decode = system.decode(prompts[128], args.tokens)
             runs[name].append((decode, *(system.prefill(prompts[n]) for n in PROMPTS)))
+            if name in long_runs:
+                long_runs[name].append(system.decode(prompts[LONG], args.tokens))
     bandwidth = statistics.median(bandwidths)
     medians = {n: [statistics.median(c) for c in zip(*r, strict=True)] for n, r in runs.items()}
 
@@ -134,6 +141,13 @@ def main() -> None:
         cells = f"{decode:>8.1f}" + "".join(f"{p:>8.1f}" for p in prefill)
         print(f"{name:<44}{cells}{mb:>10.1f}{bandwidth / systems[name].bytes:>10.1f}")
     print("(tokens/s; roofline: the decode speed the measured bandwidth allows for those bytes)")
+    for name, speeds in long_runs.items():
+        at_long = statistics.median(speeds)
+        loss = 1 - at_long / medians[name][0]
+        print(
+            f"{name}: decode at position {LONG} {at_long:.1f} tokens/s, "
+            f"{loss:.0%} below position 128"
+        )
     pairs = [("localmix bf16", "llama.cpp F16")]
     pairs += [(ours, "llama.cpp Q4_K_M") for ours in list(systems)[1 : 1 + len(TRUNKS)]]
     for ours, theirs in pairs:
