@@ -144,9 +144,14 @@ class LlamaCpp:
         self.llm.eval(prompt)
         t = time.perf_counter()
         for _ in range(tokens):
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-            self.llm.eval([token])
+            self.llm.eval([int(np.argmax(self.last_logits()))])
         return tokens / (time.perf_counter() - t)
+
+    def last_logits(self) -> np.ndarray:
+        """The logits of the last token evaluated (llama-cpp-python keeps `scores` only with
+        logits_all; the context holds the last token's logits either way)."""
+        vocab = self.llm.n_vocab()
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(vocab,))
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """(len, vocab) float32 logits of a fresh forward (needs logits_all=True)."""
