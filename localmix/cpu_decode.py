@@ -1,26 +1,29 @@
-"""A CPU decode step's attention and routing on localmix's fused kernels, swapped into a model.
+"""A CPU decode step's attention, routing and experts on localmix's fused kernels, swapped in.
 
 A decode step runs one token through every layer. Between the big products, PyTorch would
 spend some twenty small ops a layer on RoPE, the cache write, the attention reshapes and SDPA,
-and ten more on the router's softmax, top-k and read-back; each op costs its dispatch and
-allocation whatever its size. `use_decode_kernels` swaps each layer's `GroupedAttention` for a
-`KernelAttention` and each `Router` for a `KernelRouter`: on the CPU, for a one-token step that
-sees every cached key, each is one call of localmix's kernels (`attend_one`, `route_one`).
-Every other case (prefill chunks, a masked step, a GPU, kernels unavailable) runs the model's
-own modules, which the kernels are tested against (tests/test_decode_kernels.py).
-"""
+ten more on the router's softmax, top-k and read-back, and five on weighting and adding the
+experts' outputs; each op costs its dispatch and allocation whatever its size.
+`use_decode_kernels` swaps each layer's `GroupedAttention` for a `KernelAttention`, each `Router`
+for a `KernelRouter`, and resident 4-bit experts for `KernelExperts`: on the CPU, for a
+one-token step (that sees every cached key), each is one call of localmix's kernels
+(`attend_one`, `route_one`, `int4_moe`). Every other case (prefill chunks, a masked step, a
+GPU, kernels unavailable) runs the model's own modules, which the kernels are tested against
+(tests/test_decode_kernels.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
 from torch import Tensor, nn
 
 from .kv_cache import CacheStep
-from .model import GroupedAttention, Router, TokenRouting
+from .model import GroupedAttention, ResidentExperts, Router, TokenRouting
 from .quant.kernels import cpu_kernels
 from .quant.layers import replace
+from .quant.linear import QuantExpert
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 Rope = tuple[Tensor, Tensor]  # cos and signed sin rows of the step's positions
@@ -69,6 +72,53 @@ class KernelRouter(Router):
         return ReadRouting(self.route_one(logits, self.top_k), self.top_k)
 
 
+class KernelExperts(ResidentExperts):
+    """Resident 4-bit experts whose decode step runs `int4_moe`: the routed experts computed and
+    combined in one call, in the model's order and rounding."""
+
+    def __init__(self, experts: list[QuantExpert], kernels: ModuleType) -> None:
+        super().__init__(experts)
+        self.int4_moe = kernels.int4_moe
+        self.group_size = experts[0].w1.group_size
+        self.tensors = self.expert_tensors()
+
+    def expert_tensors(self) -> list[list[Tensor]]:
+        """Each expert's (q1, s1, q3, s3, q2, s2), as int4_moe takes them."""
+        return [
+            [t for w in (e.w1, e.w3, e.w2) for t in (w.qweight, w.scales_zeros)]
+            for e in self
+            if isinstance(e, QuantExpert)
+        ]
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> KernelExperts:
+        super()._apply(fn, recurse)
+        self.tensors = self.expert_tensors()  # the moved tensors, not the old ones
+        return self
+
+    @staticmethod
+    def fitting(experts: ResidentExperts) -> list[QuantExpert] | None:
+        """The experts, where int4_moe takes them: QuantExperts of one unpadded 4-bit shape."""
+        fit = [e for e in experts if isinstance(e, QuantExpert) and not padded(e)]
+        if not fit or len(fit) < len(experts):
+            return None
+        shape = {(e.w1.padded, e.w2.padded, e.w1.group_size) for e in fit}
+        return fit if len(shape) == 1 else None
+
+    def combine(self, x: Tensor, weight: dict[int, float]) -> Tensor | None:
+        qweight = self.tensors[0][0]
+        on_cpu = qweight.device.type == "cpu" and x.device.type == "cpu"
+        if not on_cpu or x.dtype not in KERNEL_DTYPES or qweight.dtype != torch.uint8:
+            return None
+        ids = sorted(weight)
+        tensors = [self.tensors[e] for e in ids]
+        return self.int4_moe(x, tensors, [weight[e] for e in ids], self.group_size)
+
+
+def padded(expert: QuantExpert) -> bool:
+    """Whether any of the expert's matrices is stored larger than its logical shape."""
+    return any(w.padded != (w.out_features, w.in_features) for w in (expert.w1, expert.w2))
+
+
 def use_decode_kernels(model: nn.Module) -> None:
     """Swap `model`'s attention cores and routers for the kernel ones, where localmix's CPU
     kernels are built and run here (they leave any other step to the model's own code)."""
@@ -80,3 +130,5 @@ def use_decode_kernels(model: nn.Module) -> None:
             replace(model, name, KernelAttention(module, kernels))
         elif type(module) is Router:
             replace(model, name, KernelRouter(module, kernels))
+        elif type(module) is ResidentExperts and (fit := KernelExperts.fitting(module)):
+            replace(model, name, KernelExperts(fit, kernels))

@@ -182,11 +182,19 @@ class ExpertProvider(Protocol):
         """
         ...
 
+    def combine(self, x: torch.Tensor, weight: dict[int, float]) -> torch.Tensor | None:
+        """For a decode step, the sum of weight[e] * expert e (x) in ascending e, in one call
+        where the provider has a kernel for it; None to have the layer fetch and sum them."""
+        ...
+
 
 class ResidentExperts(nn.ModuleList):
     """A layer's experts held as ordinary modules (all resident); the default provider."""
 
     def predict(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def combine(self, x: torch.Tensor, weight: dict[int, float]) -> torch.Tensor | None:
         return None
 
     def fetch(
@@ -303,6 +311,8 @@ class MoeLayer(nn.Module):
             ahead = self.experts.predict(x)  # ids to fetch ahead, still on the device
             ids, read, predicted = routing.read(ahead)
             weight = dict(zip(ids, read, strict=True))
+            if (combined := self.experts.combine(x, weight)) is not None:
+                return combined
             served = self.experts.fetch(self.layer, ids, x, predicted)
             outs = {e: f(x) * weight[e] for e, f in served}
             return sum_in_order((outs[e] for e in sorted(ids)), x)

@@ -643,6 +643,9 @@ class CachedExperts:
             return None
         return torch.cat([route(gate(hidden), self.top_k)[1][0] for _, gate in self.next_gates])
 
+    def combine(self, x: torch.Tensor, weight: dict[int, float]) -> torch.Tensor | None:
+        return None  # served one by one, as each lands
+
     def fetch(
         self, layer: int, experts: list[int], hidden: torch.Tensor, predicted: list[int]
     ) -> Iterator:

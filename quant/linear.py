@@ -109,6 +109,9 @@ class Int8PerRow(Format):
 FORMATS: dict[int, Format] = {4: Int4Grouped(), 8: Int8PerRow()}
 
 
+CACHE_LINE = 64  # bytes
+
+
 class QuantLinear(KernelChoice):
     """A linear layer over a quantized weight; swapped in for nn.Linear by the loader.
 
@@ -224,6 +227,22 @@ class QuantLinear(KernelChoice):
         self.rechoose()
         return True
 
+    def align_to_cache_lines(self) -> bool:
+        """Move buffers on the CPU that do not start on a cache line to memory that does.
+        Returns whether any moved.
+
+        A safetensors file maps each tensor at whatever offset its header and the tensors
+        before it leave; the kernels' 32-byte loads from such a weight straddle two cache
+        lines every other time, which slows a memory-bound product by as much as half.
+        """
+        moved = False
+        for name in ("qweight", "scales_zeros"):
+            t = getattr(self, name)
+            if t.device.type == "cpu" and t.data_ptr() % CACHE_LINE:
+                setattr(self, name, t.clone())  # PyTorch's CPU allocator aligns to 64 bytes
+                moved = True
+        return moved
+
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """x with zero columns up to the stored width (a no-op for most shapes)."""
         extra = self.padded[1] - self.in_features
@@ -311,12 +330,14 @@ def inner_k_tiles(in_padded: int) -> int:
 
 def use_device_kernels(model: nn.Module) -> None:
     """Make `model` (loaded) run on the kernels of the machine it sits on: its 16-bit linear
-    layers and norms swapped for the kernel modules (`quant.layers`), and every 4-bit layer on a
-    CUDA device with PyTorch's fused int4 kernel repacked for it."""
+    layers and norms swapped for the kernel modules (`quant.layers`), every 4-bit layer on a
+    CUDA device with PyTorch's fused int4 kernel repacked for it, and the quantized weights on
+    the CPU on cache lines."""
     swap_plain_modules(model)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.to_kernel_layout()
+            m.align_to_cache_lines()
 
 
 def describe_device_kernels(modules: Iterable[nn.Module]) -> str:

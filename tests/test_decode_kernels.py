@@ -7,9 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from localmix.quant import quantize_tensor
+from localmix.quant.layers import replace
+from localmix.quant.linear import CACHE_LINE, QuantLinear
 
-from localmix.model import Rotary, apply_rotary, route
+import localmix
+from localmix.cpu_decode import KernelAttention, KernelExperts, KernelRouter
+from localmix.model import GroupedAttention, ResidentExperts, Rotary, Router, apply_rotary, route
 from tests import test_kernels
+from tests.helpers import quantized_six_experts
 
 kernels, threads = test_kernels.kernels, test_kernels.threads  # the fixtures, shared
 
@@ -92,3 +97,66 @@ def test_int4_moe_is_the_experts_combined_in_order(kernels, threads, dtype, grou
     for tensors, w in zip(experts, weights, strict=True):
         want += kernels.int4_swiglu(x, *tensors, group_size) * w
     assert torch.equal(kernels.int4_moe(x, experts, weights, group_size), want)
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    return quantized_six_experts(tmp_path_factory)
+
+
+def own_modules(engine, kinds: tuple[type, ...]) -> None:
+    """Put the model's own modules back in place of the kernel ones of `kinds`."""
+    model = engine.model
+    for name, m in list(model.named_modules()):
+        if isinstance(m, KernelAttention) and KernelAttention in kinds:
+            replace(model, name, GroupedAttention(m.layer, m.n_heads, m.n_kv, m.head_dim))
+        elif isinstance(m, KernelRouter) and KernelRouter in kinds:
+            replace(model, name, Router(m.top_k))
+        elif isinstance(m, KernelExperts) and KernelExperts in kinds:
+            replace(model, name, ResidentExperts(list(m)))
+
+
+def decode(engine, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]:
+    """The logits of one-token steps feeding `tokens` after `prompt`, through the model."""
+    cache = engine.new_cache(64)
+    with torch.inference_mode():
+        engine.model(torch.tensor(prompt), cache, last_only=True)
+        return [engine.model(torch.tensor([t]), cache, last_only=True)[-1] for t in tokens]
+
+
+def test_a_loaded_cpu_model_decodes_on_the_kernels_as_on_its_own_modules(quantized):
+    """A 4-bit model loaded on the CPU takes the fused decode modules, and its decode steps give
+    the logits of the model's own modules: the experts' combine bit for bit, attention and
+    routing within the rounding of SDPA's bf16 probabilities."""
+    fused, plain, experts_only = (localmix.load(quantized, device="cpu") for _ in range(3))
+    model = fused.model
+    assert all(isinstance(m.experts, KernelExperts) for m in model.moe_layers())
+    assert all(isinstance(m.router, KernelRouter) for m in model.moe_layers())
+    assert all(isinstance(b.self_attn.attend, KernelAttention) for b in model.layers)
+    own_modules(plain, (KernelAttention, KernelRouter, KernelExperts))
+    own_modules(experts_only, (KernelAttention, KernelRouter))
+    prompt, tokens = list(range(3, 40)), [5, 17, 2, 9, 30, 11]
+    want = decode(plain, prompt, tokens)
+    for got, expected in zip(decode(experts_only, prompt, tokens), want, strict=True):
+        assert torch.equal(got, expected)  # int4_moe: the model's own combine, exactly
+    for got, expected in zip(decode(fused, prompt, tokens), want, strict=True):
+        tol = 0.02 * float(expected.abs().max())
+        torch.testing.assert_close(got, expected, rtol=0.02, atol=tol)
+
+
+def test_quantized_weights_on_the_cpu_start_on_cache_lines(quantized):
+    """A weight mapped from a file at an offset off a cache line is moved onto one (the kernels'
+    loads would straddle two lines), with the same values; a loaded model's all are."""
+    layer = QuantLinear(64, 32, bits=8)
+    raw = torch.randint(-100, 100, (32 * 64 + 8,), dtype=torch.int8)
+    layer.qweight = raw[8:].view(32, 64)  # 8 bytes past the allocation's start
+    layer.scales_zeros = torch.ones(32, dtype=torch.bfloat16)
+    assert layer.qweight.data_ptr() % CACHE_LINE != 0
+    before = layer.qweight.clone()
+    assert layer.align_to_cache_lines() and not layer.align_to_cache_lines()
+    assert layer.qweight.data_ptr() % CACHE_LINE == 0 and torch.equal(layer.qweight, before)
+    engine = localmix.load(quantized, device="cpu")
+    for m in engine.model.modules():
+        if isinstance(m, QuantLinear):
+            assert m.qweight.data_ptr() % CACHE_LINE == 0
+            assert m.scales_zeros.data_ptr() % CACHE_LINE == 0
