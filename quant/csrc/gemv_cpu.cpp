@@ -969,6 +969,40 @@ inline void dot_rows4(const float* q, int64_t rows, const T* key, int64_t hd, fl
   if (rows > 3) out[3 * stride] = hsum(a3) * scale;
 }
 
+// Up to four query rows' outputs (`out`, rows `stride` apart) plus p (rows, n) times the
+// values of keys b..e: each value vector read once for all the rows, 16 of head_dim at a time
+// (eight accumulators), then 8 at a time for a head_dim that is not a multiple of 16.
+template <class T>
+void add_values4(const float* p, int64_t rows, int64_t n, const T* values, int64_t b, int64_t e,
+                 int64_t hd, float* out, int64_t stride) {
+  int64_t d = 0;
+  for (; d + 16 <= hd; d += 16) {
+    __m256 a[4][2];
+    for (int r = 0; r < 4; ++r)
+      for (int h = 0; h < 2; ++h)
+        a[r][h] = r < rows ? _mm256_loadu_ps(out + r * stride + d + 8 * h) : _mm256_setzero_ps();
+    for (int64_t j = b; j < e; ++j) {
+      const __m256 v0 = load8f(values + j * hd + d), v1 = load8f(values + j * hd + d + 8);
+      for (int r = 0; r < 4; ++r) {
+        if (r >= rows) break;
+        const __m256 pr = _mm256_set1_ps(p[r * n + j]);
+        a[r][0] = _mm256_fmadd_ps(pr, v0, a[r][0]);
+        a[r][1] = _mm256_fmadd_ps(pr, v1, a[r][1]);
+      }
+    }
+    for (int r = 0; r < rows; ++r)
+      for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + r * stride + d + 8 * h, a[r][h]);
+  }
+  for (; d < hd; d += 8) {
+    for (int64_t r = 0; r < rows; ++r) {
+      __m256 o = _mm256_loadu_ps(out + r * stride + d);
+      for (int64_t j = b; j < e; ++j)
+        o = _mm256_fmadd_ps(_mm256_set1_ps(p[r * n + j]), load8f(values + j * hd + d), o);
+      _mm256_storeu_ps(out + r * stride + d, o);
+    }
+  }
+}
+
 // Keys taken together while their values are added up: a block's values stay in L1 while every
 // query row and every 32 of head_dim go over them.
 constexpr int64_t kKeyBlock = 64;
@@ -1003,31 +1037,9 @@ void attend_keys(const float* q, int64_t rep, const T* keys, const T* values, in
   }
   for (int64_t b = 0; b < n; b += kKeyBlock) {  // outputs: (rep, hd) += p (rep, keys) v (keys, hd)
     const int64_t e = std::min(n, b + kKeyBlock);
-    for (int64_t r = 0; r < rep; ++r) {
-      const float* s = scores + r * n;
-      float* out = part + r * (hd + 2);
-      int64_t d = 0;
-      for (; d + 32 <= hd; d += 32) {
-        __m256 o0 = _mm256_loadu_ps(out + d), o1 = _mm256_loadu_ps(out + d + 8);
-        __m256 o2 = _mm256_loadu_ps(out + d + 16), o3 = _mm256_loadu_ps(out + d + 24);
-        for (int64_t j = b; j < e; ++j) {
-          const T* vj = values + (j0 + j) * hd + d;
-          const __m256 p = _mm256_set1_ps(s[j]);
-          o0 = _mm256_fmadd_ps(p, load8f(vj), o0);
-          o1 = _mm256_fmadd_ps(p, load8f(vj + 8), o1);
-          o2 = _mm256_fmadd_ps(p, load8f(vj + 16), o2);
-          o3 = _mm256_fmadd_ps(p, load8f(vj + 24), o3);
-        }
-        _mm256_storeu_ps(out + d, o0), _mm256_storeu_ps(out + d + 8, o1);
-        _mm256_storeu_ps(out + d + 16, o2), _mm256_storeu_ps(out + d + 24, o3);
-      }
-      for (; d < hd; d += 8) {  // a head_dim that is not a multiple of 32
-        __m256 o = _mm256_loadu_ps(out + d);
-        for (int64_t j = b; j < e; ++j)
-          o = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), load8f(values + (j0 + j) * hd + d), o);
-        _mm256_storeu_ps(out + d, o);
-      }
-    }
+    for (int64_t r = 0; r < rep; r += 4)
+      add_values4(scores + r * n, std::min<int64_t>(4, rep - r), n, values + j0 * hd, b, e, hd,
+                  part + r * (hd + 2), hd + 2);
   }
 }
 
