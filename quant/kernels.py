@@ -37,7 +37,7 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv_cpu.cpp"
 ENV_SWITCH = "LOCALMIX_CPU_KERNELS"
-BUILD_NAME = "localmix_gemv_cpu_v1"  # bump with any change to the source's interface
+BUILD_NAME = "localmix_gemv_cpu_v2"  # bump with any change to the source's interface
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
 
@@ -109,8 +109,9 @@ def build_directory(name: str = BUILD_NAME) -> Path:
 
 
 def cpu_kernels() -> ModuleType | None:
-    """The compiled module (`int4_mm`, `int4_swiglu`, `int8_mm`, `rms_norm`, `fit_groups`), or
-    None."""
+    """The compiled module, or None: the products (`int4_mm`, `int4_swiglu`, `int4_moe`,
+    `int8_mm`, `bf16_mm`), a decode step's glue (`attend_one`, `route_one`, `rms_norm`) and the
+    converter's `fit_groups`."""
     return None if _switched_off() or _missing_features() else _build()[0]
 
 
