@@ -28,8 +28,8 @@ stands for 0.0. localmix's `zero` is a float (the value of code 8), so a group's
 nearest grid that does (`integer_zero_point`): its zero point rounded, or else rounded the other
 way with the scale and codes refitted to localmix's values, whichever is closer in squared error.
 Where localmix's grid spans 0.0 (every group of nano), the root-mean-square change in a group
-is at most half its scale. On nano that moves the experts by 7-8% of their norm and makes the
-KL divergence from bf16 1.65-1.72x localmix's own (benchmarks/bench_export.py).
+is at most half its scale. What that costs in the experts' error and the KL divergence from
+bf16 is measured by benchmarks/bench_export.py (docs/benchmarks.md).
 
 Only the experts are written quantized: an 8- or 4-bit attention or output head is written in
 bfloat16 as it dequantizes (vLLM would take quantized attention for the experts' scheme, and

@@ -74,9 +74,10 @@ def _switched_off() -> bool:
 
 
 @functools.cache
-def _build(source: Path = SOURCE, name: str = BUILD_NAME) -> tuple[ModuleType | None, str]:
-    """(module, "") or (None, why not); built once per process. Never called on a CPU that
-    lacks the features the kernels need (`cpu_kernels` checks first)."""
+def build(source: Path = SOURCE, name: str = BUILD_NAME) -> tuple[ModuleType | None, str]:
+    """Build (or load the cached build of) the kernels in `source` as the extension `name`:
+    (module, "") or (None, why not), once per process. `cpu_kernels` calls it only on a CPU
+    with the features the kernels need; a test builds a broken source through it."""
     from torch.utils import cpp_extension
 
     build_dir = build_directory(name)
@@ -112,7 +113,7 @@ def cpu_kernels() -> ModuleType | None:
     """The compiled module, or None: the products (`int4_mm`, `int4_swiglu`, `int4_moe`,
     `int8_mm`, `bf16_mm`), a decode step's glue (`attend_one`, `route_one`, `rms_norm`) and the
     converter's `fit_groups`."""
-    return None if _switched_off() or _missing_features() else _build()[0]
+    return None if _switched_off() or _missing_features() else build()[0]
 
 
 def unavailable_reason() -> str:
@@ -121,7 +122,7 @@ def unavailable_reason() -> str:
         return f"turned off by {ENV_SWITCH}=0"
     if missing := _missing_features():
         return f"the CPU lacks {' and '.join(f.upper() for f in missing)}"
-    return _build()[1]
+    return build()[1]
 
 
 def describe() -> str:

@@ -33,8 +33,9 @@ LAYOUT = "localmix-tiled32-padded"  # see quant.formats; the same bytes on every
 SHAPES_KEY = "localmix.shapes"  # shard metadata: logical (out, in) of each quantized tensor
 # Attention projections and output head: kept 16-bit, 8-bit per channel or 4-bit grouped.
 TRUNK_FORMATS = {"bf16": 0, "int8": 8, "int4": 4}
-# The defaults, by measurement: int8 for both costs nano 3% more KL divergence than bf16 for
-# 34% fewer bytes per token, where 4-bit doubles it (benchmarks/bench_nano.py, docs/benchmarks.md).
+# The defaults, by measurement: int8 for both costs nano little KL divergence over bf16 for a
+# third fewer bytes per token, where 4-bit costs far more (benchmarks/bench_nano.py; the figures
+# are in docs/benchmarks.md).
 DEFAULT_ATTN = "int8"
 DEFAULT_HEAD = "int8"
 # A quantized model's size over its 16-bit source's, with margin (4.5 of 16 bits for experts):

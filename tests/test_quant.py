@@ -243,7 +243,7 @@ def test_kernels_that_cannot_be_built_say_why(tmp_path, monkeypatch):
     broken = tmp_path / "broken.cpp"
     broken.write_text("#error no compiler here\n")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    module, why = kernels_module._build(broken, "localmix_test_broken")
+    module, why = kernels_module.build(broken, "localmix_test_broken")
     assert module is None and why.startswith("could not be built")
 
 
