@@ -1,6 +1,6 @@
 """Benchmarks on nano, the trained model shipped with localmix.
 
-    python benchmarks/bench_nano.py [--dir /tmp/localmix-bench] [--tokens 256]
+    python -m benchmarks.bench_nano [--dir /tmp/localmix-bench] [--tokens 256]
         [--llama-cpp-source DIR] [--only trunk]
 
 0. The trunk's formats: the KL divergence from the bf16 model that 4-bit experts cost with each
@@ -26,35 +26,31 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from localmix.quant.convert import Settings, convert  # noqa: E402
-from localmix.quant.formats import (  # noqa: E402
+from localmix.quant.convert import Settings, convert
+from localmix.quant.formats import (
     DEFAULT_METHOD,
-    _minmax_params,
-    _round_params,
     int4_codes,
+    minmax_params,
+    round_params,
 )
-from localmix.quant.manifest import DEFAULT_ATTN, DEFAULT_HEAD  # noqa: E402
+from localmix.quant.manifest import DEFAULT_ATTN, DEFAULT_HEAD
 
-import localmix  # noqa: E402
-from benchmarks import llamacpp  # noqa: E402
-from benchmarks.bench_runtime import localmix_bytes_per_token  # noqa: E402
-from localmix.demo import nano_path  # noqa: E402
-from localmix.evaluate import (  # noqa: E402
+import localmix
+from benchmarks import llamacpp
+from benchmarks.bench_runtime import localmix_bytes_per_token
+from localmix.demo import nano_path
+from localmix.evaluate import (
     kl_divergence,
     paired_difference,
     perplexity,
     token_losses,
 )
-from localmix.model import Expert, route  # noqa: E402
-from localmix.trace import replay  # noqa: E402
+from localmix.model import Expert, route
+from localmix.trace import replay
 
 PROMPT = "import os\n\n\ndef read_config(path):\n    "
 TRUNKS = [  # (attention, head)
@@ -161,7 +157,7 @@ def quant_table(root: Path) -> None:
 def rtn_clipped(w: torch.Tensor, group_size: int, clip: float) -> torch.Tensor:
     """Round-to-nearest 4-bit over each group's range scaled by `clip`, dequantized."""
     groups = w.float().reshape(-1, group_size)
-    scale, zero = _round_params(*_minmax_params(groups, clip))
+    scale, zero = round_params(*minmax_params(groups, clip))
     return ((int4_codes(groups, scale, zero) - 8) * scale + zero).reshape(w.shape).to(w.dtype)
 
 

@@ -149,7 +149,8 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return codes.reshape(n, k)
 
 
-def _round_params(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def round_params(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero as stored (rounded to the stored dtype), back in float32."""
     return scale.to(PARAM_DTYPE).float(), zero.to(PARAM_DTYPE).float()
 
 
@@ -158,7 +159,9 @@ def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return torch.clamp(torch.round((w - zero) / scale) + 8, 0, 15)
 
 
-def _minmax_params(w: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def minmax_params(w: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest's scale and zero for groups `w` (rows): their range, shrunk about its
+    middle by `clip`, over the 16 codes."""
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
     mid, half = (hi + lo) / 2, (hi - lo) / 2 * clip
     scale = torch.clamp(2 * half / 15, min=1e-10)
@@ -187,7 +190,7 @@ def fit_groups(w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor
     """Scale and zero (groups, 1) for float32 groups (groups, group_size), fitted by `method`
     (see the module docstring), in localmix's C++ kernels where they run, else in PyTorch."""
     if method == "rtn":
-        return _round_params(*_minmax_params(w, 1.0))
+        return round_params(*minmax_params(w, 1.0))
     kernels = cpu_kernels()
     if kernels is not None and w.device.type == "cpu":  # the same fit in C++, faster
         scale, zero = kernels.fit_groups(
@@ -197,10 +200,10 @@ def fit_groups(w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor
     weight = w.abs() if method == "wmse" else torch.ones_like(w)  # (groups, group_size)
     best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # error, scale, zero
     for clip in CLIP_GRID:
-        scale, zero = _minmax_params(w, clip)
+        scale, zero = minmax_params(w, clip)
         for _ in range(LSQ_STEPS):
             scale, zero = _refit(w, int4_codes(w, scale, zero), weight)
-        scale, zero = _round_params(scale, zero)
+        scale, zero = round_params(scale, zero)
         err = (weight * ((int4_codes(w, scale, zero) - 8) * scale + zero - w) ** 2).sum(
             -1, keepdim=True
         )
