@@ -120,8 +120,9 @@ def padded(expert: QuantExpert) -> bool:
 
 
 def use_decode_kernels(model: nn.Module) -> None:
-    """Swap `model`'s attention cores and routers for the kernel ones, where localmix's CPU
-    kernels are built and run here (they leave any other step to the model's own code)."""
+    """Swap `model`'s attention cores, routers and resident 4-bit experts for the kernel ones,
+    where localmix's CPU kernels are built and run here (they leave any other step to the
+    model's own code)."""
     kernels = cpu_kernels()
     if kernels is None:
         return
