@@ -20,10 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from .kv_cache import CacheStep
-from .model import GroupedAttention, ResidentExperts, Router, TokenRouting
+from .model import Attention, GroupedAttention, ResidentExperts, Router, TokenRouting
 from .quant.kernels import cpu_kernels
 from .quant.layers import replace
-from .quant.linear import QuantExpert
+from .quant.linear import QuantExpert, QuantLinear
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 Rope = tuple[Tensor, Tensor]  # cos and signed sin rows of the step's positions
@@ -56,6 +56,43 @@ class ReadRouting(TokenRouting):
     def read(self, ahead: torch.Tensor | None) -> tuple[list[int], list[float], list[int]]:
         predicted = [] if ahead is None else [int(e) for e in ahead.tolist()]
         return self.ids, self.weights_read, predicted
+
+
+class KernelProjections(Attention):
+    """Attention whose one-token CPU projections of 8-bit q, k and v run as one product
+    (`int8_mm_many`): the activation rounded once, one parallel region for the three."""
+
+    def __init__(self, attention: Attention, kernels: ModuleType) -> None:
+        nn.Module.__init__(self)
+        for name, child in attention.named_children():  # the same modules, not copies
+            setattr(self, name, child)
+        self.int8_mm_many = kernels.int8_mm_many
+
+    @staticmethod
+    def fits(attention: Attention) -> bool:
+        """Whether int8_mm_many takes q, k and v: unpadded 8-bit layers of one width."""
+        layers = (attention.q_proj, attention.k_proj, attention.v_proj)
+        return all(
+            isinstance(w, QuantLinear)
+            and w.bits == 8
+            and w.padded == (w.out_features, w.in_features)
+            and w.in_features == attention.q_proj.in_features
+            and w.in_features % 32 == 0
+            and w.out_features % 4 == 0
+            for w in layers
+        )
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = self.q_proj, self.k_proj, self.v_proj
+        assert isinstance(q, QuantLinear) and isinstance(k, QuantLinear)
+        assert isinstance(v, QuantLinear)
+        on_cpu = x.device.type == "cpu" and q.qweight.device.type == "cpu"
+        if not on_cpu or x.shape[0] != 1 or x.dtype == torch.float32:
+            return super().project(x)
+        weights, scales = [q.qweight, k.qweight, v.qweight], [w.scales_zeros for w in (q, k, v)]
+        qkv = self.int8_mm_many(x, weights, scales)  # (1, q + k + v)
+        nq, nk = q.out_features, k.out_features
+        return qkv[:, :nq], qkv[:, nq : nq + nk], qkv[:, nq + nk :]
 
 
 class KernelRouter(Router):
@@ -127,7 +164,9 @@ def use_decode_kernels(model: nn.Module) -> None:
     if kernels is None:
         return
     for name, module in list(model.named_modules()):
-        if type(module) is GroupedAttention and module.head_dim % 8 == 0:
+        if type(module) is Attention and KernelProjections.fits(module):
+            replace(model, name, KernelProjections(module, kernels))
+        elif type(module) is GroupedAttention and module.head_dim % 8 == 0:
             replace(model, name, KernelAttention(module, kernels))
         elif type(module) is Router:
             replace(model, name, KernelRouter(module, kernels))

@@ -131,10 +131,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * hd, d, bias=False)
         self.attend = GroupedAttention(layer, heads, kv, hd)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The queries, keys and values of x (tokens, hidden)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(
         self, x: torch.Tensor, step: CacheStep, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.project(x)
         return self.o_proj(self.attend(q, k, v, step, rope))
 
 

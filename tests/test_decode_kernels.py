@@ -9,10 +9,19 @@ import torch.nn.functional as F
 from localmix.quant import quantize_tensor
 from localmix.quant.layers import replace
 from localmix.quant.linear import CACHE_LINE, QuantLinear
+from torch import nn
 
 import localmix
-from localmix.cpu_decode import KernelAttention, KernelExperts, KernelRouter
-from localmix.model import GroupedAttention, ResidentExperts, Rotary, Router, apply_rotary, route
+from localmix.cpu_decode import KernelAttention, KernelExperts, KernelProjections, KernelRouter
+from localmix.model import (
+    Attention,
+    GroupedAttention,
+    ResidentExperts,
+    Rotary,
+    Router,
+    apply_rotary,
+    route,
+)
 from tests import test_kernels
 from tests.helpers import quantized_six_experts
 
@@ -108,7 +117,13 @@ def own_modules(engine, kinds: tuple[type, ...]) -> None:
     """Put the model's own modules back in place of the kernel ones of `kinds`."""
     model = engine.model
     for name, m in list(model.named_modules()):
-        if isinstance(m, KernelAttention) and KernelAttention in kinds:
+        if isinstance(m, KernelProjections) and KernelProjections in kinds:
+            plain = Attention.__new__(Attention)
+            nn.Module.__init__(plain)
+            for child, module in m.named_children():
+                setattr(plain, child, module)
+            replace(model, name, plain)
+        elif isinstance(m, KernelAttention) and KernelAttention in kinds:
             replace(model, name, GroupedAttention(m.layer, m.n_heads, m.n_kv, m.head_dim))
         elif isinstance(m, KernelRouter) and KernelRouter in kinds:
             replace(model, name, Router(m.top_k))
@@ -126,19 +141,20 @@ def decode(engine, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]:
 
 def test_a_loaded_cpu_model_decodes_on_the_kernels_as_on_its_own_modules(quantized):
     """A 4-bit model loaded on the CPU takes the fused decode modules, and its decode steps give
-    the logits of the model's own modules: the experts' combine bit for bit, attention and
-    routing within the rounding of SDPA's bf16 probabilities."""
+    the logits of the model's own modules: the experts' combine and the fused q/k/v product bit
+    for bit, attention and routing within the rounding of SDPA's bf16 probabilities."""
     fused, plain, experts_only = (localmix.load(quantized, device="cpu") for _ in range(3))
     model = fused.model
     assert all(isinstance(m.experts, KernelExperts) for m in model.moe_layers())
     assert all(isinstance(m.router, KernelRouter) for m in model.moe_layers())
     assert all(isinstance(b.self_attn.attend, KernelAttention) for b in model.layers)
-    own_modules(plain, (KernelAttention, KernelRouter, KernelExperts))
+    assert all(isinstance(b.self_attn, KernelProjections) for b in model.layers)
+    own_modules(plain, (KernelProjections, KernelAttention, KernelRouter, KernelExperts))
     own_modules(experts_only, (KernelAttention, KernelRouter))
     prompt, tokens = list(range(3, 40)), [5, 17, 2, 9, 30, 11]
     want = decode(plain, prompt, tokens)
     for got, expected in zip(decode(experts_only, prompt, tokens), want, strict=True):
-        assert torch.equal(got, expected)  # int4_moe: the model's own combine, exactly
+        assert torch.equal(got, expected)  # int4_moe and int8_mm_many: exactly the model's own
     for got, expected in zip(decode(fused, prompt, tokens), want, strict=True):
         tol = 0.02 * float(expected.abs().max())
         torch.testing.assert_close(got, expected, rtol=0.02, atol=tol)
@@ -160,3 +176,20 @@ def test_quantized_weights_on_the_cpu_start_on_cache_lines(quantized):
         if isinstance(m, QuantLinear):
             assert m.qweight.data_ptr() % CACHE_LINE == 0
             assert m.scales_zeros.data_ptr() % CACHE_LINE == 0
+
+
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_int8_mm_many_is_each_product_side_by_side(kernels, threads, n_threads):
+    """Several 8-bit weights times the same rows, in one call, equal each weight's own product,
+    bit for bit (the query, key and value projections of a decode step)."""
+    threads(n_threads)
+    gen = torch.Generator().manual_seed(n_threads)
+    widths = (96, 32, 32)
+    weights = [torch.randint(-127, 128, (n, 128), generator=gen, dtype=torch.int8) for n in widths]
+    scales = [torch.rand(n, generator=gen).to(torch.bfloat16) for n in widths]
+    for rows in (1, 3):
+        x = torch.randn(rows, 128, generator=gen).to(torch.bfloat16)
+        want = torch.cat(
+            [kernels.int8_mm(x, w, s) for w, s in zip(weights, scales, strict=True)], 1
+        )
+        assert torch.equal(kernels.int8_mm_many(x, weights, scales), want)

@@ -359,6 +359,45 @@ inline __m256i dot32(const int8_t* w, __m256i xv) {
   return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
+// x rounded to int8 per 32 values (llama.cpp's Q8_0): codes xq (n) and scales xd (n / 32).
+void round_q8_0(const float* xp, int64_t n, int8_t* xq, float* xd) {
+  for (int64_t b = 0; b < n / 32; ++b) {
+    float amax = 0.0f;
+    for (int64_t k = 32 * b; k < 32 * b + 32; ++k) amax = std::max(amax, std::abs(xp[k]));
+    const float d = amax > 0.0f ? amax / 127.0f : 1.0f;
+    xd[b] = d;
+    for (int64_t k = 32 * b; k < 32 * b + 32; ++k)
+      xq[k] = static_cast<int8_t>(std::nearbyint(xp[k] / d));
+  }
+}
+
+// Four rows of an int8 weight (from r0, K columns, scales s) times the M int8-rounded rows of
+// x, with integer products; row m's four results go to y + m * stride.
+void int8_rows4(const int8_t* r0, const c10::BFloat16* s, int64_t K, const int8_t* xq,
+                const float* xd, int64_t M, float* y, int64_t stride) {
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* xr = xq + m * K;
+    const float* dr = xd + m * K / 32;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K; k += 32) {
+      if (k % 64 == 0)  // the next four rows, at the same offset, one line each
+        for (int r = 4; r < 8; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(r0 + r * K + k), _MM_HINT_T0);
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k));
+      const __m256 d = _mm256_set1_ps(dr[k / 32]);
+      a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(r0 + k, xv)), d, a0);
+      a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(r0 + K + k, xv)), d, a1);
+      a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(r0 + 2 * K + k, xv)), d, a2);
+      a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(r0 + 3 * K + k, xv)), d, a3);
+    }
+    float* yr = y + m * stride;
+    yr[0] = hsum(a0) * static_cast<float>(s[0]);
+    yr[1] = hsum(a1) * static_cast<float>(s[1]);
+    yr[2] = hsum(a2) * static_cast<float>(s[2]);
+    yr[3] = hsum(a3) * static_cast<float>(s[3]);
+  }
+}
+
 // Activation rows as float32 in `buffer`. Done by hand: each ATen op costs microseconds, as
 // much as a small matrix-vector product.
 const float* rows_as_float(const torch::Tensor& x, int64_t K, std::vector<float>& buffer) {
@@ -636,38 +675,10 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& qweight,
     // four weight rows at once.
     int8_t* xq = grown(scr.q8, M * K);
     float* xd = grown(scr.xdx, M * K / 32);
-    for (int64_t b = 0; b < M * K / 32; ++b) {
-      float amax = 0.0f;
-      for (int64_t k = 32 * b; k < 32 * b + 32; ++k) amax = std::max(amax, std::abs(xp[k]));
-      const float d = amax > 0.0f ? amax / 127.0f : 1.0f;
-      xd[b] = d;
-      for (int64_t k = 32 * b; k < 32 * b + 32; ++k)
-        xq[k] = static_cast<int8_t>(std::nearbyint(xp[k] / d));
-    }
+    round_q8_0(xp, M * K, xq, xd);
     at::parallel_for(0, N / 4, grain(4 * K, M), [&](int64_t begin, int64_t end) {
-      for (int64_t n = 4 * begin; n < 4 * end; n += 4) {
-        for (int64_t m = 0; m < M; ++m) {
-          const int8_t* xr = xq + m * K;
-          const float* dr = xd + m * K / 32;
-          __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-          const int8_t* r0 = q + n * K;
-          for (int64_t k = 0; k < K; k += 32) {
-            if (k % 64 == 0)  // the next four rows, at the same offset, one line each
-              for (int r = 4; r < 8; ++r)
-                _mm_prefetch(reinterpret_cast<const char*>(r0 + r * K + k), _MM_HINT_T0);
-            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k));
-            const __m256 d = _mm256_set1_ps(dr[k / 32]);
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(r0 + k, xv)), d, a0);
-            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(r0 + K + k, xv)), d, a1);
-            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(r0 + 2 * K + k, xv)), d, a2);
-            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(r0 + 3 * K + k, xv)), d, a3);
-          }
-          yp[m * N + n] = hsum(a0) * static_cast<float>(s[n]);
-          yp[m * N + n + 1] = hsum(a1) * static_cast<float>(s[n + 1]);
-          yp[m * N + n + 2] = hsum(a2) * static_cast<float>(s[n + 2]);
-          yp[m * N + n + 3] = hsum(a3) * static_cast<float>(s[n + 3]);
-        }
-      }
+      for (int64_t n = 4 * begin; n < 4 * end; n += 4)
+        int8_rows4(q + n * K, s + n, K, xq, xd, M, yp + n, N);
     });
     store_result(out, yp);
     return out;
@@ -700,6 +711,47 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& qweight,
         yp[m * N + n + 2] = hsum(_mm256_add_ps(a2, b2)) * static_cast<float>(s[n + 2]);
         yp[m * N + n + 3] = hsum(_mm256_add_ps(a3, b3)) * static_cast<float>(s[n + 3]);
       }
+    }
+  });
+  store_result(out, yp);
+  return out;
+}
+
+// Several int8 weights of one width times the same activation rows, as one product: x (M, K)
+// rounded once, every weight's four-row groups shared out in one parallel region; returns
+// (M, sum of the weights' rows), the weights' results side by side in x's dtype. A decode step's
+// query, key and value projections in one call: the key's and value's alone are too small to
+// be worth a second thread.
+torch::Tensor int8_mm_many(const torch::Tensor& x, const std::vector<torch::Tensor>& qweights,
+                           const std::vector<torch::Tensor>& scales) {
+  TORCH_CHECK(!qweights.empty() && qweights.size() == scales.size(), "one scale per weight");
+  const int64_t K = qweights[0].size(1), M = x.size(0);
+  std::vector<int64_t> first_group{0};  // each weight's first four-row group
+  for (size_t w = 0; w < qweights.size(); ++w) {
+    const torch::Tensor &q = qweights[w], &sc = scales[w];
+    TORCH_CHECK(q.dtype() == torch::kInt8 && q.is_contiguous() && q.dim() == 2 && q.size(1) == K,
+                "qweights must be contiguous int8 (N, K) of one K");
+    TORCH_CHECK(sc.dtype() == torch::kBFloat16 && sc.is_contiguous() && sc.numel() == q.size(0),
+                "scales must be bfloat16 (N,)");
+    TORCH_CHECK(q.size(0) % 4 == 0, "int8 weights need out % 4 == 0");
+    first_group.push_back(first_group.back() + q.size(0) / 4);
+  }
+  TORCH_CHECK(x.scalar_type() != torch::kFloat32 && K % 32 == 0,
+              "int8_mm_many takes 16-bit activations and in % 32 == 0");
+  const int64_t groups = first_group.back(), N = 4 * groups;
+  Scratch& scr = scratch();
+  const float* xp = rows_as_float(x, K, scr.x);
+  auto [out, yp] = new_result(M, N, x, scr.y);
+  int8_t* xq = grown(scr.q8, M * K);
+  float* xd = grown(scr.xdx, M * K / 32);
+  round_q8_0(xp, M * K, xq, xd);
+  at::parallel_for(0, groups, grain(4 * K, M), [&](int64_t begin, int64_t end) {
+    size_t w = 0;
+    for (int64_t g = begin; g < end; ++g) {
+      while (g >= first_group[w + 1]) ++w;
+      const int64_t row = 4 * (g - first_group[w]);
+      int8_rows4(qweights[w].data_ptr<int8_t>() + row * K,
+                 scales[w].data_ptr<c10::BFloat16>() + row, K, xq, xd, M, yp + 4 * g, N);
     }
   });
   store_result(out, yp);
@@ -1181,6 +1233,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_swiglu", &int4_swiglu, "a 4-bit SwiGLU expert, w2(silu(w1 x) * w3 x)");
   m.def("fit_groups", &fit_groups, "scale and zero per group by the (weighted) mse fit");
   m.def("int4_moe", &int4_moe, "a decode step's 4-bit experts, computed and combined");
+  m.def("int8_mm_many", &int8_mm_many, "several 8-bit weights times the same rows, as one");
   m.def("int8_mm", &int8_mm, "8-bit per-channel weight times a few activation rows");
   m.def("bf16_mm", &bf16_mm, "bfloat16 weight times a few activation rows, float32 sums");
   m.def("attend_one", &attend_one, "one new token's RoPE, cache write and attention");
