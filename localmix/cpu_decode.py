@@ -5,10 +5,11 @@ spend some twenty small ops a layer on RoPE, the cache write, the attention resh
 ten more on the router's softmax, top-k and read-back, and five on weighting and adding the
 experts' outputs; each op costs its dispatch and allocation whatever its size.
 `use_decode_kernels` swaps each layer's `GroupedAttention` for a `KernelAttention`, each `Router`
-for a `KernelRouter`, and resident 4-bit experts for `KernelExperts`: on the CPU, for a
-one-token step (that sees every cached key), each is one call of localmix's kernels
-(`attend_one`, `route_one`, `int4_moe`). Every other case (prefill chunks, a masked step, a
-GPU, kernels unavailable) runs the model's own modules, which the kernels are tested against
+for a `KernelRouter`, resident 4-bit experts for `KernelExperts`, and an `Attention` with 8-bit
+q, k and v for `KernelProjections`: on the CPU, for a one-token step (that sees every cached
+key), each is one call of localmix's kernels (`attend_one`, `route_one`, `int4_moe`,
+`int8_mm_many`). Every other case (prefill chunks, a masked step, a GPU, kernels unavailable)
+runs the model's own modules, which the kernels are tested against
 (tests/test_decode_kernels.py)."""
 
 from __future__ import annotations
@@ -157,9 +158,9 @@ def padded(expert: QuantExpert) -> bool:
 
 
 def use_decode_kernels(model: nn.Module) -> None:
-    """Swap `model`'s attention cores, routers and resident 4-bit experts for the kernel ones,
-    where localmix's CPU kernels are built and run here (they leave any other step to the
-    model's own code)."""
+    """Swap `model`'s attention (8-bit projections and cores), routers and resident 4-bit
+    experts for the kernel ones, where localmix's CPU kernels are built and run here (they leave
+    any other step to the model's own code)."""
     kernels = cpu_kernels()
     if kernels is None:
         return
