@@ -49,9 +49,9 @@ class KernelAttention(GroupedAttention):
 class ReadRouting(TokenRouting):
     """A token's routing already on the host, as `route_one` gives it."""
 
-    def __init__(self, read: list[float], top_k: int) -> None:
-        self.ids = [int(e) for e in read[:top_k]]
-        super().__init__(torch.empty(0), torch.tensor([self.ids]))
+    def __init__(self, read: list[float], top_k: int) -> None:  # no TokenRouting.__init__:
+        self.ids = [int(e) for e in read[:top_k]]  # the weights are numbers already
+        self.chosen = torch.tensor([self.ids])  # (1, k), for observers
         self.weights_read = read[top_k:]
 
     def read(self, ahead: torch.Tensor | None) -> tuple[list[int], list[float], list[int]]:
@@ -76,7 +76,7 @@ class KernelProjections(Attention):
         return all(
             isinstance(w, QuantLinear)
             and w.bits == 8
-            and w.padded == (w.out_features, w.in_features)
+            and not padded(w)
             and w.in_features == attention.q_proj.in_features
             and w.in_features % 32 == 0
             and w.out_features % 4 == 0
@@ -136,7 +136,9 @@ class KernelExperts(ResidentExperts):
     @staticmethod
     def fitting(experts: ResidentExperts) -> list[QuantExpert] | None:
         """The experts, where int4_moe takes them: QuantExperts of one unpadded 4-bit shape."""
-        fit = [e for e in experts if isinstance(e, QuantExpert) and not padded(e)]
+        fit = [
+            e for e in experts if isinstance(e, QuantExpert) and not (padded(e.w1) or padded(e.w2))
+        ]
         if not fit or len(fit) < len(experts):
             return None
         shape = {(e.w1.padded, e.w2.padded, e.w1.group_size) for e in fit}
@@ -152,9 +154,9 @@ class KernelExperts(ResidentExperts):
         return self.int4_moe(x, tensors, [weight[e] for e in ids], self.group_size)
 
 
-def padded(expert: QuantExpert) -> bool:
-    """Whether any of the expert's matrices is stored larger than its logical shape."""
-    return any(w.padded != (w.out_features, w.in_features) for w in (expert.w1, expert.w2))
+def padded(layer: QuantLinear) -> bool:
+    """Whether the layer's weight is stored larger than its logical shape."""
+    return layer.padded != (layer.out_features, layer.in_features)
 
 
 def use_decode_kernels(model: nn.Module) -> None:

@@ -51,7 +51,7 @@ class KernelLinear(KernelChoice, nn.Linear):
     def _bf16(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] < self.UPCAST_ROWS:
             return self._bf16_mm(x, self.weight)
-        return F.linear(x.float(), self.weight.float()).to(x.dtype)
+        return self._upcast(x)
 
 
 class KernelRMSNorm(KernelChoice):

@@ -511,6 +511,29 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& qweight,
   return out;
 }
 
+namespace {
+
+// Thread t of T's share of one expert, called inside a parallel region: its whole weight
+// groups of the hidden activations (w1's and w3's blocks, then silu), their int8 rounding, a
+// barrier for the other threads' groups, then its share of w2's blocks. w holds the expert's
+// (q1, s1, q3, s3, q2, s2); xr the rounded activations, hr, h and y its own working memory.
+void swiglu_share(const std::vector<torch::Tensor>& w, const Q8Rows& xr, const Q8Rows& hr,
+                  float* h, float* y, int64_t M, int64_t K, int64_t group) {
+  const int64_t H = w[0].size(0), D = w[4].size(0);
+  const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+  const int64_t hidden_groups = H / group, blocks_per_group = group / kTile, out_blocks = D / kTile;
+  const int64_t g0 = hidden_groups * t / T, g1 = hidden_groups * (t + 1) / T;
+  swiglu_hidden(w[0].data_ptr<uint8_t>(), w[1].data_ptr<c10::BFloat16>(),
+                w[2].data_ptr<uint8_t>(), w[3].data_ptr<c10::BFloat16>(), xr, M, K, H, group,
+                g0 * blocks_per_group, g1 * blocks_per_group, h);
+  for (int64_t m = 0; m < M; ++m) quantize_groups(h + m * H, m, g0, g1, group, hr);
+#pragma omp barrier
+  int4_blocks(w[4].data_ptr<uint8_t>(), w[5].data_ptr<c10::BFloat16>(), hr, M, D, group,
+              out_blocks * t / T, out_blocks * (t + 1) / T, y);
+}
+
+}  // namespace
+
 // A whole SwiGLU expert, w2(silu(w1 x) * w3 x), in one call. For 16-bit activations: x is
 // quantized once for w1 and w3, which run block by block in the same pass, and the whole
 // expert is one parallel region. Each thread computes whole weight groups of the hidden
@@ -540,21 +563,9 @@ torch::Tensor int4_swiglu(const torch::Tensor& x, const torch::Tensor& q1,
   const Q8Rows xr = q8_rows(s.xpattern, s.xdx, s.xqsum, s.xsum, M, K, group);
   for (int64_t m = 0; m < M; ++m) quantize_groups(xf + m * K, m, 0, K / group, group, xr);
   const Q8Rows hr = q8_rows(s.hpattern, s.hdx, s.hqsum, s.hsum, M, H, group);
-  const uint8_t *p1 = q1.data_ptr<uint8_t>(), *p3 = q3.data_ptr<uint8_t>();
-  const uint8_t* p2 = q2.data_ptr<uint8_t>();
-  const auto *z1 = s1.data_ptr<c10::BFloat16>(), *z3 = s3.data_ptr<c10::BFloat16>();
-  const auto* z2 = s2.data_ptr<c10::BFloat16>();
-  const int64_t hidden_groups = H / group, blocks_per_group = group / kTile, out_blocks = D / kTile;
+  const std::vector<torch::Tensor> w{q1, s1, q3, s3, q2, s2};
 #pragma omp parallel num_threads(region_threads())
-  {
-    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-    const int64_t g0 = hidden_groups * t / T, g1 = hidden_groups * (t + 1) / T;
-    swiglu_hidden(p1, z1, p3, z3, xr, M, K, H, group, g0 * blocks_per_group,
-                  g1 * blocks_per_group, h);
-    for (int64_t m = 0; m < M; ++m) quantize_groups(h + m * H, m, g0, g1, group, hr);
-#pragma omp barrier
-    int4_blocks(p2, z2, hr, M, D, group, out_blocks * t / T, out_blocks * (t + 1) / T, y);
-  }
+  swiglu_share(w, xr, hr, h, y, M, K, group);
   store_result(out, y);
   return out;
 }
@@ -632,22 +643,8 @@ torch::Tensor int4_moe(const torch::Tensor& x,
     hs.push_back(grown(b.h, M * H));
     ys.push_back(grown(b.y, M * D));
   }
-  const int64_t hidden_groups = H / group, blocks_per_group = group / kTile, out_blocks = D / kTile;
 #pragma omp parallel num_threads(region_threads())
-  {
-    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-    const int64_t g0 = hidden_groups * t / T, g1 = hidden_groups * (t + 1) / T;
-    for (int64_t e = 0; e < E; ++e) {
-      const auto& w = experts[e];
-      swiglu_hidden(w[0].data_ptr<uint8_t>(), w[1].data_ptr<c10::BFloat16>(),
-                    w[2].data_ptr<uint8_t>(), w[3].data_ptr<c10::BFloat16>(), xr, M, K, H,
-                    group, g0 * blocks_per_group, g1 * blocks_per_group, hs[e]);
-      for (int64_t m = 0; m < M; ++m) quantize_groups(hs[e] + m * H, m, g0, g1, group, hr[e]);
-#pragma omp barrier
-      int4_blocks(w[4].data_ptr<uint8_t>(), w[5].data_ptr<c10::BFloat16>(), hr[e], M, D, group,
-                  out_blocks * t / T, out_blocks * (t + 1) / T, ys[e]);
-    }
-  }
+  for (int64_t e = 0; e < E; ++e) swiglu_share(experts[e], xr, hr[e], hs[e], ys[e], M, K, group);
   auto* acc = out.data_ptr<c10::BFloat16>();
   for (int64_t e = 0; e < E; ++e)
     add_weighted(ys[e], static_cast<float>(weights[e]), e == 0, acc, M * D);
