@@ -1,40 +1,40 @@
 """`localmix` commands. Errors a user can cause print one line on stderr and exit 1."""
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import inspect
-import json
 import os
 import sys
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from localmix.cli import EXIT_INTERRUPTED, command_started
+from localmix.cli.help import HelpGroup
+from localmix.cli.options import Load, NoServer, Placement, Sampling, System, Where, with_groups
 from localmix.cli.render import (
     err,
     os_error_line,
     prefill_progress,
     print_stats,
 )
+from localmix.cli.serve import serve
 from rich.console import Console
 from rich.table import Table
 
-from localmix.defaults import DEFAULT_EXPERTS, DEFAULT_METHOD, DEFAULT_POLICY, DEFAULT_PREFETCH
+from localmix.defaults import DEFAULT_METHOD, DEFAULT_POLICY
 from localmix.defaults import QUANT_METHODS as METHODS
 from localmix.errors import LocalmixError
 from localmix.units import human_bytes
-from localmix.workflows import PULL_HINT
 
 if TYPE_CHECKING:
+    from localmix.engine import Engine
     from localmix.events import ChatEngine
 
 app = typer.Typer(
     name="localmix",
+    cls=HelpGroup,
     help='Run Mixtral-style MoE models locally. Start with: localmix run demo "Hello"',
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -112,9 +112,7 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(EXIT_USER_ERROR)
 
 
-def load_engine(
-    model: str | None, context: int | None = None, threads: int | None = None, **options
-):
+def load_engine(model: str | None, where: Placement, sampling: dict[str, Any]) -> "Engine":
     """`localmix.load`, which checks every option before it reads anything, with a spinner;
     the CPU threads are set first."""
     from localmix.cli import import_runtime
@@ -126,7 +124,7 @@ def load_engine(
     from localmix.threads import set_threads
     from localmix.workflows import default_model
 
-    set_threads(threads)
+    set_threads(where.threads)
     name = model or default_model()
     with err.status(f"loading {name}…") if err.is_terminal else contextlib.nullcontext() as status:
 
@@ -134,7 +132,8 @@ def load_engine(
             if status is not None:
                 status.update(f"loading {name}: experts into host RAM {done}/{total}")
 
-        engine = localmix.load(name, context=context, progress=filling, **options)
+        engine = localmix.load(name, progress=filling, **where.load_options, **sampling)
+    context = where.context
     if context is not None and engine.context < context:
         err.print(
             f"[yellow]note:[/yellow] {name} attends to at most {engine.context} tokens; the "
@@ -145,75 +144,17 @@ def load_engine(
     return engine
 
 
-def sampling_args(**values) -> dict:
-    """The sampling options given on the command line (SamplingOptions.updated checks them)."""
-    return {k: v for k, v in values.items() if v is not None and v != ()}
-
-
-Temperature = Annotated[float | None, typer.Option(help="0 = greedy (default 0.7)")]
-TopP = Annotated[float | None, typer.Option("--top-p", help="nucleus sampling mass")]
-TopK = Annotated[int | None, typer.Option("--top-k", help="keep the k most likely tokens")]
-Seed = Annotated[int | None, typer.Option(help="random seed, for reproducible replies")]
-MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="reply length limit")]
-Stop = Annotated[list[str] | None, typer.Option(help="stop at this string (repeatable)")]
-Context = Annotated[int | None, typer.Option(help="rolling context window, in tokens")]
-System = Annotated[str | None, typer.Option(help="system prompt")]
-Device = Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when present)")]
-DeviceMemory = Annotated[
-    str | None,
-    typer.Option("--device-memory", help="offload experts to fit this budget, e.g. 12GB"),
-]
-Slots = Annotated[int | None, typer.Option(help="offload experts: device slots per layer")]
-Policy = Annotated[str, typer.Option(help="expert cache eviction: transition or lru")]
-Prefetch = Annotated[int, typer.Option(help="layers of router-driven prefetch (0: off)")]
-Experts = Annotated[
-    str,
-    typer.Option(
-        help="where a missed expert runs: gpu (copied in), cpu (computed in host RAM), hybrid "
-        "(per miss, the faster) or auto (the fastest predicted for this machine)"
-    ),
-]
-Threads = Annotated[int | None, typer.Option(help="CPU threads (default: one per physical core)")]
-NoServer = Annotated[
-    bool,
-    typer.Option("--no-server", help="load the model here even when `localmix serve` runs"),
-]
-Load = Annotated[str | None, typer.Option(help="continue a saved conversation")]
-
-
-def placement(device, device_memory, slots, policy, prefetch, experts) -> dict:
-    """load() options for where the model runs and how experts are offloaded."""
-    return {
-        "device": device,
-        "device_memory": device_memory,
-        "expert_slots": slots,
-        "policy": policy,
-        "prefetch": prefetch,
-        "experts": experts,
-    }
-
-
 @app.command()
 @friendly_errors
+@with_groups
 def run(
     ctx: typer.Context,
     model: Annotated[str | None, typer.Argument(help="model name or path")] = None,
     prompt: Annotated[str | None, typer.Argument(help="prompt; piped stdin goes before it")] = None,
     system: System = None,
-    temperature: Temperature = None,
-    top_p: TopP = None,
-    top_k: TopK = None,
-    seed: Seed = None,
-    max_tokens: MaxTokens = None,
-    stop: Stop = None,
-    context: Context = None,
-    device: Device = None,
-    device_memory: DeviceMemory = None,
-    slots: Slots = None,
-    policy: Policy = DEFAULT_POLICY,
-    prefetch: Prefetch = DEFAULT_PREFETCH,
-    experts: Experts = DEFAULT_EXPERTS,
-    threads: Threads = None,
+    *,
+    sampling: Sampling,
+    where: Where,
     raw: Annotated[bool, typer.Option(help="no chat template: continue the text")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="timings on stderr")] = False,
@@ -235,7 +176,6 @@ def run(
 
     from localmix.workflows import is_model
 
-    where = placement(device, device_memory, slots, policy, prefetch, experts)
     server = connect(given_options(ctx), no_server)
     known = server.has_model if server is not None else is_model
     piped = not sys.stdin.isatty()
@@ -250,18 +190,11 @@ def run(
     if cont and conversation:
         raise fail("give --continue or --conversation NAME, not both")
     resumed = continued(cont, conversation)  # a bad name or file is refused before loading
-    sampling = sampling_args(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        max_tokens=max_tokens,
-        stop=stop,
-    )
+    engine: Engine | RemoteEngine
     if server is not None:  # the model is loaded there already
         engine = RemoteEngine(server, model, sampling)
     else:
-        engine = load_engine(model, context=context, threads=threads, **where, **sampling)
+        engine = load_engine(model, where, sampling)
     parts = []
     if piped:
         text = read_stdin(STDIN_BYTES_PER_TOKEN * engine.context, engine.context)
@@ -315,6 +248,8 @@ def run(
     if summary is None:  # every stream ends in its Summary
         raise RuntimeError("the reply ended without its summary")
     if as_json:
+        import json
+
         json.dump(summary.to_dict(), out, ensure_ascii=False)
         out.write("\n")
     else:
@@ -378,8 +313,11 @@ def read_stdin(limit: int, context: int) -> str:
 @friendly_errors
 def list_cmd() -> None:
     """Models in the store."""
+    from datetime import datetime
+
     from localmix.demo import builtin_model
     from localmix.store import dir_size, list_models, model_format, models_dir
+    from localmix.workflows import PULL_HINT
 
     models = list_models()
     table = Table(box=None, pad_edge=False)
@@ -473,24 +411,14 @@ def rm(model: Annotated[str, typer.Argument(help="model name in the store")]) ->
 
 @app.command()
 @friendly_errors
+@with_groups
 def chat(
     ctx: typer.Context,
     model: Annotated[str | None, typer.Argument(help="model name or path")] = None,
     system: System = None,
-    temperature: Temperature = None,
-    top_p: TopP = None,
-    top_k: TopK = None,
-    seed: Seed = None,
-    max_tokens: MaxTokens = None,
-    stop: Stop = None,
-    context: Context = None,
-    device: Device = None,
-    device_memory: DeviceMemory = None,
-    slots: Slots = None,
-    policy: Policy = DEFAULT_POLICY,
-    prefetch: Prefetch = DEFAULT_PREFETCH,
-    experts: Experts = DEFAULT_EXPERTS,
-    threads: Threads = None,
+    *,
+    sampling: Sampling,
+    where: Where,
     load: Load = None,
     use_tui: Annotated[
         bool, typer.Option("--tui", help="open the full-screen app instead")
@@ -506,20 +434,11 @@ def chat(
         from localmix.conversations import Conversation
 
         Conversation.load(load)
-    settings = sampling_args(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        max_tokens=max_tokens,
-        stop=stop,
-    )
-    where = placement(device, device_memory, slots, policy, prefetch, experts)
     if use_tui:  # always in-process: the TUI shows the engine's internals
         from localmix.tui.app import LocalmixApp, typed_ahead
 
-        loaded = load_engine(model, context=context, threads=threads, **where, **settings)
-        app = LocalmixApp(loaded, settings=settings, system=system, load=load, typed=typed_ahead())
+        loaded = load_engine(model, where, sampling)
+        app = LocalmixApp(loaded, settings=sampling, system=system, load=load, typed=typed_ahead())
         app.run()
         if app.return_code:
             raise typer.Exit(app.return_code)
@@ -527,14 +446,14 @@ def chat(
     server = connect(given_options(ctx), no_server)
     engine: ChatEngine
     if server is not None:  # the model is loaded there already
-        engine = RemoteEngine(server, model, settings)
+        engine = RemoteEngine(server, model, sampling)
     else:
-        engine = load_engine(model, context=context, threads=threads, **where, **settings)
+        engine = load_engine(model, where, sampling)
     from localmix.cli.chat import repl
 
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]  # kept, mis-encoded
-    repl(engine, Console(highlight=False), err, settings, system, load)
+    repl(engine, Console(highlight=False), err, sampling, system, load)
 
 
 @app.command()
@@ -643,6 +562,8 @@ def bench_cache(
         "expert_bytes": expert_bytes,
     }
     if as_json:
+        import json
+
         print(json.dumps(report))
         return
     out = Console(highlight=False)
@@ -828,8 +749,5 @@ def export_cmd(
     )
     err.print(f"serve it with: vllm serve {dst} --tensor-parallel-size 2")
 
-
-# Last: `serve` takes the options defined above.
-from localmix.cli.serve import serve  # noqa: E402
 
 app.command()(friendly_errors(serve))

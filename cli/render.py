@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from localmix.events import Summary
 from localmix.units import human_bytes
+
+if TYPE_CHECKING:
+    from localmix.events import Summary
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

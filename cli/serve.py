@@ -1,34 +1,20 @@
 """`localmix serve`: parse the options, load the model, run the server (localmix.serve)."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer
-from localmix.cli.main import (
-    Context,
-    Device,
-    DeviceMemory,
-    Experts,
-    Policy,
-    Prefetch,
-    Slots,
-    Threads,
-    placement,
-)
+from localmix.cli.options import Where, with_groups
 
 from localmix.defaults import (
     API_KEY_ENV,
-    DEFAULT_EXPERTS,
     DEFAULT_KEEP_ALIVE,
     DEFAULT_MAX_QUEUE,
-    DEFAULT_POLICY,
-    DEFAULT_PREFETCH,
     SERVER_HOST,
     SERVER_PORT,
 )
 
 
+@with_groups
 def serve(
     model: Annotated[
         str | None, typer.Argument(help="model to load at start (default: on first request)")
@@ -48,14 +34,8 @@ def serve(
     max_queue: Annotated[
         int, typer.Option(help="requests that may wait before the server answers 'overloaded'")
     ] = DEFAULT_MAX_QUEUE,
-    context: Context = None,
-    device: Device = None,
-    device_memory: DeviceMemory = None,
-    slots: Slots = None,
-    policy: Policy = DEFAULT_POLICY,
-    prefetch: Prefetch = DEFAULT_PREFETCH,
-    experts: Experts = DEFAULT_EXPERTS,
-    threads: Threads = None,
+    *,
+    where: Where,
 ) -> None:
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health)
     that keeps the model loaded; `run` and `chat` use it when it runs on the default address."""
@@ -72,7 +52,7 @@ def serve(
     if max_queue < 1:
         raise OptionError("--max-queue must be at least 1")
     alive = parse_keep_alive(keep_alive)
-    set_threads(threads)
+    set_threads(where.threads)
     if model is not None:
         resolve(model)  # a name that names no model is refused before anything loads
         err.print(f"loading {model}…")
@@ -87,9 +67,6 @@ def serve(
         keep_alive=alive,
         max_queue=max_queue,
         api_key=api_key,
-        load_options={
-            "context": context,
-            **placement(device, device_memory, slots, policy, prefetch, experts),
-        },
+        load_options=where.load_options,
         ready=ready,
     )

@@ -201,6 +201,30 @@ def test_version_short_help_completion_and_a_lone_prompt():
     assert r.exit_code == 1 and "no prompt" in r.stderr
 
 
+def test_top_level_help_is_light_and_whole():
+    """`localmix --help` draws its panels without typer's Markdown renderer, loads no PyTorch,
+    and shows each command's first paragraph whole (plain click help cuts them with '...')."""
+    import typer
+
+    env = dict(os.environ, COLUMNS="80", TERMINAL_WIDTH="80")
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "localmix.cli", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if "|" in line}
+    assert not imported & {"torch", "localmix.engine", "rich.markdown", "typer.rich_utils"}
+    shown = " ".join(r.stdout.replace("│", " ").split())
+    group = typer.main.get_group(app)
+    for name, command in group.commands.items():
+        first = " ".join((command.help or "").split("\n\n")[0].split())
+        assert f"{name} {first}" in shown, name
+    assert "Usage: localmix [OPTIONS] COMMAND [ARGS]..." in shown and "--version" in shown
+
+
 def test_pull_help_shows_the_revision_syntax():
     r = CliRunner().invoke(app, ["pull", "--help"])
     assert r.exit_code == 0 and "org/name[@revision]" in r.stdout
