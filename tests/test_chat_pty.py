@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pexpect
 
 from localmix.conversations import list_conversations
+from tests.chat_pty import PROMPT, leave, say, spawn_chat, stop_a_reply
 
 
 def start(home, *args: str, prompt: bool = True) -> pexpect.spawn:
-    child = pexpect.spawn(
-        sys.executable,
-        ["-m", "localmix.cli", "chat", "demo", "--seed", "1", *args],
-        env=dict(os.environ, COLUMNS="120", LOCALMIX_HOME=str(home)),
-        encoding="utf-8",
-        timeout=60,
-    )
+    child = spawn_chat("demo", "--seed", "1", *args, env={"LOCALMIX_HOME": str(home)})
     if prompt:
-        child.expect(">>> ")
+        child.expect(PROMPT)
     return child
 
 
@@ -48,19 +40,9 @@ def test_a_user_session_in_a_terminal(tmp_path, monkeypatch):
     name = child.match.group(1)
     child.expect(">>> ")
 
-    child.sendline("/set max_tokens 100000")
-    child.expect(">>> ")
-    child.sendline("go on")
-    child.expect("go on\r\n")
-    child.expect(r"\S{3}")  # the reply is streaming
-    child.sendintr()
-    child.sendintr()  # twice: the reply stops, the chat stays
-    child.expect("stopped")
-    child.expect(">>> ")
-    child.sendline("/bye")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    say(child, "/set max_tokens 100000")
+    stop_a_reply(child, "go on", "stopped", interrupts=2)  # twice: the reply stops, the chat stays
+    leave(child)
 
     [conv], _ = list_conversations()
     assert conv.name == name and [m["role"] for m in conv.messages] == ["user", "assistant"] * 2

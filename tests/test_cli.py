@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from localmix.conversations import Conversation, conversations_dir, list_conversations
 from localmix.demo import DEMO_CONFIG, builtin_note, demo_tokenizer_path, write_checkpoint
 from localmix.store import models_dir
+from tests.chat_pty import PROMPT, leave, say, spawn_chat, stop_a_reply
 
 NOTE = builtin_note()[:20]
 
@@ -146,38 +147,19 @@ def test_pipe_leaves_only_the_reply(tmp_path):
 
 
 def test_chat_in_a_terminal():
-    env = dict(os.environ, COLUMNS="120")
-    child = pexpect.spawn(
-        sys.executable,
-        ["-m", "localmix.cli", "chat", "demo", "--seed", "1", "--max-tokens", "100000"],
-        env=env,
-        encoding="utf-8",
-        timeout=60,
-    )
-    child.expect(">>> ")
+    child = spawn_chat("demo", "--seed", "1", "--max-tokens", "100000")
+    child.expect(PROMPT)
     child.sendline("/set max_tokens 5")
     child.expect("max_tokens = 5")
-    child.expect(">>> ")
-    child.sendline("hello")
-    child.expect(">>> ")  # a reply of 5 tokens, then the prompt again
-    child.sendline("/set max_tokens 100000")
-    child.expect(">>> ")
-    child.sendline("write forever")
-    child.expect("write forever\r\n")  # the terminal's echo
-    child.expect(r"\S{3}")  # the reply is streaming
-    child.sendintr()
-    child.expect(r"reply stopped")
-    child.expect(">>> ")
-    child.sendline("/set max_tokens 3")
-    child.expect(">>> ")
-    child.sendline("and another")
-    child.expect(">>> ")
+    child.expect(PROMPT)
+    say(child, "hello")  # a reply of 5 tokens, then the prompt again
+    say(child, "/set max_tokens 100000")
+    stop_a_reply(child, "write forever", "reply stopped")
+    say(child, "/set max_tokens 3")
+    say(child, "and another")
     child.sendline("/save mytalk")
     child.expect("saved as mytalk")
-    child.sendline("/bye")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    leave(child)
     conv = Conversation.load("mytalk")
     roles = [m["role"] for m in conv.messages]
     assert roles == ["user", "assistant"] * 3
@@ -232,17 +214,10 @@ def test_pull_help_shows_the_revision_syntax():
 
 def test_chat_has_line_editing_and_a_history_across_sessions(tmp_path):
     """The up arrow brings back the last line typed, in this session and the next."""
-    env = dict(os.environ, COLUMNS="120", LOCALMIX_HOME=str(tmp_path))
 
     def start():
-        child = pexpect.spawn(
-            sys.executable,
-            ["-m", "localmix.cli", "chat", "demo"],
-            env=env,
-            encoding="utf-8",
-            timeout=60,
-        )
-        child.expect(">>> ")
+        child = spawn_chat("demo", env={"LOCALMIX_HOME": str(tmp_path)})
+        child.expect(PROMPT)
         return child
 
     child = start()

@@ -18,10 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
-import pexpect
 import pytest
 
 from localmix.demo import DEMO_CONFIG, demo_tokenizer_path, write_checkpoint
+from tests.chat_pty import PROMPT, leave, say, spawn_chat, stop_a_reply
 
 SERVING = re.compile(r"serving on (http://\S+)/v1 ")
 
@@ -323,32 +323,16 @@ def test_a_chat_session_through_the_server(server, monkeypatch):
 def test_chat_in_a_terminal_through_the_server(server):
     """The REPL as a user types it, its replies from the server: Ctrl+C stops one there."""
     env = {**os.environ, "LOCALMIX_HOME": str(server.home), "LOCALMIX_HOST": server.url}
-    child = pexpect.spawn(
-        sys.executable,
-        ["-X", "importtime", "-m", "localmix.cli", "chat", "demo", "--max-tokens", "100000"],
-        env={**env, "COLUMNS": "120"},
-        encoding="utf-8",
-        timeout=60,
-    )
-    child.expect(">>> ")
+    child = spawn_chat("demo", "--max-tokens", "100000", env=env, python=("-X", "importtime"))
+    child.expect(PROMPT)
     imports = child.before  # -X importtime's lines
     assert re.search(r"\|\s+localmix\.session\r", imports)
     assert not re.search(r"\|\s+torch\r", imports)
     before = server.get("/health")["queue"]["cancelled"]
-    child.sendline("write forever")
-    child.expect("write forever\r\n")
-    child.expect(r"\S{3}")  # the reply is streaming
-    child.sendintr()
-    child.expect("reply stopped")
-    child.expect(">>> ")
-    child.sendline("/set max_tokens 3")
-    child.expect(">>> ")
-    child.sendline("and another")
-    child.expect(">>> ")
-    child.sendline("/bye")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    stop_a_reply(child, "write forever", "reply stopped")
+    say(child, "/set max_tokens 3")
+    say(child, "and another")
+    leave(child)
     assert server.get("/health")["queue"]["cancelled"] == before + 1
 
 

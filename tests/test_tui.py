@@ -25,11 +25,14 @@ def engine(home):
     return localmix.load("demo", device="cpu", seed=0, temperature=0, max_tokens=24)
 
 
-async def send(pilot, text: str) -> None:
+async def send(pilot, text: str, *, stop: bool = False) -> None:
+    """Type `text` in the prompt and send it; with `stop`, press Escape as the reply starts."""
     app = pilot.app
     app.query_one(PromptArea).focus()
     await pilot.press(*text)
     await pilot.press("enter")
+    if stop:
+        await pilot.press("escape")
     await app.workers.wait_for_complete()
     await pilot.pause()
 
@@ -68,14 +71,8 @@ async def test_chat_model_reply_is_markdown(engine):
 
 
 async def stop_a_long_reply(pilot) -> None:
-    app = pilot.app
-    app.query_one("#set-max_tokens").value = "100000"
-    app.query_one(PromptArea).focus()
-    await pilot.press(*"go")
-    await pilot.press("enter")
-    await pilot.press("escape")
-    await app.workers.wait_for_complete()
-    await pilot.pause()
+    pilot.app.query_one("#set-max_tokens").value = "100000"
+    await send(pilot, "go", stop=True)
 
 
 async def test_escape_stops_the_reply(engine):
@@ -220,12 +217,17 @@ class FixedClock(datetime):
         return cls(2026, 1, 2, 3, 4, 5, tzinfo=tz)
 
 
+def snapshot(snap_compare, engine, run_before, **options) -> bool:
+    """Whether the app on `engine` looks as its stored snapshot after `run_before`."""
+    app = LocalmixApp(engine, blink=False, **options)
+    return snap_compare(app, terminal_size=(130, 40), run_before=run_before)
+
+
 def test_snapshot_main_screen(deterministic, snap_compare):
     async def chat(pilot):
         await send(pilot, "Write a function")
 
-    app = LocalmixApp(deterministic, blink=False)
-    assert snap_compare(app, terminal_size=(130, 40), run_before=chat)
+    assert snapshot(snap_compare, deterministic, chat)
 
 
 def test_snapshot_stats_panel(deterministic, snap_compare):
@@ -234,8 +236,7 @@ def test_snapshot_stats_panel(deterministic, snap_compare):
         pilot.app.query_one("#panel").active = "stats"
         await pilot.pause()
 
-    app = LocalmixApp(deterministic, blink=False)
-    assert snap_compare(app, terminal_size=(130, 40), run_before=chat_then_focus_stats)
+    assert snapshot(snap_compare, deterministic, chat_then_focus_stats)
 
 
 async def test_chat_tui_takes_the_command_lines_options(home, monkeypatch):
@@ -330,8 +331,9 @@ def test_snapshot_settings_panel(deterministic, snap_compare):
         await pilot.pause()
 
     settings = {"top_k": 40, "stop": ["###"]}
-    app = LocalmixApp(deterministic, settings=settings, system="Be brief", blink=False)
-    assert snap_compare(app, terminal_size=(130, 40), run_before=open_settings)
+    assert snapshot(
+        snap_compare, deterministic, open_settings, settings=settings, system="Be brief"
+    )
 
 
 def test_snapshot_stopped_reply(deterministic, snap_compare):
@@ -342,8 +344,7 @@ def test_snapshot_stopped_reply(deterministic, snap_compare):
         pilot.app.stop_flag = StopAfter(6)
         await send(pilot, "import")
 
-    app = LocalmixApp(deterministic, blink=False)
-    assert snap_compare(app, terminal_size=(130, 40), run_before=stop_early)
+    assert snapshot(snap_compare, deterministic, stop_early)
 
 
 def test_snapshot_long_code_lines(deterministic, snap_compare):
@@ -353,8 +354,7 @@ def test_snapshot_long_code_lines(deterministic, snap_compare):
         pilot.app.session.set("max_tokens", "60")
         await send(pilot, "def read_config")
 
-    app = LocalmixApp(deterministic, blink=False)
-    assert snap_compare(app, terminal_size=(130, 40), run_before=code)
+    assert snapshot(snap_compare, deterministic, code)
 
 
 def test_snapshot_new_chat(deterministic, snap_compare):
@@ -365,8 +365,7 @@ def test_snapshot_new_chat(deterministic, snap_compare):
         await pilot.press("ctrl+n")
         await pilot.pause()
 
-    app = LocalmixApp(deterministic, blink=False)
-    assert snap_compare(app, terminal_size=(130, 40), run_before=chat_then_new)
+    assert snapshot(snap_compare, deterministic, chat_then_new)
 
 
 async def test_a_chat_longer_than_the_context_is_said(engine):
