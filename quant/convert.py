@@ -60,12 +60,12 @@ from .manifest import (
 )
 from .names import EXPERT_WEIGHT_RE, QWEIGHT, SCALES_ZEROS, expert_weights, quantized_base
 from .safetensors_io import (
-    INDEX,
     SafetensorsError,
     SafetensorsFile,
     shard_name,
     weight_map,
     write_file,
+    write_index,
 )
 
 Progress = Callable[[int, int, str], None]  # (source bytes done, total, what)
@@ -334,11 +334,8 @@ def finish(plan: Plan, run: Run) -> dict:
         if (src / name).exists():
             write_atomic(dst / name, partial(shutil.copyfile, src / name))
     manifest = make_manifest(plan, run)
-    index = {
-        "metadata": {"format": "localmix"},
-        "weight_map": {t: n for n, d in sorted(run.done.items()) for t in d["tensors"]},
-    }
-    write_json(dst / INDEX, index)
+    weights = {t: n for n, d in sorted(run.done.items()) for t in d["tensors"]}
+    write_index(dst, weights, {"format": "localmix"})
     # A finished model keeps no progress file: what a rerun checks to skip the work (the
     # sources' identities and what each shard read) goes into the manifest.
     write_json(dst / MANIFEST, {**manifest, RESUME_KEY: {**run.record(), "complete": True}})

@@ -63,7 +63,14 @@ from .names import (
     SCALES_ZEROS,
     quantized_base,
 )
-from .safetensors_io import INDEX, SafetensorsError, SafetensorsFile, read_index, write_file
+from .safetensors_io import (
+    INDEX,
+    SafetensorsError,
+    SafetensorsFile,
+    read_index,
+    write_file,
+    write_index,
+)
 
 FORMATS = ("compressed-tensors",)
 RECORD = "localmix-export.json"  # what was exported, from what, and how far the weights moved
@@ -410,7 +417,7 @@ def _write(model_dir, out, config, manifest, weight_map, group_size, progress) -
             progress(done + 1, len(shards), shard)
     if not changes:
         raise ExportError(f"{model_dir}: no 4-bit expert weights to export")
-    _write_json(out / INDEX, {"metadata": {}, "weight_map": dict(sorted(out_index.items()))})
+    write_index(out, out_index)
     config = {**config, "quantization_config": compressed_tensors_config(group_size)}
     _write_json(out / "config.json", config)
     for name in TOKENIZER_FILES:

@@ -1,5 +1,6 @@
 """Safetensors files, for the converter and the runtime: reading them as memory-mapped tensors,
-writing them in a fixed order, finding a checkpoint's weight map, naming shards.
+writing them in a fixed order, finding a checkpoint's weight map, writing a sharded one's index,
+naming shards.
 
 localmix reads only safetensors: the format holds raw tensor bytes and a JSON header, so opening
 a file from the internet can never run code (as unpickling a `.bin` can). Every inconsistency of
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import QuantError
-from .files import is_plain_name, read_json
+from .files import is_plain_name, read_json, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -225,6 +226,21 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
         f.write(blob)
         for t in tensors.values():
             f.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def write_index(
+    folder: Path, weight_map: dict[str, str], metadata: dict[str, str] | None = None
+) -> None:
+    """Write the `model.safetensors.index.json` of the shards in `folder` (atomically): the
+    weight map (tensor name -> shard file there) sorted by name, and `metadata` with
+    `total_size`, the bytes of the tensors mapped, read from the shards' headers."""
+    headers = {shard: read_header(folder / shard)[0] for shard in set(weight_map.values())}
+    total = sum(headers[shard][name].nbytes for name, shard in weight_map.items())
+    index = {
+        "metadata": {**(metadata or {}), "total_size": total},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    write_json(folder / INDEX, index)
 
 
 def read_index(folder: Path) -> dict[str, str] | None:
