@@ -20,12 +20,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from localmix.quant.convert import SHAPES_KEY, Settings, convert
+from localmix.quant.convert import convert
 from localmix.quant.export import export, integer_zero_point
 from localmix.quant.formats import QuantizedTensor
-from localmix.quant.names import EXPERT_QWEIGHT_RE
-from safetensors import safe_open
-from safetensors.torch import save_file
+from localmix.quant.manifest import MANIFEST, SHAPES_KEY, Settings
+from localmix.quant.names import EXPERT_QWEIGHT_RE, SCALES_ZEROS
+from localmix.quant.safetensors_io import SINGLE_FILE, SUFFIX, SafetensorsFile, write_file
 
 import localmix
 from localmix.demo import nano_path
@@ -35,31 +35,31 @@ from localmix.evaluate import kl_divergence, perplexity
 def dense_checkpoint(quantized: Path, out: Path, exported: bool) -> Path:
     """A bf16 Hugging Face checkpoint of a converted model's weights: localmix's dequantized
     experts, or the export's (integer zero points)."""
-    group = json.loads((quantized / "localmix.json").read_text())["quantization"]["group_size"]
+    group = json.loads((quantized / MANIFEST).read_text())["quantization"]["group_size"]
     tensors = {}
-    for shard in sorted(quantized.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            shapes = json.loads(f.metadata()[SHAPES_KEY])
-            for name in f.keys():
-                m = EXPERT_QWEIGHT_RE.match(name)
-                if m:
-                    base = m.group(1)
-                    q = QuantizedTensor(
-                        f.get_tensor(name),
-                        f.get_tensor(f"{base}.scales_zeros"),
-                        tuple(shapes[base]),
-                        torch.bfloat16,
-                        4,
-                        group,
-                        "",
-                    )
-                    w = integer_zero_point(q).dequantize() if exported else q.dequantize()
-                    tensors[f"{base}.weight"] = w.to(torch.bfloat16)
-                elif not name.endswith(".scales_zeros"):
-                    tensors[name] = f.get_tensor(name)
+    for shard in sorted(quantized.glob(f"*{SUFFIX}")):
+        f = SafetensorsFile(shard)
+        shapes = json.loads(f.metadata[SHAPES_KEY])
+        for name in f.keys():
+            m = EXPERT_QWEIGHT_RE.match(name)
+            if m:
+                base = m.group(1)
+                q = QuantizedTensor(
+                    f.get(name),
+                    f.get(base + SCALES_ZEROS),
+                    tuple(shapes[base]),
+                    torch.bfloat16,
+                    4,
+                    group,
+                    "",
+                )
+                w = integer_zero_point(q).dequantize() if exported else q.dequantize()
+                tensors[f"{base}.weight"] = w.to(torch.bfloat16)
+            elif not name.endswith(SCALES_ZEROS):
+                tensors[name] = f.get(name)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    write_file(out / SINGLE_FILE, tensors, {"format": "pt"})
     for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
         shutil.copyfile(quantized / name, out / name)
     return out

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from localmix.quant.convert import Settings, convert
+from localmix.quant.manifest import MANIFEST
 
 import localmix
 from benchmarks.common import mini_checkpoint
@@ -42,7 +43,7 @@ def decode(engine, repeats: int = 3) -> float:
 def overhead_on_cpu(root: Path) -> None:
     src = mini_checkpoint(root)
     q = root / "mini-q4"
-    if not (q / "localmix.json").exists():
+    if not (q / MANIFEST).exists():
         shutil.rmtree(q, ignore_errors=True)
         convert(src, q, Settings(method="rtn"))
     print("1. mini Mixtral, 4-bit experts, CPU decode (best of 3, 32 tokens)")
