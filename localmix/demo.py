@@ -14,36 +14,58 @@ import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .quant.names import EMBEDDING, checkpoint_name
-from .quant.safetensors_io import INDEX, SINGLE_FILE, shard_name, write_file
+from .quant.safetensors_io import SINGLE_FILE, shard_name, write_file, write_index
 
 if TYPE_CHECKING:  # the random builder imports them when it runs: finding nano needs neither
     import torch
 
     from .config import ModelConfig
 
-DEMO_CONFIG = {
-    "architectures": ["MixtralForCausalLM"],
-    "model_type": "mixtral",
-    "vocab_size": 2000,
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "max_position_embeddings": 4096,
-    "sliding_window": 1024,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 1e6,
-    "tie_word_embeddings": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "torch_dtype": "bfloat16",
-}
+
+def mixtral_config(
+    *,
+    vocab: int = 2000,
+    hidden: int = 128,
+    intermediate: int = 256,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    experts: int = 8,
+    top_k: int = 2,
+    positions: int = 4096,
+    window: int | None = 1024,
+    **keys: Any,
+) -> dict[str, Any]:
+    """A Mixtral `config.json` as a dict, from the numbers that shape the model (by default the
+    demo model's) and any other `keys` of the file, which come last and win. Every small model
+    of the demo, the tests, the benchmarks and nano's training is built here."""
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "num_local_experts": experts,
+        "num_experts_per_tok": top_k,
+        "max_position_embeddings": positions,
+        "sliding_window": window,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+        **keys,
+    }
+
+
+DEMO_CONFIG = mixtral_config()
 DEMO_SEED = 1234
 NANO_NOTE = (
     "nano: a 17M-parameter Mixtral trained on Python's standard library; it continues code, "
@@ -113,8 +135,7 @@ def write_shards(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes
         fname = shard_name(i + 1, len(groups))
         write_file(folder / fname, group, {"format": "pt"})
         weight_map.update(dict.fromkeys(group, fname))
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / INDEX).write_text(json.dumps(index, indent=2))
+    write_index(folder, weight_map)
 
 
 def write_checkpoint(

@@ -8,29 +8,22 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import mixtral_config
-from localmix.demo import demo_tokenizer_path
+from localmix.demo import demo_tokenizer_path, mixtral_config
 
 DATA = Path(__file__).parent / "data"
 TRACE = DATA / "humaneval_2_routing.jsonl"  # Mixtral-8x7B's real routing (see data/README.md)
 
 
-def tiny_mixtral_config(**overrides):
+TINY = dict(hidden=64, intermediate=128, layers=2, experts=4, positions=512, window=None)
+
+
+def tiny_mixtral_config(**keys):
     """transformers' MixtralConfig of the tests' tiny model (2 layers of 4 experts, hidden 64),
-    built by `benchmarks.common.mixtral_config` with `overrides` on top."""
+    built by `localmix.demo.mixtral_config` with `keys` (its arguments or config.json keys) on
+    top."""
     from transformers import MixtralConfig
 
-    tiny = dict(
-        vocab_size=2000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_local_experts=4,
-        max_position_embeddings=512,
-        rope_theta=10000.0,
-        sliding_window=None,
-    )
-    return MixtralConfig(**mixtral_config(**{**tiny, **overrides}))
+    return MixtralConfig(**mixtral_config(**{**TINY, "rope_theta": 10000.0, **keys}))
 
 
 def save_reference(
@@ -61,7 +54,7 @@ def quantized_six_experts(tmp_path_factory) -> Path:
     from localmix.quant.convert import Settings, convert
 
     src = tmp_path_factory.mktemp("src")
-    config = tiny_mixtral_config(num_local_experts=6, num_hidden_layers=3)
+    config = tiny_mixtral_config(experts=6, layers=3)
     save_reference(src, config, dtype=torch.bfloat16)
     dst = tmp_path_factory.mktemp("quantized") / "q"
     convert(src, dst, Settings(method="rtn"))

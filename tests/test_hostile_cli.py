@@ -22,9 +22,8 @@ from rich.console import Console
 from typer.testing import CliRunner, _NamedTextIOWrapper
 
 import localmix
-from benchmarks.common import mixtral_config
 from localmix.conversations import Conversation, conversations_dir, list_conversations
-from localmix.demo import DEMO_CONFIG, demo_tokenizer_path, write_checkpoint
+from localmix.demo import DEMO_CONFIG, demo_tokenizer_path, mixtral_config, write_checkpoint
 from localmix.errors import CheckpointError, LocalmixError
 from localmix.sampling import SamplingOptions
 from localmix.session import ChatSession
@@ -313,7 +312,7 @@ def test_cuda_without_cuda(home):
 
 
 def test_a_context_larger_than_memory(home):
-    config = mixtral_config(sliding_window=None, max_position_embeddings=2**44)
+    config = mixtral_config(window=None, positions=2**44)
     write_checkpoint(models_dir() / "org--long", config, demo_tokenizer_path(), seed=0)
     one_line_error(invoke("run", "org/long", "hi", "--context", str(2**43)), "--context")
 

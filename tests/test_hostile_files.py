@@ -23,9 +23,8 @@ from localmix.quant.convert import ConvertError, Settings, convert
 from typer.testing import CliRunner
 
 import localmix
-from benchmarks.common import mixtral_config
 from localmix import store
-from localmix.demo import demo_tokenizer_path, write_checkpoint
+from localmix.demo import demo_tokenizer_path, mixtral_config, write_checkpoint
 from localmix.errors import (
     CheckpointError,
     ConfigError,
@@ -38,14 +37,7 @@ from localmix.loader import open_file, read_manifest
 runner = CliRunner()
 
 TINY = mixtral_config(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    num_local_experts=2,
-    num_experts_per_tok=1,
-    sliding_window=None,
+    hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1, experts=2, top_k=1, window=None
 )
 
 

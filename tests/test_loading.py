@@ -104,24 +104,25 @@ def test_corrupt_header(sharded):
         localmix.load(sharded, device="cpu")
 
 
-def test_wrong_shape(tmp_path):
+@pytest.mark.parametrize(
+    "key, value, error",
+    [
+        (
+            "intermediate_size",
+            96,
+            r"model.safetensors: tensor '.*experts.0.w1.weight' has shape \[128, 64\], the "
+            r"config asks for \[96, 64\]",
+        ),
+        ("num_hidden_layers", 3, "asks for 3 layers, the checkpoint holds 2"),
+    ],
+    ids=["wrong-shape", "missing-tensor"],
+)
+def test_config_that_does_not_fit_the_weights(tmp_path, key, value, error):
     save_reference(tmp_path, tiny_mixtral_config())
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["intermediate_size"] = 96
+    cfg[key] = value
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(
-        CheckpointError,
-        match=r"model.safetensors: tensor '.*experts.0.w1.weight' has shape \[128, 64\], the config asks for \[96, 64\]",
-    ):
-        localmix.load(tmp_path, device="cpu")
-
-
-def test_missing_tensor(tmp_path):
-    save_reference(tmp_path, tiny_mixtral_config())
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["num_hidden_layers"] = 3
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="asks for 3 layers, the checkpoint holds 2"):
+    with pytest.raises(CheckpointError, match=error):
         localmix.load(tmp_path, device="cpu")
 
 
@@ -147,10 +148,9 @@ def test_weights_are_views_of_the_file(tiny_mixtral):
 
 def test_peak_rss_while_loading_is_bounded(tmp_path):
     """Load and run a ~160 MB bf16 checkpoint in a fresh process: RSS grows < 1.3x its size."""
-    from benchmarks.common import mixtral_config
-    from localmix.demo import demo_tokenizer_path, write_checkpoint
+    from localmix.demo import demo_tokenizer_path, mixtral_config, write_checkpoint
 
-    cfg = mixtral_config(hidden_size=512, intermediate_size=1536, num_hidden_layers=4)
+    cfg = mixtral_config(hidden=512, intermediate=1536, layers=4)
     write_checkpoint(tmp_path / "m", cfg, demo_tokenizer_path(), seed=0)
     write_checkpoint(tmp_path / "warm", mixtral_config(), demo_tokenizer_path(), seed=0)
     script = textwrap.dedent(

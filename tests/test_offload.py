@@ -23,9 +23,7 @@ def quantized(tmp_path_factory):
     src = tmp_path_factory.mktemp("osrc")
     save_reference(
         src,
-        tiny_mixtral_config(
-            hidden_size=128, intermediate_size=256, num_local_experts=6, num_hidden_layers=3
-        ),
+        tiny_mixtral_config(hidden=128, intermediate=256, experts=6, layers=3),
         dtype=torch.bfloat16,
     )
     dst = tmp_path_factory.mktemp("oq") / "q"

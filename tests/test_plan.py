@@ -77,7 +77,7 @@ def test_older_gpus_reserve_dequantize_scratch(mixtral):
 
 def test_a_larger_context_replans_and_is_refused_when_slots_would_shrink(tmp_path):
     src = tmp_path / "src"
-    save_reference(src, tiny_mixtral_config(num_hidden_layers=2), dtype=torch.bfloat16)
+    save_reference(src, tiny_mixtral_config(layers=2), dtype=torch.bfloat16)
     probe = localmix.load(src, device="cpu", expert_slots=4, context=64)
     budget = probe.plan.device_bytes  # exactly what 4 slots a layer and a 64-token cache take
     e = localmix.load(src, device="cpu", device_memory=budget, context=64)

@@ -304,7 +304,7 @@ def source(tmp_path_factory):
     path = tmp_path_factory.mktemp("src")
     save_reference(
         path,
-        tiny_mixtral_config(num_local_experts=4, hidden_size=128, intermediate_size=256),
+        tiny_mixtral_config(experts=4, hidden=128, intermediate=256),
         max_shard_size="300KB",
         dtype=torch.bfloat16,
     )
@@ -385,7 +385,7 @@ def test_a_model_of_any_shape_converts_and_runs(tmp_path, monkeypatch):
     vocabulary of 2000 rows under an 8-bit head): stored padded, run unpadded, and as close to
     the unquantized model as an aligned one."""
     src = tmp_path / "odd"
-    config = tiny_mixtral_config(hidden_size=72, intermediate_size=100, num_attention_heads=4)
+    config = tiny_mixtral_config(hidden=72, intermediate=100, heads=4)
     save_reference(src, config, dtype=torch.bfloat16)
     manifest = convert(src, tmp_path / "q", Settings(attn="int8", lm_head="int8"))
     assert manifest["format_version"] == 2

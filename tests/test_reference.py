@@ -10,18 +10,18 @@ from tests.helpers import save_reference, tiny_mixtral_config
 
 SHAPES = {
     # name: (config overrides, max_shard_size)
-    "mha-one-shard": (dict(num_attention_heads=4, num_key_value_heads=4), None),
-    "gqa2-sharded": (dict(num_attention_heads=4, num_key_value_heads=2), "100KB"),
+    "mha-one-shard": (dict(heads=4, kv_heads=4), None),
+    "gqa2-sharded": (dict(heads=4, kv_heads=2), "100KB"),
     "gqa4-window-large": (
-        dict(num_attention_heads=8, num_key_value_heads=2, sliding_window=256),
+        dict(heads=8, kv_heads=2, window=256),
         None,
     ),
     "gqa2-window-small": (
-        dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=16),
+        dict(heads=4, kv_heads=2, window=16),
         "200KB",
     ),
     "gqa4-window-small-3layers": (
-        dict(num_attention_heads=8, num_key_value_heads=2, sliding_window=12, num_hidden_layers=3),
+        dict(heads=8, kv_heads=2, window=12, layers=3),
         None,
     ),
 }
