@@ -16,7 +16,6 @@ held-out loss and perplexity. Seeded: the same machine and versions give the sam
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import random
@@ -27,6 +26,9 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
+from bpe_tokenizer import train_bpe  # beside this script
+
+from localmix.demo import mixtral_config
 
 SEED = 0
 VOCAB = 4096
@@ -44,26 +46,19 @@ EXCLUDE_DIRS = {
     "_vendor",
 }
 
-MODEL = dict(
-    model_type="mixtral",
-    vocab_size=VOCAB,
-    hidden_size=256,
-    intermediate_size=384,
-    num_hidden_layers=6,
-    num_attention_heads=8,
-    num_key_value_heads=4,
+# nano's Mixtral; 8 experts, top-2 and 4096 positions as the demo model's
+MODEL = mixtral_config(
+    vocab=VOCAB,
+    hidden=256,
+    intermediate=384,
+    layers=6,
+    heads=8,
+    kv_heads=4,
     head_dim=32,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    max_position_embeddings=4096,
-    sliding_window=WINDOW,
+    window=WINDOW,
     rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
     router_aux_loss_coef=0.02,
     output_router_logits=True,
-    bos_token_id=1,
-    eos_token_id=2,
 )
 
 
@@ -105,28 +100,15 @@ def chunks(files: list[Path], lines: int = 40):
 
 def train_tokenizer(files: list[Path]) -> bytes:
     """BPE with byte fallback. Identity normalisation: newlines and indentation are code."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.Train(
-        sentence_iterator=chunks(files),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=VOCAB,
-        byte_fallback=True,
-        character_coverage=1.0,
-        bos_id=1,
-        eos_id=2,
-        unk_id=0,
-        pad_id=-1,
+    return train_bpe(
+        chunks(files),
+        VOCAB,
         num_threads=2,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False,
         normalization_rule_name="identity",
         input_sentence_size=400_000,
         shuffle_input_sentence=True,
         max_sentence_length=1 << 16,
     )
-    return model.getvalue()
 
 
 def tokenize(sp: spm.SentencePieceProcessor, files: list[Path]) -> torch.Tensor:
