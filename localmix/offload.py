@@ -390,24 +390,28 @@ def _unlock_all(unlock: Callable[[torch.Tensor], None] | None, blocks: list[torc
             unlock(block)
 
 
+@dataclass(frozen=True)
+class CopyJob:
+    """One move host -> device: dst <- src once `after` (an event from a copy engine's
+    `reader_done`, or None) has passed, then `then()` (device work that reads dst) in the same
+    order. `pinned`: src is page-locked."""
+
+    dst: torch.Tensor
+    src: torch.Tensor
+    after: Any
+    pinned: bool
+    then: Callable[[], None] | None = None
+
+
 class CopyEngine(Protocol):
     """Moves bytes host -> device beside the compute, ordered by events.
 
-    `copy` starts dst <- src once `after` (an event from `reader_done`, or None) has passed,
-    then runs `then()` (device work that reads dst) in the same order, and returns an event
-    marking the completion of both (`pinned`: src is page-locked); `wait` makes the compute
-    that follows wait for an event; `reader_done` marks the compute queued so far (the last
-    reader of what it read).
+    `copy` queues a `CopyJob` and returns an event marking the completion of its copy and its
+    `then`; `wait` makes the compute that follows wait for an event; `reader_done` marks the
+    compute queued so far (the last reader of what it read).
     """
 
-    def copy(
-        self,
-        dst: torch.Tensor,
-        src: torch.Tensor,
-        after: Any,
-        pinned: bool,
-        then: Callable[[], None] | None = None,
-    ) -> Any: ...
+    def copy(self, job: CopyJob) -> Any: ...
 
     def wait(self, event: Any) -> None: ...
 
@@ -417,17 +421,10 @@ class CopyEngine(Protocol):
 class ImmediateCopies:
     """The copy engine of a CPU "device": copies happen at once, in program order."""
 
-    def copy(
-        self,
-        dst: torch.Tensor,
-        src: torch.Tensor,
-        after: Any,
-        pinned: bool,
-        then: Callable[[], None] | None = None,
-    ) -> Any:
-        dst.copy_(src)
-        if then is not None:
-            then()
+    def copy(self, job: CopyJob) -> Any:
+        job.dst.copy_(job.src)
+        if job.then is not None:
+            job.then()
         return None
 
     def wait(self, event: Any) -> None:
@@ -450,23 +447,16 @@ class CudaCopies:
         self.staged: list[Any] = []
         self.next = 0
 
-    def copy(
-        self,
-        dst: torch.Tensor,
-        src: torch.Tensor,
-        after: Any,
-        pinned: bool,
-        then: Callable[[], None] | None = None,
-    ) -> Any:
-        ring = None
-        if not pinned:
+    def copy(self, job: CopyJob) -> Any:
+        ring, src = None, job.src
+        if not job.pinned:
             ring, src = self._stage(src)
         with torch.cuda.stream(self.stream):
-            if after is not None:
-                self.stream.wait_event(after)
-            dst.copy_(src, non_blocking=True)
-            if then is not None:
-                then()  # queued on the copy stream, behind the copy
+            if job.after is not None:
+                self.stream.wait_event(job.after)
+            job.dst.copy_(src, non_blocking=True)
+            if job.then is not None:
+                job.then()  # queued on the copy stream, behind the copy
             event = torch.cuda.Event()
             event.record(self.stream)
         if ring is not None:
@@ -584,13 +574,12 @@ class SlotMover:
         pinned = self.store.pinned[layer]
         if self.on_copy is not None:
             self.on_copy()
-        if self.repack is None:
-            self.landed[layer, slot] = self.engine.copy(dst, src, after, pinned)
+        repack = self.repack
+        if repack is None:
+            job = CopyJob(dst, src, after, pinned)
         else:  # into the staging buffer, then repacked into the slot, on the copy stream
-            then = lambda: self.repack.into(dst)  # noqa: E731
-            self.landed[layer, slot] = self.engine.copy(
-                self.repack.staging, src, after, pinned, then
-            )
+            job = CopyJob(repack.staging, src, after, pinned, lambda: repack.into(dst))
+        self.landed[layer, slot] = self.engine.copy(job)
 
     def slot_modules(self, layer: int) -> list[nn.Module]:
         """The modules that read each of `layer`'s slots (views of the slot bytes)."""
@@ -670,7 +659,7 @@ class CachedExperts:
             yield expert, self.slot_modules[slot]
             self.mover.used(layer, slot)  # the caller has queued the compute that read it
         for expert, result in zip(on_cpu, results, strict=True):
-            yield expert, _Computed(result.result().to(hidden.device))
+            yield expert, Computed(result.result().to(hidden.device))
 
     def _link_idle(self) -> bool:
         """Whether a guess may take the link: always without speeds to go by; with them, only
@@ -703,8 +692,9 @@ class _OnHost:
         return self.expert(x.to("cpu")).to(self.device)
 
 
-class _Computed:
-    """An expert already computed elsewhere: called on the layer's input, returns its output."""
+class Computed:
+    """An expert already computed elsewhere (what `CachedExperts.fetch` yields for an expert
+    the CPU ran): called on the layer's input, returns its output."""
 
     def __init__(self, output: torch.Tensor) -> None:
         self.output = output

@@ -11,6 +11,7 @@ import localmix
 import localmix.offload as offload_module
 from localmix.cpu_decode import KernelRouter
 from localmix.model import Router
+from localmix.offload import CopyJob
 from tests.helpers import quantized_six_experts
 
 
@@ -28,14 +29,14 @@ class FakeCopies:
         self.clock += 1
         return self.clock
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: object, pinned: bool) -> int:
-        address = dst.data_ptr()
+    def copy(self, job: CopyJob) -> int:
+        address = job.dst.data_ptr()
         if address in self.read_at:  # no overwrite under a reader
-            assert after in self.readers, "a copy over a slot that was read, with no reader event"
-            assert self.readers[after] >= self.read_at[address], "copy before its last reader"
-        dst.fill_(0xFF)  # poison: bf16 NaNs until the copy lands
+            assert job.after in self.readers, "a copy over a slot read, with no reader event"
+            assert self.readers[job.after] >= self.read_at[address], "copy before its last reader"
+        job.dst.fill_(0xFF)  # poison: bf16 NaNs until the copy lands
         event = self.tick()
-        self.pending[event] = (dst, src.clone())
+        self.pending[event] = (job.dst, job.src.clone())
         self.log.append(address)
         return event
 
@@ -131,8 +132,8 @@ def test_a_decode_step_reads_the_device_once_per_layer(quantized, monkeypatch, k
 
     model = e.model
     monkeypatch.setattr(torch.Tensor, "tolist", counted)
-    with torch.inference_mode():
-        e._forward([5])  # one decode step through the engine's own forward
+    with torch.inference_mode():  # one decode step: the model on the engine's own cache
+        model(torch.tensor([5]), e.cache, last_only=True)
     layers, k = model.cfg.num_hidden_layers, model.cfg.num_experts_per_tok
     # a layer reads its k ids and k weights, and the k ids it predicts for the next layer
     assert reads == [((1 if kernel_router else 3) * k,)] * layers, reads

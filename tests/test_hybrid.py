@@ -292,7 +292,7 @@ def test_the_cpu_starts_before_the_device_computes(quantized, monkeypatch):
 
     def logged_fetch(self, layer, experts, hidden, predicted):
         for expert, module in fetch(self, layer, experts, hidden, predicted):
-            where = "host" if isinstance(module, offload_module._Computed) else "device"
+            where = "host" if isinstance(module, offload_module.Computed) else "device"
             log.append((where, layer))
             yield expert, module
 
@@ -337,13 +337,7 @@ def test_copies_through_the_staging_buffer_land_repacked_in_their_slot(quantized
     in test_gpu_path) and the slot must hold exactly that."""
     import localmix.quant.linear as linear_module
 
-    from localmix.offload import (
-        ImmediateCopies,
-        Repack,
-        SlotMover,
-        _tensors,
-        views,
-    )
+    from localmix.offload import ImmediateCopies, Repack, SlotMover, views
 
     def reverse_bytes(module):
         for m in module.modules():
@@ -359,7 +353,8 @@ def test_copies_through_the_staging_buffer_land_repacked_in_their_slot(quantized
     mover = SlotMover(store, [2, 2, 2], torch.device("cpu"), ImmediateCopies(), repack)
     mover.load(1, 4, 0)
     mover.load(1, 5, 1)
-    host = dict(_tensors(store.module(1, 5)))
+    stored = store.module(1, 5)
+    host = dict(stored.named_parameters()) | dict(stored.named_buffers())
     slot = views(mover.buffers[1][1], repack.layout)
     for name, t in host.items():
         expected = t.flip(-1) if t.dtype == torch.uint8 else t
