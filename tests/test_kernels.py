@@ -37,6 +37,12 @@ def swiglu_reference(x: torch.Tensor, q1, q3, q2, group_size: int) -> torch.Tens
     return int4_reference(h.float(), q2, group_size)
 
 
+def fused_swiglu(kernels, x: torch.Tensor, q1, q3, q2, group_size: int) -> torch.Tensor:
+    """The kernels' int4_swiglu on the quantized w1, w3 and w2 of one expert."""
+    parts = [t for q in (q1, q3, q2) for t in (q.qweight, q.scales_zeros)]
+    return kernels.int4_swiglu(x, *parts, group_size)
+
+
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 def test_fused_expert_is_its_reference(kernels, threads, group_size, n_threads):
@@ -53,16 +59,7 @@ def test_fused_expert_is_its_reference(kernels, threads, group_size, n_threads):
     for rows in (1, 3):
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(rows, dim, generator=gen).to(dtype)
-            got = kernels.int4_swiglu(
-                x,
-                q1.qweight,
-                q1.scales_zeros,
-                q3.qweight,
-                q3.scales_zeros,
-                q2.qweight,
-                q2.scales_zeros,
-                group_size,
-            )
+            got = fused_swiglu(kernels, x, q1, q3, q2, group_size)
             expected = swiglu_reference(x, q1, q3, q2, group_size)
             assert got.dtype == dtype and got.shape == (rows, dim)
             tol = 1e-5 if dtype == torch.float32 else 2**-7
@@ -83,16 +80,7 @@ def test_many_rows_cross_the_row_chunks(kernels):
     torch.testing.assert_close(
         got.double(), expected, rtol=2**-8, atol=2**-8 * expected.abs().max()
     )
-    got = kernels.int4_swiglu(
-        x,
-        q1.qweight,
-        q1.scales_zeros,
-        q3.qweight,
-        q3.scales_zeros,
-        q2.qweight,
-        q2.scales_zeros,
-        group,
-    )
+    got = fused_swiglu(kernels, x, q1, q3, q2, group)
     expected = swiglu_reference(x, q1, q3, q2, group)
     torch.testing.assert_close(
         got.double(), expected, rtol=2**-7, atol=2**-7 * expected.abs().max()
