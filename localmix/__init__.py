@@ -11,11 +11,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .defaults import DEFAULT_EXPERTS
-
 if TYPE_CHECKING:
-    import torch
-
     from .config import ModelConfig
     from .engine import Engine
     from .errors import LocalmixError
@@ -52,20 +48,12 @@ def __getattr__(name: str) -> Any:
 def load(
     model: str | os.PathLike,
     *,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-    context: int | None = None,
-    sinks: int = 0,
-    device_memory: str | int | None = None,
-    expert_slots: int | None = None,
-    policy: str | None = None,
-    experts: str = DEFAULT_EXPERTS,
-    prefetch: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> Engine:
     """Load a model directory or name and return an Engine ready to generate.
 
+    The options say where and how the model runs (those of `options.load_options`):
     `device` defaults to CUDA when present. `dtype` defaults to the checkpoint's. `context` is
     the rolling KV window (default 4096, at most the model's sliding window); `sinks` keeps the
     first tokens attended once the window rolls.
@@ -80,10 +68,10 @@ def load(
     by themselves. `Engine.plan` describes the placement, `Engine.predictions` the decode speed
     predicted for each mode, and `progress(done, total)` follows the experts as they fill the
     host store.
-    Other options set sampling defaults.
+    Other options set sampling defaults (those of `SamplingOptions`).
 
-    Every option is checked before anything is read (`options.load_options`, `SamplingOptions`):
-    a bad one is an `OptionError` that says what to give instead.
+    Every option is checked before anything is read (`options.split_options`): a bad one is an
+    `OptionError` that says what to give instead.
     """
     import torch
 
@@ -91,28 +79,15 @@ def load(
     from .cpu_decode import use_decode_kernels
     from .engine import Engine
     from .errors import LocalmixError
-    from .expert_cache import DEFAULT_POLICY
     from .loader import load_transformer, read_manifest
-    from .offload import DEFAULT_PREFETCH, plan_for, probe_machine
-    from .options import load_options
+    from .offload import plan_for, probe_machine
+    from .options import split_options
     from .quant.kernels import cpu_kernels
     from .quant.linear import cuda_int4_kernel, use_device_kernels
-    from .sampling import SamplingOptions
     from .store import resolve
     from .tokenizer import Tokenizer, conversation_format
 
-    opts = load_options(
-        device=device,
-        dtype=dtype,
-        context=context,
-        sinks=sinks,
-        device_memory=device_memory,
-        expert_slots=expert_slots,
-        policy=DEFAULT_POLICY if policy is None else policy,
-        experts=experts,
-        prefetch=DEFAULT_PREFETCH if prefetch is None else prefetch,
-    )
-    defaults = SamplingOptions().updated(**options)
+    opts, defaults = split_options(options)
     name, path = resolve(model)
     manifest = read_manifest(path)  # refuses an unfinished quantization before anything else
     cfg = ModelConfig.from_file(path)

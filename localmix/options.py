@@ -3,7 +3,8 @@ before any work is done (no file read, no weight loaded), or an `OptionError` in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -13,6 +14,8 @@ from .engine import DEFAULT_CONTEXT
 from .errors import OptionError
 from .expert_cache import DEFAULT_POLICY, POLICIES
 from .offload import DEFAULT_PREFETCH, parse_bytes
+from .sampling import SamplingOptions
+from .units import gib
 
 DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -65,8 +68,8 @@ class LoadOptions:
         free = available_memory(self.device)
         if free is not None and kv * context > free:
             raise OptionError(
-                f"a context of {context} tokens needs {kv * context / 1e9:.1f} GB of KV cache, "
-                f"more than the {free / 1e9:.1f} GB free on {self.device}; choose a smaller "
+                f"a context of {context} tokens needs {gib(kv * context)} of KV cache, "
+                f"more than the {gib(free)} free on {self.device}; choose a smaller "
                 "--context"
             )
         return context
@@ -80,11 +83,12 @@ def load_options(
     sinks: int = 0,
     device_memory: str | int | None = None,
     expert_slots: int | None = None,
-    policy: str = DEFAULT_POLICY,
-    prefetch: int = DEFAULT_PREFETCH,
+    policy: str | None = None,
+    prefetch: int | None = None,
     experts: str = DEFAULT_EXPERTS,
 ) -> LoadOptions:
-    """Check raw load options (as typed on a command line or passed to `localmix.load`)."""
+    """Check raw load options (as typed on a command line or passed to `localmix.load`); None
+    stands for the default."""
     return LoadOptions(
         device=parse_device(device),
         dtype=parse_dtype(dtype),
@@ -92,10 +96,19 @@ def load_options(
         sinks=whole("sinks", sinks, 0),
         device_memory=None if device_memory is None else parse_budget(device_memory),
         expert_slots=None if expert_slots is None else whole("expert slots", expert_slots, 1),
-        policy=parse_policy(policy),
-        prefetch=whole("prefetch", prefetch, 0),
+        policy=parse_policy(DEFAULT_POLICY if policy is None else policy),
+        prefetch=whole("prefetch", DEFAULT_PREFETCH if prefetch is None else prefetch, 0),
         experts=parse_experts(experts),
     )
+
+
+def split_options(options: dict[str, Any]) -> tuple[LoadOptions, SamplingOptions]:
+    """`localmix.load`'s options, checked: those of `load_options`, and the rest as the sampling
+    defaults."""
+    names = {f.name for f in fields(LoadOptions)}
+    sampling = {k: v for k, v in options.items() if k not in names}
+    load = {k: v for k, v in options.items() if k in names}
+    return load_options(**load), SamplingOptions().updated(**sampling)
 
 
 def whole(name: str, value: object, least: int) -> int:

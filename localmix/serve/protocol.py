@@ -60,33 +60,27 @@ def bad_request(message: str, param: str | None = None) -> APIError:
 
 
 def model_not_found(name: str) -> APIError:
-    return APIError(
-        404,
+    message = (
         f"The model '{name}' does not exist: `localmix list` shows the models, and `demo` "
-        "always works",
-        code="model_not_found",
-        param="model",
+        "always works"
     )
+    return APIError(404, message, code="model_not_found", param="model")
 
 
 def context_too_long(name: str, tokens: int, context: int, param: str) -> APIError:
-    return APIError(
-        400,
+    message = (
         f"This model's maximum context length is {context} tokens. However, your prompt "
-        f"resulted in {tokens} tokens. Shorten it, or serve {name} with a larger --context.",
-        code="context_length_exceeded",
-        param=param,
+        f"resulted in {tokens} tokens. Shorten it, or serve {name} with a larger --context."
     )
+    return APIError(400, message, code="context_length_exceeded", param=param)
 
 
 def overloaded(waiting: int) -> APIError:
-    return APIError(
-        503,
+    message = (
         f"localmix is overloaded: {waiting} requests are already waiting for the model; "
-        "try again later",
-        kind="server_error",
-        code="overloaded",
+        "try again later"
     )
+    return APIError(503, message, kind="server_error", code="overloaded")
 
 
 def internal_error(message: str) -> APIError:
