@@ -28,7 +28,7 @@ System = Annotated[str | None, typer.Option(help="system prompt")]
 Device = Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when present)")]
 DeviceMemory = Annotated[
     str | None,
-    typer.Option("--device-memory", help="offload experts to fit this budget, e.g. 12GB"),
+    typer.Option("--device-memory", help="offload experts to fit this budget, e.g. 12GiB"),
 ]
 Slots = Annotated[int | None, typer.Option(help="offload experts: device slots per layer")]
 Policy = Annotated[str, typer.Option(help="expert cache eviction: transition or lru")]

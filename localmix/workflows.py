@@ -9,7 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .defaults import DEFAULT_CONTEXT
 from .errors import LocalmixError
+from .units import gib
 
 PULL_HINT = "localmix pull mistralai/Mixtral-8x7B-Instruct-v0.1"
 ConvertProgress = Callable[[int, int, str], None]  # (source bytes done, total, what)
@@ -136,11 +138,11 @@ def placement_here(cfg, path: Path) -> str:
 
     manifest = read_manifest(path)
     quantization = manifest["quantization"] if manifest else None
-    context = min(4096, cfg.sliding_window or cfg.max_position_embeddings)
+    context = min(DEFAULT_CONTEXT, cfg.sliding_window or cfg.max_position_embeddings)
     if not torch.cuda.is_available():
         plan = plan_for(cfg, quantization, None, "cpu", context)
         total = sum(plan.trunk.values()) + plan.kv_cache + plan.host_bytes
-        return f"no GPU here: runs on the CPU in about {total / 1e9:.1f} GB of RAM"
+        return f"no GPU here: runs on the CPU in about {gib(total)} of RAM"
     device = torch.device("cuda")
     try:
         plan = plan_for(

@@ -40,6 +40,7 @@ from localmix.conversations import list_conversations
 from localmix.engine import Engine, Summary
 from localmix.errors import LocalmixError, OptionError
 from localmix.session import ChatSession, context_note, format_setting
+from localmix.units import mib
 
 REFRESH_S = 0.05  # at most this often the streaming reply is re-rendered
 ACTIVITY_DECAY = 0.9  # per token, for the heatmap's "recently routed"
@@ -510,9 +511,9 @@ class LocalmixApp(App):
         elif self.session.stopped and not self.generating:
             lines.append("last reply   stopped: no figures")
         lines.append(f"context      {e.cache.used}/{e.cache.capacity} tokens")
-        lines.append(f"host memory  {mem['host'] / 1e6:.0f} MB")
+        lines.append(f"host memory  {mib(mem['host'])}")
         if "device" in mem:
-            lines.append(f"device mem.  {mem['device'] / 1e6:.0f} MB")
+            lines.append(f"device mem.  {mib(mem['device'])}")
         stats = e.stats()
         if stats is not None:
             lines.append(
