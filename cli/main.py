@@ -553,34 +553,34 @@ def bench_cache(
     expert_bytes = quantized_bytes(MIXTRAL_EXPERT_PARAMS, group_size)
     result = replay(data, n_layers, slots, policy, predictor, expert_bytes)
     optimum = replay(data, n_layers, slots, "belady", None, expert_bytes)
-    report: dict[str, object] = {
-        **result,
-        "policy": policy,
-        "predictor": predictor,
-        "slots": slots,
-        "belady_hit_rate": optimum["hit_rate"],
-        "expert_bytes": expert_bytes,
-    }
     if as_json:
         import json
 
+        report = {
+            **result.to_dict(),
+            "policy": policy,
+            "predictor": predictor,
+            "slots": slots,
+            "belady_hit_rate": optimum.hit_rate,
+            "expert_bytes": expert_bytes,
+        }
         print(json.dumps(report))
         return
     out = Console(highlight=False)
     out.print(
-        f"{trace.name}: {result['tokens']} tokens, {n_layers} layers, {n_experts} experts; "
+        f"{trace.name}: {result.tokens} tokens, {n_layers} layers, {n_experts} experts; "
         f"{slots} slots per layer; policy {policy}, prefetch {predictor or 'off'}"
     )
     out.print(
-        f"  hit rate          {result['hit_rate']:.3f}   (offline optimum {optimum['hit_rate']:.3f})"
+        f"  hit rate          {result.hit_rate:.3f}   (offline optimum {optimum.hit_rate:.3f})"
     )
-    out.print(f"  loads per token   {result['loads_per_token']:.2f}")
+    out.print(f"  loads per token   {result.loads_per_token:.2f}")
     out.print(
-        f"  bytes per token   {human_bytes(result['bytes_per_token'] or 0)}   "
+        f"  bytes per token   {human_bytes(result.bytes_per_token)}   "
         f"(Mixtral-8x7B expert, 4-bit g{group_size}: {human_bytes(expert_bytes)})"
     )
-    if result["prefetch_precision"] is not None:
-        out.print(f"  prefetch precision {result['prefetch_precision']:.3f}")
+    if result.prefetch_precision is not None:
+        out.print(f"  prefetch precision {result.prefetch_precision:.3f}")
 
 
 @app.command()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import LocalmixError
 from .expert_cache import ExpertCache, make_policy
@@ -92,6 +94,26 @@ class CrossLayerPredictor:
                 self.counts[layer, a][b] += 1.0
 
 
+@dataclass(frozen=True)
+class ReplayResult:
+    """What one policy (and predictor) did over a trace."""
+
+    hit_rate: float
+    loads_per_token: float  # demand loads and prefetches
+    bytes_per_token: float
+    prefetch_precision: float | None  # None: nothing was predicted
+    tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of `bench-cache --json`."""
+        return asdict(self)
+
+    def __getitem__(self, name: str) -> Any:
+        # For the callers that still read it by name (tests/test_offload.py,
+        # benchmarks/bench_offload.py and bench_nano.py, #18): gone once they read attributes.
+        return getattr(self, name)
+
+
 def replay(
     trace: Trace,
     n_layers: int,
@@ -99,7 +121,7 @@ def replay(
     policy: str,
     predictor: str | None,
     expert_bytes: int,
-) -> dict[str, float | None]:
+) -> ReplayResult:
     """Hit rate, loads and bytes per token of one policy (and predictor) over the trace.
 
     `slots` is per layer: one number for all, or a list (as a placement plan gives).
@@ -126,10 +148,10 @@ def replay(
         hits, requests = hits + t.hits, requests + t.requests
         loads += t.loads + t.prefetch_loads
         predicted, right = predicted + t.predicted, right + t.predicted_right
-    return {
-        "hit_rate": hits / max(requests, 1),
-        "loads_per_token": loads / max(tokens, 1),
-        "bytes_per_token": loads * expert_bytes / max(tokens, 1),
-        "prefetch_precision": right / predicted if predicted else None,
-        "tokens": tokens,
-    }
+    return ReplayResult(
+        hit_rate=hits / max(requests, 1),
+        loads_per_token=loads / max(tokens, 1),
+        bytes_per_token=loads * expert_bytes / max(tokens, 1),
+        prefetch_precision=right / predicted if predicted else None,
+        tokens=tokens,
+    )
