@@ -20,7 +20,7 @@ from .errors import DiskSpaceError, HubError
 from .quant.files import exclusive, free_space, is_plain_name
 from .quant.formats import QuantError
 from .quant.manifest import QUANTIZED_SIZE_RATIO
-from .quant.safetensors_io import INDEX, SUFFIX
+from .quant.safetensors_io import INDEX, SUFFIX, UNSAFE_SUFFIXES
 
 WANTED = (
     "config.json",
@@ -30,7 +30,6 @@ WANTED = (
     "tokenizer.model",
     "tokenizer_config.json",  # small; without a chat_template it marks a base model
 )
-REFUSED = ("*.bin", "*.pt", "*.pth", "*.gguf", "*.ckpt", "*.pkl")
 CHUNK = 1 << 16
 
 Progress = Callable[[str, int, int], None]  # (file, bytes done, file size)
@@ -83,10 +82,17 @@ def repo_folder(repo: str) -> Path:
 
 
 def wanted(name: str) -> bool:
+    """Whether a file of a Hub repository is one `pull` downloads (never a pickle)."""
     base = name.rsplit("/", 1)[-1]
-    if not is_plain_name(name) or any(fnmatch.fnmatch(base, p) for p in REFUSED):
+    if not is_plain_name(name) or pickled(base):
         return False
     return any(fnmatch.fnmatch(base, p) for p in WANTED)
+
+
+def pickled(name: str) -> bool:
+    """Whether a file is a pickle checkpoint, which localmix never loads (the safetensors
+    reader's list)."""
+    return name.endswith(UNSAFE_SUFFIXES)
 
 
 def explain(error: Exception, repo: str) -> HubError:
@@ -141,7 +147,8 @@ def list_files(repo: str, revision: str) -> tuple[str, list[RemoteFile]]:
             )
         files.append(RemoteFile(path, size))
     if not any(f.name.endswith(SUFFIX) for f in files):
-        unsafe = [f.path for f in tree if any(fnmatch.fnmatch(f.path, p) for p in REFUSED)]
+        paths = [getattr(f, "path", None) for f in tree]
+        unsafe = [p for p in paths if isinstance(p, str) and pickled(p)]
         more = " (only pickle weights, which localmix never loads)" if unsafe else ""
         raise HubError(f"{repo}@{revision} has no safetensors weights{more}")
     return commit, sorted(files, key=lambda f: f.name)
