@@ -7,9 +7,8 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .expert_cache import OffloadStats
-
 if TYPE_CHECKING:
+    from .expert_cache import OffloadStats
     from .sampling import SamplingOptions
 
 
@@ -49,6 +48,8 @@ class Summary:
     def from_dict(cls, fields: dict[str, Any]) -> Summary:
         """The Summary `to_dict` wrote; a missing or unknown field raises TypeError or
         KeyError."""
+        from .expert_cache import OffloadStats  # only a summary with offloaded experts has them
+
         stats = fields.get("stats")
         return cls(**{**fields, "stats": OffloadStats.from_dict(stats) if stats else None})
 
