@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.highlighter import RegexHighlighter
@@ -18,8 +19,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 from rich.theme import Theme
-from typer import _click
 from typer.core import TyperGroup
+
+if TYPE_CHECKING:
+    from typer import _click  # the click that typer carries, whose types its classes take
 
 # typer.rich_utils' styles, so that the top-level help looks like each command's
 THEME = Theme(
