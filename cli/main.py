@@ -12,7 +12,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from localmix.cli import EXIT_INTERRUPTED, command_started
 from localmix.cli.help import HelpGroup
-from localmix.cli.options import Load, NoServer, Placement, Sampling, System, Where, with_groups
+from localmix.cli.options import (
+    GroupSize,
+    Load,
+    Method,
+    NoServer,
+    Placement,
+    Sampling,
+    System,
+    Where,
+    with_groups,
+)
 from localmix.cli.render import (
     err,
     os_error_line,
@@ -23,8 +33,7 @@ from localmix.cli.serve import serve
 from rich.console import Console
 from rich.table import Table
 
-from localmix.defaults import DEFAULT_METHOD, DEFAULT_POLICY
-from localmix.defaults import QUANT_METHODS as METHODS
+from localmix.defaults import DEFAULT_GROUP_SIZE, DEFAULT_METHOD, DEFAULT_POLICY
 from localmix.errors import LocalmixError
 from localmix.units import human_bytes
 
@@ -69,9 +78,6 @@ EXIT_USER_ERROR = 1
 # Piped text kept per token of context: more than any token's bytes, so cutting to this loses
 # only text that would roll out of the context window before the reply.
 STDIN_BYTES_PER_TOKEN = 16
-METHOD_HELP = (
-    f"how scales are chosen: {', '.join(METHODS)} (default {DEFAULT_METHOD}; rtn is fastest)"
-)
 
 
 def friendly_errors(command: Callable) -> Callable:
@@ -461,8 +467,8 @@ def chat(
 def quantize(
     src: Annotated[str, typer.Argument(help="model directory (Hugging Face layout) or name")],
     dst: Annotated[Path, typer.Argument(help="output directory")],
-    group_size: Annotated[int, typer.Option("--group-size", help="32, 64 or 128")] = 64,
-    method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEFAULT_METHOD,
+    group_size: GroupSize = DEFAULT_GROUP_SIZE,
+    method: Method = DEFAULT_METHOD,
     attn: Annotated[
         str | None, typer.Option(help="attention weights: bf16, int8 or int4 (default int8)")
     ] = None,
@@ -535,7 +541,7 @@ def bench_cache(
     ] = None,
     group_size: Annotated[
         int, typer.Option("--group-size", help="expert format: 4-bit g32/64/128")
-    ] = 64,
+    ] = DEFAULT_GROUP_SIZE,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
 ) -> None:
     """Replay a routing trace through the expert cache: hit rate, loads and bytes per token."""
@@ -590,8 +596,8 @@ def pull(
     no_quantize: Annotated[
         bool, typer.Option("--no-quantize", help="keep the weights as published")
     ] = False,
-    group_size: Annotated[int, typer.Option("--group-size", help="32, 64 or 128")] = 64,
-    method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEFAULT_METHOD,
+    group_size: GroupSize = DEFAULT_GROUP_SIZE,
+    method: Method = DEFAULT_METHOD,
 ) -> None:
     """Download a model from the Hugging Face Hub and quantize it into the store, resumably."""
     from rich.progress import (

@@ -1,6 +1,6 @@
 """Options several commands share, each declared once.
 
-`run`, `chat`, `tui` and `serve` take the same options for where the model runs (`Where`), and
+`quantize` and `pull` take the same quantization options; `run`, `chat`, `tui` and `serve` take the same options for where the model runs (`Where`), and
 `run`, `chat` and `tui` the same sampling options (`Sampling`). A group of options is a function
 whose parameters are the options and whose value is what a command receives: a command that
 declares a parameter `sampling: Sampling` shows the group's options in its place in its help,
@@ -15,7 +15,13 @@ from typing import Annotated, Any, get_args
 
 import typer
 
-from localmix.defaults import DEFAULT_EXPERTS, DEFAULT_POLICY, DEFAULT_PREFETCH
+from localmix.defaults import (
+    DEFAULT_EXPERTS,
+    DEFAULT_METHOD,
+    DEFAULT_POLICY,
+    DEFAULT_PREFETCH,
+    QUANT_METHODS,
+)
 
 Temperature = Annotated[float | None, typer.Option(help="0 = greedy (default 0.7)")]
 TopP = Annotated[float | None, typer.Option("--top-p", help="nucleus sampling mass")]
@@ -46,6 +52,14 @@ NoServer = Annotated[
     typer.Option("--no-server", help="load the model here even when `localmix serve` runs"),
 ]
 Load = Annotated[str | None, typer.Option(help="continue a saved conversation")]
+GroupSize = Annotated[int, typer.Option("--group-size", help="32, 64 or 128")]
+Method = Annotated[
+    str,
+    typer.Option(
+        help=f"how scales are chosen: {', '.join(QUANT_METHODS)} (default {DEFAULT_METHOD}; "
+        "rtn is fastest)"
+    ),
+]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ The command line shows these in its help and passes them on; it imports this mod
 the runtime's, so that `localmix --help` and the client side of `run` start without PyTorch.
 Where a runtime module keeps its own copy (`expert_cache.DEFAULT_POLICY`,
 `offload.DEFAULT_PREFETCH`, `quant.formats.METHODS`), tests/test_light_import.py checks that
-the two agree.
+the two agree (tests/test_cli.py for the group size).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ DEFAULT_PREFETCH = 1  # layers of router-driven prefetch
 DEFAULT_EXPERTS = "auto"  # where a missed expert runs: the mode predicted fastest (hybrid.py)
 QUANT_METHODS = ("wmse", "mse", "rtn")  # how quantization scales are chosen
 DEFAULT_METHOD = "wmse"
+DEFAULT_GROUP_SIZE = 64  # weights per quantization group (quant.manifest.Settings.group_size)
 
 # `localmix serve`, and where `run` and `chat` look for it.
 SERVER_HOST = "127.0.0.1"  # loopback: nothing outside the machine reaches the server unless told

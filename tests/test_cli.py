@@ -207,6 +207,14 @@ def test_top_level_help_is_light_and_whole():
     assert "Usage: localmix [OPTIONS] COMMAND [ARGS]..." in shown and "--version" in shown
 
 
+def test_the_group_size_default_is_the_converters():
+    from localmix.quant.manifest import Settings
+
+    from localmix.defaults import DEFAULT_GROUP_SIZE
+
+    assert Settings().group_size == DEFAULT_GROUP_SIZE
+
+
 def test_pull_help_shows_the_revision_syntax():
     r = CliRunner().invoke(app, ["pull", "--help"])
     assert r.exit_code == 0 and "org/name[@revision]" in r.stdout
