@@ -1,29 +1,40 @@
-"""A CPU decode step's attention, routing and experts on localmix's fused kernels, swapped in.
+"""A CPU decode step's layers on localmix's fused kernels, swapped in.
 
 A decode step runs one token through every layer. Between the big products, PyTorch would
 spend some twenty small ops a layer on RoPE, the cache write, the attention reshapes and SDPA,
 ten more on the router's softmax, top-k and read-back, and five on weighting and adding the
-experts' outputs; each op costs its dispatch and allocation whatever its size.
-`use_decode_kernels` swaps each layer's `GroupedAttention` for a `KernelAttention`, each `Router`
-for a `KernelRouter`, resident 4-bit experts for `KernelExperts`, and an `Attention` with 8-bit
-q, k and v for `KernelProjections`: on the CPU, for a one-token step (that sees every cached
-key), each is one call of localmix's kernels (`attend_one`, `route_one`, `int4_moe`,
-`int8_mm_many`). Every other case (prefill chunks, a masked step, a GPU, kernels unavailable)
-runs the model's own modules, which the kernels are tested against
+experts' outputs; each op costs its dispatch and allocation whatever its size, and each module
+call its Python. `use_decode_kernels` swaps each layer's `GroupedAttention` for a
+`KernelAttention`, each `Router` for a `KernelRouter`, resident 4-bit experts for
+`KernelExperts`, and an `Attention` with 8-bit q, k and v for `KernelProjections`: on the CPU,
+for a one-token step (that sees every cached key), each is one call of localmix's kernels
+(`attend_one`, `route_one`, `int4_moe`, `int8_mm_many`). Each `Block` becomes a `KernelBlock`,
+which runs those same kernels for the whole layer in one call (`DecodeBlock`), with the same
+bits. Every other case (prefill chunks, a masked step, a GPU, an expert cache, kernels
+unavailable) runs the model's own modules, which the kernels are tested against
 (tests/test_decode_kernels.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .kv_cache import CacheStep
-from .model import Attention, GroupedAttention, ResidentExperts, Router, TokenRouting
+from .model import (
+    Attention,
+    Block,
+    GroupedAttention,
+    MoeLayer,
+    ResidentExperts,
+    Router,
+    TokenRouting,
+)
 from .quant.kernels import cpu_kernels
-from .quant.layers import replace
+from .quant.layers import KernelLinear, KernelRMSNorm, replace
 from .quant.linear import QuantExpert, QuantLinear
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
@@ -64,9 +75,7 @@ class KernelProjections(Attention):
     (`int8_mm_many`): the activation rounded once, one parallel region for the three."""
 
     def __init__(self, attention: Attention, kernels: ModuleType) -> None:
-        nn.Module.__init__(self)
-        for name, child in attention.named_children():  # the same modules, not copies
-            setattr(self, name, child)
+        adopt_children(self, attention)
         self.int8_mm_many = kernels.int8_mm_many
 
     @staticmethod
@@ -154,6 +163,120 @@ class KernelExperts(ResidentExperts):
         return self.int4_moe(x, tensors, [weight[e] for e in ids], self.group_size)
 
 
+class KernelBlock(Block):
+    """Block whose one-token CPU steps in bfloat16 (that see every cached key) run as one call of
+    the kernels' `DecodeBlock`: the layer's norms, products, attention, routing and experts as
+    its kernel modules run them one by one, with the same bits, without a Python call between.
+
+    The plan (`DecodeBlock`) holds the layer's tensors; it is made at the first such step and
+    made again when a submodule was replaced or after a move, load or copy. A layer it does not
+    take (16-bit experts, padded weights, an expert cache) runs Block's forward.
+    """
+
+    decode_plan: Any = None  # a DecodeBlock, or None where the kernels do not take the layer
+    planned_for: tuple[object, ...] | None = None  # the modules decode_plan was made for
+
+    def __init__(self, block: Block, kernels: ModuleType) -> None:
+        adopt_children(self, block)
+        self.layer = self.self_attn.attend.layer
+        self.kernels = kernels
+        self.forget_plan()
+
+    def forward(self, x: Tensor, step: CacheStep, rope: Rope) -> Tensor:
+        if x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            single = step.single(self.layer)
+            if single is not None and (plan := self.plan()) is not None:
+                out, routing = plan.step(x, *rope, *single)
+                moe = self.block_sparse_moe
+                if moe.observer is not None:
+                    moe.observer(moe.layer, torch.tensor([[int(e) for e in routing[: moe.top_k]]]))
+                return out
+        return super().forward(x, step, rope)
+
+    def parts(self) -> tuple[object, ...]:
+        """The modules the plan runs, in `block_plan`'s order."""
+        a, moe = self.self_attn, getattr(self, "block_sparse_moe", None)
+        if not isinstance(moe, MoeLayer):
+            return ()
+        ffn = (self.post_attention_layernorm, moe, moe.gate, moe.router, moe.experts)
+        return (self.input_layernorm, a, a.q_proj, a.k_proj, a.v_proj, a.o_proj, a.attend, *ffn)
+
+    def plan(self) -> Any:
+        """The layer's DecodeBlock for its modules as they are now, or None where it has none."""
+        parts = self.parts()
+        if parts != self.planned_for:
+            self.decode_plan, self.planned_for = block_plan(self.kernels, parts), parts
+        return self.decode_plan
+
+    def forget_plan(self) -> None:
+        """Make the plan again at the next step (the tensors moved or were replaced)."""
+        self.decode_plan = self.planned_for = None
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> KernelBlock:
+        self.forget_plan()
+        super()._apply(fn, recurse)
+        return self
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.forget_plan()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.forget_plan()
+
+
+def block_plan(kernels: ModuleType, parts: tuple[object, ...]) -> Any:
+    """A DecodeBlock over `parts` (KernelBlock.parts), where the kernels take each of them as
+    the layer's own modules run: 8-bit, 4-bit or bfloat16 products, resident 4-bit experts."""
+    if not parts:
+        return None
+    norm_in, attention, q, k, v, o, attend, norm_post, moe, gate, router, experts = parts
+    kinds_fit = (
+        type(attention) in (Attention, KernelProjections)
+        and type(attend) is KernelAttention
+        and type(router) is KernelRouter
+        and type(experts) is KernelExperts
+        and isinstance(norm_in, KernelRMSNorm)
+        and isinstance(norm_post, KernelRMSNorm)
+        and norm_in.eps == norm_post.eps
+    )
+    specs = [linear_spec(m) for m in (q, k, v, o, gate)] if kinds_fit else [None]
+    if None in specs or not isinstance(experts, KernelExperts) or not isinstance(moe, MoeLayer):
+        return None
+    assert isinstance(norm_in, KernelRMSNorm) and isinstance(norm_post, KernelRMSNorm)
+    norms = [norm_in.weight, norm_post.weight]
+    try:
+        return kernels.DecodeBlock(
+            norms, norm_in.eps, specs, experts.tensors, experts.group_size, moe.top_k
+        )
+    except RuntimeError:  # shapes or dtypes the kernels do not take
+        return None
+
+
+NO_SCALES = torch.empty(0)
+
+
+def linear_spec(layer: object) -> tuple[Tensor, Tensor, int, int] | None:
+    """(weight, scales, bits, group) of a product DecodeBlock runs as `layer` runs on the CPU:
+    an unpadded 8- or 4-bit QuantLinear, or a bfloat16 KernelLinear; None for any other."""
+    if isinstance(layer, QuantLinear):
+        if layer.layout != "localmix" or layer.bits not in (4, 8) or padded(layer):
+            return None
+        return layer.qweight, layer.scales_zeros, layer.bits, layer.group_size
+    if isinstance(layer, KernelLinear) and layer.weight.dtype == torch.bfloat16:
+        return layer.weight, NO_SCALES, 16, 0
+    return None
+
+
+def adopt_children(module: nn.Module, source: nn.Module) -> None:
+    """Initialise `module` (a subclass's instance) with `source`'s submodules, the same modules,
+    not copies."""
+    nn.Module.__init__(module)
+    for name, child in source.named_children():
+        setattr(module, name, child)
+
+
 def padded(layer: QuantLinear) -> bool:
     """Whether the layer's weight is stored larger than its logical shape."""
     return layer.padded != (layer.out_features, layer.in_features)
@@ -175,3 +298,6 @@ def use_decode_kernels(model: nn.Module) -> None:
             replace(model, name, KernelRouter(module, kernels))
         elif type(module) is ResidentExperts and (fit := KernelExperts.fitting(module)):
             replace(model, name, KernelExperts(fit, kernels))
+    for name, module in list(model.named_modules()):
+        if type(module) is Block:
+            replace(model, name, KernelBlock(module, kernels))

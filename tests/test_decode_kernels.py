@@ -12,9 +12,17 @@ from localmix.quant.linear import CACHE_LINE, QuantLinear
 from torch import nn
 
 import localmix
-from localmix.cpu_decode import KernelAttention, KernelExperts, KernelProjections, KernelRouter
+from localmix.cpu_decode import (
+    KernelAttention,
+    KernelBlock,
+    KernelExperts,
+    KernelProjections,
+    KernelRouter,
+    adopt_children,
+)
 from localmix.model import (
     Attention,
+    Block,
     GroupedAttention,
     ResidentExperts,
     Rotary,
@@ -118,17 +126,22 @@ def own_modules(engine, kinds: tuple[type, ...]) -> None:
     model = engine.model
     for name, m in list(model.named_modules()):
         if isinstance(m, KernelProjections) and KernelProjections in kinds:
-            plain = Attention.__new__(Attention)
-            nn.Module.__init__(plain)
-            for child, module in m.named_children():
-                setattr(plain, child, module)
-            replace(model, name, plain)
+            replace(model, name, adopted(Attention, m))
         elif isinstance(m, KernelAttention) and KernelAttention in kinds:
             replace(model, name, GroupedAttention(m.layer, m.n_heads, m.n_kv, m.head_dim))
         elif isinstance(m, KernelRouter) and KernelRouter in kinds:
             replace(model, name, Router(m.top_k))
         elif isinstance(m, KernelExperts) and KernelExperts in kinds:
             replace(model, name, ResidentExperts(list(m)))
+        elif isinstance(m, KernelBlock) and KernelBlock in kinds:
+            replace(model, name, adopted(Block, m))
+
+
+def adopted(cls: type[nn.Module], module: nn.Module) -> nn.Module:
+    """A plain `cls` (the model's own class) over the submodules of the kernel `module`."""
+    plain = cls.__new__(cls)
+    adopt_children(plain, module)
+    return plain
 
 
 def decode(engine, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]:
@@ -149,8 +162,9 @@ def test_a_loaded_cpu_model_decodes_on_the_kernels_as_on_its_own_modules(quantiz
     assert all(isinstance(m.router, KernelRouter) for m in model.moe_layers())
     assert all(isinstance(b.self_attn.attend, KernelAttention) for b in model.layers)
     assert all(isinstance(b.self_attn, KernelProjections) for b in model.layers)
-    own_modules(plain, (KernelProjections, KernelAttention, KernelRouter, KernelExperts))
-    own_modules(experts_only, (KernelAttention, KernelRouter))
+    everything = (KernelBlock, KernelProjections, KernelAttention, KernelRouter, KernelExperts)
+    own_modules(plain, everything)
+    own_modules(experts_only, (KernelBlock, KernelAttention, KernelRouter))
     prompt, tokens = list(range(3, 40)), [5, 17, 2, 9, 30, 11]
     want = decode(plain, prompt, tokens)
     for got, expected in zip(decode(experts_only, prompt, tokens), want, strict=True):
@@ -158,6 +172,35 @@ def test_a_loaded_cpu_model_decodes_on_the_kernels_as_on_its_own_modules(quantiz
     for got, expected in zip(decode(fused, prompt, tokens), want, strict=True):
         tol = 0.02 * float(expected.abs().max())
         torch.testing.assert_close(got, expected, rtol=0.02, atol=tol)
+
+
+def test_a_decode_block_is_its_kernel_modules_one_by_one(quantized):
+    """A loaded CPU model runs each layer's decode step as one DecodeBlock call, which gives
+    the bits and the routing of the same kernel modules called one by one from Python; steps it
+    does not take (the prompt, float32) run the modules."""
+    fused, apart = (localmix.load(quantized, device="cpu") for _ in range(2))
+    assert all(isinstance(b, KernelBlock) for b in fused.model.layers)
+    own_modules(apart, (KernelBlock,))
+    prompt, tokens = list(range(3, 40)), [5, 17, 2, 9, 30, 11]
+    for got, want in zip(decode(fused, prompt, tokens), decode(apart, prompt, tokens), strict=True):
+        assert torch.equal(got, want)
+    assert fused.routing.last_token() == apart.routing.last_token()
+    assert all(b.decode_plan is not None for b in fused.model.layers)  # the fused path ran
+
+
+def test_a_decode_block_is_made_again_for_new_modules_and_refuses_what_it_cannot_run(quantized):
+    """The plan follows the modules: replaced experts (an expert cache's) run Block's own
+    forward, and a move makes the plan again."""
+    engine = localmix.load(quantized, device="cpu")
+    block = engine.model.layers[0]
+    assert isinstance(block, KernelBlock)
+    first = block.plan()
+    assert first is not None and block.plan() is first
+    moe = block.block_sparse_moe
+    moe.use_experts(ResidentExperts(list(moe.experts)))  # no fused experts: Block's forward
+    assert block.plan() is None
+    engine.model.to(torch.bfloat16)
+    assert block.planned_for is None
 
 
 def test_quantized_weights_on_the_cpu_start_on_cache_lines(quantized):

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -1225,11 +1226,160 @@ std::vector<double> route_one(const torch::Tensor& logits, int64_t top_k) {
   return out;
 }
 
+namespace {
+
+// x + y for two (1, D) activations of one dtype, rounded as PyTorch's add rounds (the sum of
+// the two values as float32, to the nearest even of the dtype).
+template <class T>
+torch::Tensor add_rows(const torch::Tensor& x, const torch::Tensor& y) {
+  torch::Tensor out = torch::empty_like(x);
+  const T *a = x.data_ptr<T>(), *b = y.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  for (int64_t i = 0; i < x.numel(); ++i)
+    o[i] = static_cast<T>(static_cast<float>(a[i]) + static_cast<float>(b[i]));
+  return out;
+}
+
+// A linear layer of a decode block, run as the model's own module runs it on the CPU: an
+// unpadded 8-bit or 4-bit QuantLinear on int8_mm or int4_mm, a bfloat16 weight on bf16_mm.
+struct BlockLinear {
+  torch::Tensor weight, scales;  // scales undefined for a bfloat16 weight
+  int64_t bits, group;
+
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    if (bits == 8) return int8_mm(x, weight, scales);
+    if (bits == 4) return int4_mm(x, weight, scales, group);
+    return bf16_mm(x, weight);
+  }
+
+  int64_t out_features() const { return weight.size(0); }
+  int64_t in_features() const { return bits == 4 ? weight.size(1) * 2 : weight.size(1); }
+};
+
+using LinearSpec = std::tuple<torch::Tensor, torch::Tensor, int64_t, int64_t>;
+
+BlockLinear block_linear(const LinearSpec& spec) {
+  const auto& [weight, scales, bits, group] = spec;
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.is_contiguous(),
+              "a decode block's weights are contiguous 2-d CPU tensors");
+  if (bits == 8) {
+    TORCH_CHECK(weight.scalar_type() == torch::kInt8 && scales.scalar_type() == torch::kBFloat16 &&
+                    scales.numel() == weight.size(0) && weight.size(1) % 32 == 0 &&
+                    weight.size(0) % 4 == 0,
+                "an 8-bit weight of a decode block: int8 (N, K), K % 32 == 0, N % 4 == 0");
+  } else if (bits == 4) {
+    check_int4(weight, scales, group);
+  } else {
+    TORCH_CHECK(bits == 16 && weight.scalar_type() == torch::kBFloat16,
+                "a decode block's weights are 8-bit, 4-bit or bfloat16");
+  }
+  return {weight, bits == 16 ? torch::Tensor() : scales, bits, group};
+}
+
+}  // namespace
+
+// One transformer layer of a bfloat16 Mixtral model for one token that sees every cached key
+// (a decode step), in one call: the model's Block.forward on the kernels its modules run one by
+// one (rms_norm, the q, k and v products, attend_one, the o product, rms_norm, the gate,
+// route_one, int4_moe, the two residual adds), with the same bits, minus some hundred
+// microseconds of Python and dispatch a step.
+class DecodeBlock {
+ public:
+  // norms: the input and post-attention norm weights; linears: q, k, v, o and the gate, each
+  // (weight, scales, bits, group) with bits 8, 4 or 16 (scales unused); experts: every expert
+  // of the layer as (q1, s1, q3, s3, q2, s2), 4-bit with `group`.
+  DecodeBlock(const std::vector<torch::Tensor>& norms, double eps,
+              const std::vector<LinearSpec>& linears,
+              std::vector<std::vector<torch::Tensor>> experts, int64_t group, int64_t top_k)
+      : eps_(eps), experts_(std::move(experts)), group_(group), top_k_(top_k) {
+    TORCH_CHECK(norms.size() == 2 && linears.size() == 5, "two norms and five linear layers");
+    for (const torch::Tensor& w : norms)
+      TORCH_CHECK(w.scalar_type() == torch::kBFloat16 && w.is_contiguous() && w.device().is_cpu(),
+                  "a decode block's norms are bfloat16 CPU vectors");
+    in_norm_ = norms[0], post_norm_ = norms[1];
+    for (const LinearSpec& spec : linears) linears_.push_back(block_linear(spec));
+    const int64_t D = in_norm_.numel();
+    for (int i = 0; i < 3; ++i)
+      TORCH_CHECK(linears_[i].in_features() == D, "q, k and v take the hidden size");
+    TORCH_CHECK(linears_[3].out_features() == D && linears_[4].in_features() == D,
+                "o gives and the gate takes the hidden size");
+    TORCH_CHECK(static_cast<int64_t>(experts_.size()) == linears_[4].out_features() &&
+                    0 < top_k_ && top_k_ <= static_cast<int64_t>(experts_.size()),
+                "one expert per gate row, top_k of them");
+    for (const auto& e : experts_) {
+      TORCH_CHECK(e.size() == 6, "an expert is (q1, s1, q3, s3, q2, s2)");
+      for (int i = 0; i < 6; i += 2) {
+        check_int4(e[i], e[i + 1], group_);
+        TORCH_CHECK(e[i].device().is_cpu() && e[i + 1].device().is_cpu(), "CPU experts");
+      }
+      TORCH_CHECK(e[0].size(1) * 2 == D && e[4].size(0) == D && e[0].sizes() == e[2].sizes() &&
+                      e[4].sizes() == experts_[0][4].sizes() &&
+                      e[0].sizes() == experts_[0][0].sizes(),
+                  "the experts take and give the hidden size, all of one shape");
+    }
+    fused_qkv_ = linears_[0].bits == 8 && linears_[1].bits == 8 && linears_[2].bits == 8;
+  }
+
+  // x (1, D) bfloat16; cos and sin the RoPE row of the token's position; keys and values the
+  // layer's cache, the token's key and value going to `slot`, `used` slots attended (as
+  // attend_one). Returns the layer's output (1, D) and the routing as route_one gives it.
+  std::tuple<torch::Tensor, std::vector<double>> step(const torch::Tensor& x,
+                                                       const torch::Tensor& cos,
+                                                       const torch::Tensor& sin,
+                                                       torch::Tensor keys, torch::Tensor values,
+                                                       int64_t slot, int64_t used) const {
+    TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == in_norm_.numel() &&
+                    x.scalar_type() == torch::kBFloat16 && x.is_contiguous(),
+                "a decode block takes one contiguous bfloat16 row of the hidden size");
+    const torch::Tensor h = rms_norm(x, in_norm_, eps_);
+    torch::Tensor q, k, v;
+    if (fused_qkv_) {
+      const torch::Tensor qkv =
+          int8_mm_many(h, {linears_[0].weight, linears_[1].weight, linears_[2].weight},
+                       {linears_[0].scales, linears_[1].scales, linears_[2].scales});
+      const int64_t nq = linears_[0].out_features(), nk = linears_[1].out_features();
+      q = qkv.narrow(1, 0, nq), k = qkv.narrow(1, nq, nk);
+      v = qkv.narrow(1, nq + nk, linears_[2].out_features());
+    } else {
+      q = linears_[0](h), k = linears_[1](h), v = linears_[2](h);
+    }
+    const torch::Tensor attended = attend_one(q, k, v, cos, sin, keys, values, slot, used);
+    const torch::Tensor mid = add_rows<c10::BFloat16>(x, linears_[3](attended));
+    const torch::Tensor h2 = rms_norm(mid, post_norm_, eps_);
+    std::vector<double> routing = route_one(linears_[4](h2), top_k_);
+    std::vector<int64_t> order(top_k_);  // the chosen experts in ascending id, as MoeLayer sums
+    for (int64_t i = 0; i < top_k_; ++i) order[i] = i;
+    std::sort(order.begin(), order.end(),
+              [&](int64_t a, int64_t b) { return routing[a] < routing[b]; });
+    std::vector<std::vector<torch::Tensor>> chosen;
+    std::vector<double> weights;
+    for (int64_t i : order) {
+      chosen.push_back(experts_[static_cast<size_t>(routing[i])]);
+      weights.push_back(routing[top_k_ + i]);
+    }
+    const torch::Tensor moe = int4_moe(h2, chosen, weights, group_);
+    return {add_rows<c10::BFloat16>(mid, moe), std::move(routing)};
+  }
+
+ private:
+  torch::Tensor in_norm_, post_norm_;
+  double eps_;
+  std::vector<BlockLinear> linears_;  // q, k, v, o, gate
+  std::vector<std::vector<torch::Tensor>> experts_;
+  int64_t group_, top_k_;
+  bool fused_qkv_ = false;
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "4-bit grouped weight times a few activation rows");
   m.def("int4_swiglu", &int4_swiglu, "a 4-bit SwiGLU expert, w2(silu(w1 x) * w3 x)");
   m.def("fit_groups", &fit_groups, "scale and zero per group by the (weighted) mse fit");
   m.def("int4_moe", &int4_moe, "a decode step's 4-bit experts, computed and combined");
+  pybind11::class_<DecodeBlock>(m, "DecodeBlock")
+      .def(pybind11::init<const std::vector<torch::Tensor>&, double,
+                          const std::vector<LinearSpec>&, std::vector<std::vector<torch::Tensor>>,
+                          int64_t, int64_t>())
+      .def("step", &DecodeBlock::step, "one layer of a decode step");
   m.def("int8_mm_many", &int8_mm_many, "several 8-bit weights times the same rows, as one");
   m.def("int8_mm", &int8_mm, "8-bit per-channel weight times a few activation rows");
   m.def("bf16_mm", &bf16_mm, "bfloat16 weight times a few activation rows, float32 sums");
