@@ -33,6 +33,7 @@ from .model import (
     Router,
     TokenRouting,
 )
+from .quant.choice import MadeFromTensors
 from .quant.kernels import cpu_kernels
 from .quant.layers import KernelLinear, KernelRMSNorm, replace
 from .quant.linear import QuantExpert, QuantLinear
@@ -163,7 +164,7 @@ class KernelExperts(ResidentExperts):
         return self.int4_moe(x, tensors, [weight[e] for e in ids], self.group_size)
 
 
-class KernelBlock(Block):
+class KernelBlock(Block, MadeFromTensors):
     """Block whose one-token CPU steps in bfloat16 (that see every cached key) run as one call of
     the kernels' `DecodeBlock`: the layer's norms, products, attention, routing and experts as
     its kernel modules run them one by one, with the same bits, without a Python call between.
@@ -180,7 +181,7 @@ class KernelBlock(Block):
         adopt_children(self, block)
         self.layer = self.self_attn.attend.layer
         self.kernels = kernels
-        self.forget_plan()
+        self.forget()
 
     def forward(self, x: Tensor, step: CacheStep, rope: Rope) -> Tensor:
         if x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
@@ -208,22 +209,9 @@ class KernelBlock(Block):
             self.decode_plan, self.planned_for = block_plan(self.kernels, parts), parts
         return self.decode_plan
 
-    def forget_plan(self) -> None:
+    def forget(self) -> None:
         """Make the plan again at the next step (the tensors moved or were replaced)."""
         self.decode_plan = self.planned_for = None
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> KernelBlock:
-        self.forget_plan()
-        super()._apply(fn, recurse)
-        return self
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self.forget_plan()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.forget_plan()
 
 
 def block_plan(kernels: ModuleType, parts: tuple[object, ...]) -> Any:

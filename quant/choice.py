@@ -20,7 +20,29 @@ from torch import nn
 Kernel = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
-class KernelChoice(nn.Module):
+class MadeFromTensors(nn.Module):
+    """A module that keeps something made from its tensors as they are (a kernel choice, a
+    plan over their pointers) and must forget it when they change place: after `.to()` or any
+    other move (`nn.Module._apply`), `load_state_dict`, or a copy (`copy.deepcopy`)."""
+
+    def forget(self) -> None:
+        """Drop what was made from the tensors; it is made again when next needed."""
+        raise NotImplementedError
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        self.forget()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.forget()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.forget()
+
+
+class KernelChoice(MadeFromTensors):
     """A module whose forward is the function `choose()` gives for its tensors as they are now.
 
     `chosen` is None until the first call, which asks `choose()`; moves, loads and copies set
@@ -45,14 +67,4 @@ class KernelChoice(nn.Module):
         """Choose again on the next call."""
         self.__dict__.pop("chosen", None)
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
-        self.rechoose()
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self.rechoose()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.rechoose()
+    forget = rechoose
