@@ -3,11 +3,12 @@
     python -m benchmarks.bench_threads [--model demo] [--runs 5] [--tokens 96]
 
 For each thread count (1, localmix's default of one per physical core less one, and one per
-physical core) and each OpenMP wait policy (ACTIVE:
-idle threads spin, OpenMP's default; PASSIVE: they sleep, localmix's default from the command
-line), a fresh process decodes `--tokens` tokens greedily `--runs` times; the same again while a
-competing process spins on one core. Prints the median and the spread of decode tokens/s, and
-each setting's ratio to localmix's default in the same condition.
+physical core) and each way idle OpenMP threads wait (`sleep`: OMP_WAIT_POLICY=PASSIVE; `spin`:
+ACTIVE; `brief spin`: localmix's default from the command line, `threads.BRIEF_SPIN`; and
+`--spin-counts` more GOMP_SPINCOUNT values to compare), a fresh process decodes `--tokens`
+tokens greedily `--runs` times; the same again while a competing process spins on one core.
+Prints the median and the spread of decode tokens/s, and each setting's ratio to localmix's
+default in the same condition.
 """
 
 from __future__ import annotations
@@ -20,7 +21,22 @@ import subprocess
 import sys
 import time
 
-from localmix.threads import default_threads, physical_cores, usable_cpus
+from localmix.threads import (
+    BLOCK_TIME,
+    BRIEF_SPIN,
+    SPIN_COUNT,
+    WAIT_POLICY,
+    default_threads,
+    physical_cores,
+    usable_cpus,
+)
+
+DEFAULT = "brief spin"
+POLICIES = {
+    "sleep": {WAIT_POLICY: "PASSIVE"},
+    "spin": {WAIT_POLICY: "ACTIVE"},
+    DEFAULT: BRIEF_SPIN,
+}
 
 DECODE = """
 import json, sys, torch, localmix
@@ -38,7 +54,8 @@ SPIN = "import time\nend = time.time() + 3600\nwhile time.time() < end:\n    pas
 
 
 def decode_rates(threads: int, policy: str, args: argparse.Namespace) -> list[float]:
-    env = dict(os.environ, OMP_WAIT_POLICY=policy)
+    env = {k: v for k, v in os.environ.items() if k not in (WAIT_POLICY, SPIN_COUNT, BLOCK_TIME)}
+    env.update(policies(args)[policy])
     out = subprocess.run(
         [sys.executable, "-c", DECODE, str(threads), args.model, str(args.runs), str(args.tokens)],
         env=env,
@@ -54,10 +71,13 @@ def main() -> None:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument(
+        "--spin-counts", default="", help="more GOMP_SPINCOUNT values to compare, comma-separated"
+    )
     args = ap.parse_args()
     default = default_threads()
     counts = sorted({1, default, physical_cores(usable_cpus())})
-    settings = [(t, p) for t in counts for p in ("PASSIVE", "ACTIVE")]
+    settings = [(t, p) for t in counts for p in policies(args)]
     print(f"{args.model}: decode tokens/s, median (min-max) of {args.runs} runs of {args.tokens}")
     for condition in ("idle", "one core busy"):
         competitor = None
@@ -70,15 +90,21 @@ def main() -> None:
             if competitor is not None:
                 competitor.kill()
                 competitor.wait()
-        base = statistics.median(results[default, "PASSIVE"])
+        base = statistics.median(results[default, DEFAULT])
         print(f"  {condition}:")
         for (threads, policy), rates in results.items():
             med = statistics.median(rates)
-            mark = "  <- default" if (threads, policy) == (default, "PASSIVE") else ""
+            mark = "  <- default" if (threads, policy) == (default, DEFAULT) else ""
             print(
-                f"    {threads} thread{'s' if threads > 1 else ' '} {policy:<7} {med:7.1f} "
+                f"    {threads} thread{'s' if threads > 1 else ' '} {policy:<17} {med:7.1f} "
                 f"({min(rates):.0f}-{max(rates):.0f})  {med / base:.2f}x{mark}"
             )
+
+
+def policies(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """The ways of waiting compared: name -> the environment that sets it."""
+    extra = [c.strip() for c in args.spin_counts.split(",") if c.strip()]
+    return {**POLICIES, **{f"spin {c}, sleep": {SPIN_COUNT: c} for c in extra}}
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
 """How many CPU threads localmix computes with, and how its idle threads wait.
 
-A decode step runs a hundred or more short parallel regions. By default OpenMP keeps idle
-threads spinning between them, which is fastest on an idle machine and ruinous on a busy one:
-when another program holds one of the cores, every region waits for the thread that lost its
-core, and decode slows down sharply (benchmarks/bench_threads.py measures it). Idle threads
-that sleep instead (OMP_WAIT_POLICY=PASSIVE) give their core back, so the scheduler can run the
-late thread there at once. The policy is read when the OpenMP runtime loads, that is when
-PyTorch is first imported: `prepare_process` must run before that, and only the command line
-does it (a library does not change its host process's environment).
+A decode step runs dozens of short parallel regions, a few microseconds to a few hundred apart.
+How OpenMP's idle threads wait between them decides much of its speed:
+- spinning without end (OMP_WAIT_POLICY=ACTIVE) is fastest on an idle machine and ruinous on a
+  busy one: when another program holds one of the cores, every region waits for the thread
+  that lost its core while the others spin on theirs;
+- sleeping at once (PASSIVE) gives the core back, but every region then pays a wake-up (on the
+  order of 100 us in a virtual machine), some milliseconds a token;
+- spinning briefly, then sleeping, keeps the threads awake through a step and between steps,
+  and gives the cores back within a fraction of a millisecond once decode pauses or another
+  program needs one. `prepare_process` sets that (GNU OpenMP's GOMP_SPINCOUNT, which PyTorch's
+  Linux builds use, and Intel OpenMP's KMP_BLOCKTIME) unless the user chose a policy.
+benchmarks/bench_threads.py measures the three. The policy is read when the OpenMP runtime
+loads, that is when PyTorch is first imported: `prepare_process` must run before that, and
+only the command line does it (a library does not change its host process's environment).
 
 The thread count defaults to the physical cores this process may run on (hyperthreads share a
 core's load and store units, which decode is bound by) less one, so that the desktop's own
@@ -17,17 +23,24 @@ programs do not take a core from a thread every region waits for; `--threads` ov
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import OptionError
 
 WAIT_POLICY = "OMP_WAIT_POLICY"
-DEFAULT_WAIT_POLICY = "PASSIVE"
+SPIN_COUNT = "GOMP_SPINCOUNT"  # GNU OpenMP: how many times an idle thread polls before it sleeps
+BLOCK_TIME = "KMP_BLOCKTIME"  # Intel OpenMP: milliseconds an idle thread spins before it sleeps
+# About 0.3 ms of polling (a poll is one `pause`, 10-40 ns on current x86 cores): longer than the
+# gaps within and between decode steps, short beside a busy machine's time slices.
+BRIEF_SPIN = {SPIN_COUNT: "10000", BLOCK_TIME: "1"}
 
 
 def prepare_process() -> None:
-    """Before PyTorch is imported: idle OpenMP threads sleep (unless OMP_WAIT_POLICY is set)."""
-    os.environ.setdefault(WAIT_POLICY, DEFAULT_WAIT_POLICY)
+    """Before PyTorch is imported: idle OpenMP threads spin briefly, then sleep (`BRIEF_SPIN`),
+    unless the environment already says how they wait."""
+    if not any(name in os.environ for name in (WAIT_POLICY, SPIN_COUNT, BLOCK_TIME)):
+        os.environ.update(BRIEF_SPIN)
 
 
 def usable_cpus() -> list[int]:
@@ -82,6 +95,14 @@ def describe() -> str:
     """One line for reports: the threads and how idle ones wait."""
     import torch
 
-    policy = os.environ.get(WAIT_POLICY, "unset (OpenMP's default: spin)")
     n = torch.get_num_threads()
-    return f"{n} thread{'s' if n > 1 else ''}, idle threads wait: {policy}"
+    return f"{n} thread{'s' if n > 1 else ''}, idle threads wait: {wait_policy()}"
+
+
+def wait_policy(env: Mapping[str, str] = os.environ) -> str:
+    """How idle OpenMP threads wait under `env`, in words."""
+    if WAIT_POLICY in env:
+        return env[WAIT_POLICY]
+    if SPIN_COUNT in env:
+        return f"spin {env[SPIN_COUNT]} polls, then sleep"
+    return "unset (OpenMP's default)"

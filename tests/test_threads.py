@@ -11,7 +11,15 @@ import pytest
 from localmix.quant.convert import Settings, convert
 
 from localmix.errors import OptionError
-from localmix.threads import WAIT_POLICY, check_threads, physical_cores, prepare_process
+from localmix.threads import (
+    BLOCK_TIME,
+    BRIEF_SPIN,
+    SPIN_COUNT,
+    WAIT_POLICY,
+    check_threads,
+    physical_cores,
+    prepare_process,
+)
 from tests.helpers import save_reference, tiny_mixtral_config
 
 
@@ -40,13 +48,20 @@ def test_thread_option_is_checked():
             check_threads(bad)
 
 
-def test_wait_policy_default_leaves_a_users_choice(monkeypatch):
-    monkeypatch.delenv(WAIT_POLICY, raising=False)
+@pytest.mark.parametrize("choice", [WAIT_POLICY, SPIN_COUNT, BLOCK_TIME])
+def test_wait_policy_default_is_a_brief_spin_and_leaves_a_users_choice(monkeypatch, choice):
+    for name in (WAIT_POLICY, SPIN_COUNT, BLOCK_TIME):
+        monkeypatch.delenv(name, raising=False)
     prepare_process()
-    assert os.environ[WAIT_POLICY] == "PASSIVE"
-    monkeypatch.setenv(WAIT_POLICY, "ACTIVE")
+    assert {n: os.environ[n] for n in BRIEF_SPIN} == BRIEF_SPIN
+    assert WAIT_POLICY not in os.environ
+    for name in BRIEF_SPIN:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv(choice, "7")
     prepare_process()
-    assert os.environ[WAIT_POLICY] == "ACTIVE"
+    assert {n: os.environ.get(n) for n in (WAIT_POLICY, SPIN_COUNT, BLOCK_TIME)} == {
+        n: "7" if n == choice else None for n in (WAIT_POLICY, SPIN_COUNT, BLOCK_TIME)
+    }
 
 
 def test_run_reports_threads_kernels_and_cpu_features(tmp_path):
@@ -55,7 +70,7 @@ def test_run_reports_threads_kernels_and_cpu_features(tmp_path):
     quantized = tmp_path / "q"
     save_reference(tmp_path / "src", tiny_mixtral_config())
     convert(tmp_path / "src", quantized, Settings(method="rtn"))
-    env = {k: v for k, v in os.environ.items() if k != WAIT_POLICY}
+    env = {k: v for k, v in os.environ.items() if k not in (WAIT_POLICY, SPIN_COUNT, BLOCK_TIME)}
     command = [sys.executable, "-m", "localmix.cli", "run", str(quantized), "x", "--raw"]
     r = subprocess.run(
         command + ["--max-tokens", "2", "-v", "--threads", "1"],
@@ -64,7 +79,7 @@ def test_run_reports_threads_kernels_and_cpu_features(tmp_path):
         env=env,
     )
     assert r.returncode == 0, r.stderr
-    assert "CPU: 1 thread, idle threads wait: PASSIVE" in r.stderr
+    assert f"CPU: 1 thread, idle threads wait: spin {BRIEF_SPIN[SPIN_COUNT]} polls" in r.stderr
     assert "quantized matmuls: localmix AVX2+FMA kernels (CPU: avx2 fma" in r.stderr
     r = subprocess.run(
         [sys.executable, "-m", "localmix.cli", "show", str(quantized)],
