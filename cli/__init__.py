@@ -1,6 +1,7 @@
 """The `localmix` command line: thin wrappers that parse input, call the library, render events."""
 
 import contextlib
+import importlib
 import os
 import signal
 import sys
@@ -9,8 +10,29 @@ EXIT_INTERRUPTED = 130
 # Invocations that never load a model: they start without PyTorch. `run` and `chat` are among
 # them since they may answer through a running server (they import the runtime themselves
 # with `import_runtime` when they load a model in-process), and so are `list` and `conversations`.
-LIGHT_COMMANDS = ("run", "chat", "list", "conversations")
+# Each maps to the modules it imports as it runs, imported before it starts (see `main`).
+LIGHT_COMMANDS = {
+    "run": (
+        "localmix.cli.client",
+        "localmix.workflows",
+        "localmix.conversations",
+        "localmix.session",
+    ),
+    "chat": ("localmix.cli.client", "localmix.conversations", "localmix.cli.chat"),
+    "list": ("localmix.demo", "localmix.store", "localmix.workflows"),
+    "conversations": ("localmix.conversations", "localmix.cli.chat"),
+}
 HELP_FLAGS = ("-h", "--help", "-V", "--version")
+# What loading a model imports (`localmix.load`, the demo's note, the experts' placement).
+RUNTIME_MODULES = (
+    "localmix.loader",
+    "localmix.tokenizer",
+    "localmix.engine",
+    "localmix.options",
+    "localmix.cpu_decode",
+    "localmix.hybrid",
+    "localmix.demo",
+)
 
 
 def main() -> None:
@@ -20,7 +42,9 @@ def main() -> None:
     Until the command starts, Ctrl+C exits at once: a KeyboardInterrupt raised inside an
     import (typer imports pydantic as it parses the options) can be swallowed by a library's
     own `except` and leave a half-imported module behind (numpy then refuses to import again).
-    From the command on (`command_started`), its error barrier handles it.
+    From the command on (`command_started`), its error barrier handles it; so the modules a
+    command imports as it runs are imported before it starts (`LIGHT_COMMANDS`,
+    `RUNTIME_MODULES`).
     """
     signal.signal(signal.SIGINT, _exit_interrupted)
     from localmix.threads import prepare_process
@@ -28,8 +52,12 @@ def main() -> None:
     prepare_process()  # before PyTorch loads its OpenMP runtime, which reads the wait policy
     from localmix.cli.main import app
 
-    if needs_runtime(sys.argv[1:]):
+    args = sys.argv[1:]
+    if needs_runtime(args):
         _import_runtime_modules()  # what the command imports, so that none is imported mid-command
+    elif args and not asks_help(args):
+        for module in LIGHT_COMMANDS.get(args[0], ()):
+            importlib.import_module(module)
     try:
         app(prog_name="localmix")
     except KeyboardInterrupt:  # outside a command (typer's own parsing)
@@ -40,9 +68,14 @@ def main() -> None:
 def needs_runtime(args: list[str]) -> bool:
     """Whether the command line `args` runs a command that loads PyTorch and the runtime up front:
     not for help or the version, nor for the commands that import it only when they need it."""
-    if not args or any(a in HELP_FLAGS for a in args):
+    if not args or asks_help(args):
         return False
     return args[0] not in LIGHT_COMMANDS
+
+
+def asks_help(args: list[str]) -> bool:
+    """Whether the command line asks for help or the version, not for a command to run."""
+    return any(a in HELP_FLAGS for a in args)
 
 
 def command_started() -> None:
@@ -62,8 +95,8 @@ def import_runtime() -> None:
 
 
 def _import_runtime_modules() -> None:
-    import localmix.loader  # noqa: F401
-    import localmix.tokenizer  # noqa: F401
+    for module in RUNTIME_MODULES:
+        importlib.import_module(module)
 
 
 def _exit_interrupted(signum: int, frame: object) -> None:
