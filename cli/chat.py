@@ -7,7 +7,6 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from localmix.cli.render import os_error_line, prefill_progress, print_stats
 from rich.console import Console
@@ -22,9 +21,6 @@ from localmix.errors import LocalmixError
 from localmix.events import ChatEngine, TokenEvent
 from localmix.session import SETTINGS, ChatSession, context_note, format_setting
 from localmix.store import home
-
-if TYPE_CHECKING:  # through `localmix serve`, the REPL runs without PyTorch (cli/client.py)
-    pass
 
 HISTORY_LINES = 1000  # typed lines kept in $LOCALMIX_HOME/history
 
