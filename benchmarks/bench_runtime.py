@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from localmix.quant.convert import Settings, convert
+from localmix.quant.manifest import MANIFEST
 
 import localmix
 from benchmarks import llamacpp
@@ -80,7 +81,7 @@ class Localmix:
 def quantized_mini(root: Path, name: str, settings: Settings) -> Path:
     """The mini checkpoint converted by localmix with `settings`, once, under `root`."""
     dst = root / name
-    if not (dst / "localmix.json").exists():
+    if not (dst / MANIFEST).exists():
         convert(mini_checkpoint(root), dst, settings)
     return dst
 

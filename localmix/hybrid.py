@@ -453,7 +453,7 @@ def measure_speeds(expert, device, hidden: int, dtype) -> Speeds:
     one token (in the device's own form), and the hand-off of a hidden state."""
     import torch
 
-    from .offload import _tensors, expert_layout, stored_form, views
+    from .offload import expert_layout, module_tensors, stored_form, views
 
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -478,7 +478,7 @@ def measure_speeds(expert, device, hidden: int, dtype) -> Speeds:
     with torch.inference_mode():
         cpu_s = best(lambda: expert(x))
         packed = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
-        for name, t in _tensors(expert):
+        for name, t in module_tensors(expert):
             views(packed, layout)[name].copy_(t)
         on_device = torch.empty(nbytes, dtype=torch.uint8, device=device)
         link_s = best(lambda: on_device.copy_(packed, non_blocking=True))

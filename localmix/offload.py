@@ -318,12 +318,13 @@ def stored_form(expert: nn.Module, device: torch.device) -> nn.Module:
 
     if device.type != "cuda" or not cuda_int4_kernel(device):
         return expert
-    moved = bind(expert, {name: t.to(device) for name, t in _tensors(expert)})
+    moved = bind(expert, {name: t.to(device) for name, t in module_tensors(expert)})
     use_device_kernels(moved)
     return moved
 
 
-def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+def module_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A module's parameters and buffers by name: what `bind` gives a copy of it."""
     return list(module.named_parameters()) + list(module.named_buffers())
 
 
@@ -351,7 +352,7 @@ class ExpertStore:
         form = (lambda expert, device: expert) if for_cpu else stored_form
         first = form(first_expert(model), device)
         self.layout, self.expert_bytes = expert_layout(first)
-        self.template = bind(first, {n: t.to("meta") for n, t in _tensors(first)})
+        self.template = bind(first, {n: t.to("meta") for n, t in module_tensors(first)})
         n_layers, n_experts = len(moes), model.cfg.num_local_experts
         self.host = torch.empty((n_layers, n_experts, self.expert_bytes), dtype=torch.uint8)
         self.pinned = [pinner(self.host[li]) if pinner else False for li in range(n_layers)]
@@ -364,7 +365,7 @@ class ExpertStore:
         for li, moe in enumerate(moes):
             for ei, expert in enumerate(layer_experts(moe)):
                 dst = views(self.host[li, ei], self.layout)
-                for name, t in _tensors(form(expert, device)):
+                for name, t in module_tensors(form(expert, device)):
                     dst[name].copy_(t)
                 done += 1
                 if progress:
@@ -502,7 +503,7 @@ class Repack:
         self.staged = bind(store.template, views(self.staging, store.layout))
         form = stored_form(bind(store.template, self._empty_like(store, device)), device)
         self.layout, self.slot_bytes = expert_layout(form)
-        self.template = bind(form, {n: t.to("meta") for n, t in _tensors(form)})
+        self.template = bind(form, {n: t.to("meta") for n, t in module_tensors(form)})
 
     @staticmethod
     def _empty_like(store: ExpertStore, device: torch.device) -> dict[str, torch.Tensor]:
@@ -512,10 +513,10 @@ class Repack:
         """Repack what the staging buffer holds into the slot bytes `dst`."""
         from .quant.linear import use_device_kernels
 
-        fresh = bind(self.staged, dict(_tensors(self.staged)))  # repacking replaces tensors
+        fresh = bind(self.staged, dict(module_tensors(self.staged)))  # repacking replaces tensors
         use_device_kernels(fresh)
         out = views(dst, self.layout)
-        for name, t in _tensors(fresh):
+        for name, t in module_tensors(fresh):
             out[name].copy_(t)
 
 
