@@ -187,20 +187,27 @@ class KernelBlock(Block, MadeFromTensors):
         if x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
             single = step.single(self.layer)
             if single is not None and (plan := self.plan()) is not None:
-                out, routing = plan.step(x, *rope, *single)
-                moe = self.block_sparse_moe
+                out, chosen = plan.step(x, *rope, *single)
+                moe = self._modules["block_sparse_moe"]
                 if moe.observer is not None:
-                    moe.observer(moe.layer, torch.tensor([[int(e) for e in routing[: moe.top_k]]]))
+                    moe.observer(moe.layer, chosen)
                 return out
         return super().forward(x, step, rope)
 
     def parts(self) -> tuple[object, ...]:
-        """The modules the plan runs, in `block_plan`'s order."""
-        a, moe = self.self_attn, getattr(self, "block_sparse_moe", None)
+        """The modules the plan runs, in `block_plan`'s order. Read from `_modules` (a step
+        asks for them in every layer; nn.Module's attribute lookup would cost some 80 us a
+        token)."""
+        m = self._modules
+        moe = m.get("block_sparse_moe")
         if not isinstance(moe, MoeLayer):
             return ()
-        ffn = (self.post_attention_layernorm, moe, moe.gate, moe.router, moe.experts)
-        return (self.input_layernorm, a, a.q_proj, a.k_proj, a.v_proj, a.o_proj, a.attend, *ffn)
+        a, f = m["self_attn"]._modules, moe._modules  # experts not a module: f lacks them
+        return (
+            *(m["input_layernorm"], m["self_attn"], a["q_proj"], a["k_proj"], a["v_proj"]),
+            *(a["o_proj"], a["attend"], m["post_attention_layernorm"], moe, f["gate"]),
+            *(f["router"], f.get("experts")),
+        )
 
     def plan(self) -> Any:
         """The layer's DecodeBlock for its modules as they are now, or None where it has none."""

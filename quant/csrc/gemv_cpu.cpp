@@ -361,14 +361,30 @@ inline __m256i dot32(const int8_t* w, __m256i xv) {
 }
 
 // x rounded to int8 per 32 values (llama.cpp's Q8_0): codes xq (n) and scales xd (n / 32).
+// Each code is x / scale rounded to the nearest even (cvtps in the default rounding mode, as
+// std::nearbyint), 32 at a time.
 void round_q8_0(const float* xp, int64_t n, int8_t* xq, float* xd) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lanes
   for (int64_t b = 0; b < n / 32; ++b) {
-    float amax = 0.0f;
-    for (int64_t k = 32 * b; k < 32 * b + 32; ++k) amax = std::max(amax, std::abs(xp[k]));
-    const float d = amax > 0.0f ? amax / 127.0f : 1.0f;
+    __m256 v[4], amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xp + 32 * b + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float top = _mm_cvtss_f32(m4);
+    const float d = top > 0.0f ? top / 127.0f : 1.0f;
     xd[b] = d;
-    for (int64_t k = 32 * b; k < 32 * b + 32; ++k)
-      xq[k] = static_cast<int8_t>(std::nearbyint(xp[k] / d));
+    const __m256 dv = _mm256_set1_ps(d);
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_div_ps(v[i], dv));
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
+                                             _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + 32 * b),
+                        _mm256_permutevar8x32_epi32(bytes, order));
   }
 }
 
@@ -1322,8 +1338,9 @@ class DecodeBlock {
 
   // x (1, D) bfloat16; cos and sin the RoPE row of the token's position; keys and values the
   // layer's cache, the token's key and value going to `slot`, `used` slots attended (as
-  // attend_one). Returns the layer's output (1, D) and the routing as route_one gives it.
-  std::tuple<torch::Tensor, std::vector<double>> step(const torch::Tensor& x,
+  // attend_one). Returns the layer's output (1, D) and the experts chosen, (1, top_k) int64,
+  // highest weight first.
+  std::tuple<torch::Tensor, torch::Tensor> step(const torch::Tensor& x,
                                                        const torch::Tensor& cos,
                                                        const torch::Tensor& sin,
                                                        torch::Tensor keys, torch::Tensor values,
@@ -1346,9 +1363,10 @@ class DecodeBlock {
     const torch::Tensor attended = attend_one(q, k, v, cos, sin, keys, values, slot, used);
     const torch::Tensor mid = add_rows<c10::BFloat16>(x, linears_[3](attended));
     const torch::Tensor h2 = rms_norm(mid, post_norm_, eps_);
-    std::vector<double> routing = route_one(linears_[4](h2), top_k_);
+    const std::vector<double> routing = route_one(linears_[4](h2), top_k_);
+    torch::Tensor ids = torch::empty({1, top_k_}, torch::kLong);
     std::vector<int64_t> order(top_k_);  // the chosen experts in ascending id, as MoeLayer sums
-    for (int64_t i = 0; i < top_k_; ++i) order[i] = i;
+    for (int64_t i = 0; i < top_k_; ++i) order[i] = i, ids.data_ptr<int64_t>()[i] = static_cast<int64_t>(routing[i]);
     std::sort(order.begin(), order.end(),
               [&](int64_t a, int64_t b) { return routing[a] < routing[b]; });
     std::vector<std::vector<torch::Tensor>> chosen;
@@ -1358,7 +1376,7 @@ class DecodeBlock {
       weights.push_back(routing[top_k_ + i]);
     }
     const torch::Tensor moe = int4_moe(h2, chosen, weights, group_);
-    return {add_rows<c10::BFloat16>(mid, moe), std::move(routing)};
+    return {add_rows<c10::BFloat16>(mid, moe), ids};
   }
 
  private:
