@@ -202,7 +202,7 @@ def cache_table(trace: dict[int, list[dict[int, list[int]]]], layers: int, exper
     print("   slots  " + "".join(f"{p:>12}" for p in ("lru", "transition", "belady")))
     for slots in range(2, experts):
         rates = [
-            replay(trace, layers, slots, p, None, 1)["hit_rate"]
+            replay(trace, layers, slots, p, None, 1).hit_rate
             for p in ("lru", "transition", "belady")
         ]
         print(f"   {slots:<7}" + "".join(f"{r:>12.3f}" for r in rates))

@@ -76,10 +76,10 @@ def mixtral_on_gpus(trace_path: Path) -> None:
         plan = plan_for(cfg, q, None, "cuda", 4096, machine=Machine(int(free), None))
         for prefetch in (None, "cross-layer"):
             r = replay(trace, layers, plan.slots, "transition", prefetch, plan.expert_bytes)
-            speeds = "".join(f"{bw / r['bytes_per_token']:>20.1f}" for bw in PCIE.values())
+            speeds = "".join(f"{bw / r.bytes_per_token:>20.1f}" for bw in PCIE.values())
             print(
                 f"   {gb:<3}GB {min(plan.slots)}-{max(plan.slots):<11}{prefetch or 'off':<10}"
-                f"{r['hit_rate']:>9.3f}{r['bytes_per_token'] / 1e6:>10.0f}{speeds}"
+                f"{r.hit_rate:>9.3f}{r.bytes_per_token / 1e6:>10.0f}{speeds}"
             )
     print("   (transfer-bound speeds; mixtral-offloading reports 2.3 tok/s on an RTX 3060 12GB)")
 

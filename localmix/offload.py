@@ -55,7 +55,7 @@ def parse_bytes(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in UNITS:
-        raise OptionError(f"cannot read '{text}' as a memory size; write e.g. 12GB or 16000MB")
+        raise OptionError(f"cannot read '{text}' as a memory size; write e.g. 12GiB or 16000MiB")
     return int(float(m.group(1)) * UNITS[m.group(2).lower()])
 
 

@@ -108,11 +108,6 @@ class ReplayResult:
         """The JSON shape of `bench-cache --json`."""
         return asdict(self)
 
-    def __getitem__(self, name: str) -> Any:
-        # For the callers that still read it by name (tests/test_offload.py,
-        # benchmarks/bench_offload.py and bench_nano.py, #18): gone once they read attributes.
-        return getattr(self, name)
-
 
 def replay(
     trace: Trace,

@@ -44,7 +44,7 @@ MAX_HEADER = 100 * 1024 * 1024
 SUFFIX = ".safetensors"
 SINGLE_FILE = "model.safetensors"  # an unsharded checkpoint
 INDEX = "model.safetensors.index.json"  # a sharded one's weight map
-UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # pickles: never read
+UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # pickles: never read
 
 
 class SafetensorsError(QuantError):

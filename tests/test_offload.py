@@ -143,7 +143,7 @@ def test_trace_replay_matches_known_figures():
     rate = {}
     for slots in (2, 3, 4):
         for policy in ("lru", "transition", "belady"):
-            rate[policy, slots] = replay(trace, layers, slots, policy, None, 1)["hit_rate"]
+            rate[policy, slots] = replay(trace, layers, slots, policy, None, 1).hit_rate
     assert rate["lru", 2] == pytest.approx(0.397, abs=0.001)
     assert rate["lru", 3] == pytest.approx(0.52, abs=0.01)
     assert rate["lru", 4] == pytest.approx(0.62, abs=0.01)
@@ -152,8 +152,8 @@ def test_trace_replay_matches_known_figures():
     assert rate["transition", 3] > rate["lru", 3] + 0.015
     assert rate["transition", 4] > rate["lru", 4] + 0.015
     with_prefetch = replay(trace, layers, 3, "transition", "cross-layer", 1)
-    assert with_prefetch["hit_rate"] > rate["transition", 3]
-    assert 0 < with_prefetch["prefetch_precision"] < 1
+    assert with_prefetch.hit_rate > rate["transition", 3]
+    assert 0 < with_prefetch.prefetch_precision < 1
 
 
 def test_bench_cache_command():
