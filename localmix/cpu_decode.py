@@ -189,6 +189,7 @@ class KernelBlock(Block, MadeFromTensors):
             if single is not None and (plan := self.plan()) is not None:
                 out, chosen = plan.step(x, *rope, *single)
                 moe = self._modules["block_sparse_moe"]
+                assert isinstance(moe, MoeLayer)  # a plan is made only for a MoE layer
                 if moe.observer is not None:
                     moe.observer(moe.layer, chosen)
                 return out
@@ -202,7 +203,9 @@ class KernelBlock(Block, MadeFromTensors):
         moe = m.get("block_sparse_moe")
         if not isinstance(moe, MoeLayer):
             return ()
-        a, f = m["self_attn"]._modules, moe._modules  # experts not a module: f lacks them
+        attention = m["self_attn"]
+        assert attention is not None
+        a, f = attention._modules, moe._modules  # experts not a module: f lacks them
         return (
             *(m["input_layernorm"], m["self_attn"], a["q_proj"], a["k_proj"], a["v_proj"]),
             *(a["o_proj"], a["attend"], m["post_attention_layernorm"], moe, f["gate"]),
