@@ -6,7 +6,9 @@ For each thread count (1, localmix's default of one per physical core less one, 
 physical core) and each way idle OpenMP threads wait (`sleep`: OMP_WAIT_POLICY=PASSIVE; `spin`:
 ACTIVE; `brief spin`: localmix's default from the command line, `threads.BRIEF_SPIN`; and
 `--spin-counts` more GOMP_SPINCOUNT values to compare), a fresh process decodes `--tokens`
-tokens greedily `--runs` times; the same again while a competing process spins on one core.
+tokens greedily after a warm-up, `--runs` rounds of every setting in turn (a machine whose
+speed drifts slows all settings alike); the same again while a competing process spins on one
+core.
 Prints the median and the spread of decode tokens/s, and each setting's ratio to localmix's
 default in the same condition.
 """
@@ -14,7 +16,6 @@ default in the same condition.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -39,31 +40,29 @@ POLICIES = {
 }
 
 DECODE = """
-import json, sys, torch, localmix
+import sys, torch, localmix
 torch.set_num_threads(int(sys.argv[1]))
 engine = localmix.load(sys.argv[2], device="cpu")
-rates = []
-for _ in range(int(sys.argv[3])):
-    engine.reset()
-    s = engine.complete("def main():\\n", temperature=0, max_tokens=int(sys.argv[4]))
-    rates.append(s.decode_tokens_per_s)
-print(json.dumps(rates))
+engine.complete("def main():\\n", temperature=0, max_tokens=8)  # warm-up
+engine.reset()
+s = engine.complete("def main():\\n", temperature=0, max_tokens=int(sys.argv[3]))
+print(s.decode_tokens_per_s)
 """
 
 SPIN = "import time\nend = time.time() + 3600\nwhile time.time() < end:\n    pass\n"
 
 
-def decode_rates(threads: int, policy: str, args: argparse.Namespace) -> list[float]:
+def decode_rate(threads: int, policy: str, args: argparse.Namespace) -> float:
     env = {k: v for k, v in os.environ.items() if k not in (WAIT_POLICY, SPIN_COUNT, BLOCK_TIME)}
     env.update(policies(args)[policy])
     out = subprocess.run(
-        [sys.executable, "-c", DECODE, str(threads), args.model, str(args.runs), str(args.tokens)],
+        [sys.executable, "-c", DECODE, str(threads), args.model, str(args.tokens)],
         env=env,
         capture_output=True,
         text=True,
         check=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -84,8 +83,11 @@ def main() -> None:
         if condition != "idle":
             competitor = subprocess.Popen([sys.executable, "-c", SPIN])
             time.sleep(0.5)
+        results: dict[tuple[int, str], list[float]] = {s: [] for s in settings}
         try:
-            results = {s: decode_rates(*s, args) for s in settings}
+            for _ in range(args.runs):  # rounds: every setting once per round, in turn
+                for s in settings:
+                    results[s].append(decode_rate(*s, args))
         finally:
             if competitor is not None:
                 competitor.kill()

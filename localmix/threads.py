@@ -7,9 +7,9 @@ How OpenMP's idle threads wait between them decides much of its speed:
   that lost its core while the others spin on theirs;
 - sleeping at once (PASSIVE) gives the core back, but every region then pays a wake-up (on the
   order of 100 us in a virtual machine), some milliseconds a token;
-- spinning briefly, then sleeping, keeps the threads awake through a step and between steps,
-  and gives the cores back within a fraction of a millisecond once decode pauses or another
-  program needs one. `prepare_process` sets that (GNU OpenMP's GOMP_SPINCOUNT, which PyTorch's
+- spinning briefly, then sleeping, keeps the threads awake between the kernels of a step and
+  gives the cores back within some tens of microseconds once decode pauses or another program
+  needs one. `prepare_process` sets that (GNU OpenMP's GOMP_SPINCOUNT, which PyTorch's
   Linux builds use, and Intel OpenMP's KMP_BLOCKTIME) unless the user chose a policy.
 benchmarks/bench_threads.py measures the three. The policy is read when the OpenMP runtime
 loads, that is when PyTorch is first imported: `prepare_process` must run before that, and
@@ -31,9 +31,11 @@ from .errors import OptionError
 WAIT_POLICY = "OMP_WAIT_POLICY"
 SPIN_COUNT = "GOMP_SPINCOUNT"  # GNU OpenMP: how many times an idle thread polls before it sleeps
 BLOCK_TIME = "KMP_BLOCKTIME"  # Intel OpenMP: milliseconds an idle thread spins before it sleeps
-# About 0.3 ms of polling (a poll is one `pause`, 10-40 ns on current x86 cores): longer than the
-# gaps within and between decode steps, short beside a busy machine's time slices.
-BRIEF_SPIN = {SPIN_COUNT: "10000", BLOCK_TIME: "1"}
+# About 30 us of polling (a poll is one `pause`, 10-40 ns on current x86 cores): longer than the
+# gaps between the kernels of a decode step, short enough that threads which share their cores
+# with other busy programs lose little (docs/benchmarks.md). Intel OpenMP counts in whole
+# milliseconds, too long: its threads sleep at once, as PASSIVE made them before.
+BRIEF_SPIN = {SPIN_COUNT: "1000", BLOCK_TIME: "0"}
 
 
 def prepare_process() -> None:
