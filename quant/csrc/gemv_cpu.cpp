@@ -488,8 +488,8 @@ void int4_product_exact(const float* xp, int64_t M, const torch::Tensor& qweight
 
 // Work items (of `bytes` of weight each, times `rows` activation rows) a thread takes at the
 // least: a decode step's small products (a 256x1024 key projection) then run on the calling
-// thread alone, since waking a sleeping thread (OMP_WAIT_POLICY=PASSIVE, localmix's default)
-// costs more than reading 256 KB.
+// thread alone, since waking a thread that went to sleep (localmix's threads spin only briefly,
+// localmix/threads.py) costs more than reading 256 KB.
 constexpr int64_t kMinBytesPerThread = 256 * 1024;
 
 int64_t grain(int64_t bytes, int64_t rows) {
