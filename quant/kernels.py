@@ -26,10 +26,12 @@ reaches the modules that have not run yet, or have moved since.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -85,7 +87,7 @@ def build(source: Path = SOURCE, name: str = BUILD_NAME) -> tuple[ModuleType | N
         print("localmix: building the CPU kernels (once, about a minute)...", file=sys.stderr)
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
+        with build_guard(build_dir), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module = cpp_extension.load(
                 name,
@@ -99,6 +101,31 @@ def build(source: Path = SOURCE, name: str = BUILD_NAME) -> tuple[ModuleType | N
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return None, f"could not be built ({first})"
     return module, ""
+
+
+@contextlib.contextmanager
+def build_guard(build_dir: Path) -> Iterator[None]:
+    """Hold `build_dir` against other localmix processes while PyTorch builds or loads there,
+    and clear the `lock` file a killed build left behind.
+
+    PyTorch marks a build in progress with a `lock` file and waits, without end, for it to go;
+    a build killed outright (a closed terminal, SIGKILL) never removes it, and every later start
+    would hang. Here a build holds an flock on `guard`, which the system releases when its
+    process dies: once this process holds it, no localmix build runs in the folder, and a
+    `lock` there is stale. Without flock (not POSIX) PyTorch's own locking stands alone.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(build_dir / "guard", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # waits while another localmix process builds here
+        (build_dir / "lock").unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 def build_directory(name: str = BUILD_NAME) -> Path:

@@ -247,6 +247,28 @@ def test_kernels_that_cannot_be_built_say_why(tmp_path, monkeypatch):
     assert module is None and why.startswith("could not be built")
 
 
+def test_a_build_killed_outright_does_not_block_the_next(tmp_path):
+    """A build killed outright leaves PyTorch's `lock` file, on which every later build would
+    wait without end; the next build clears it and goes on (here, to a broken source's quick
+    failure). Run in a child process, so that a regression times out instead of hanging."""
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("#error no compiler here\n")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    name = "localmix_test_stale_lock"
+    code = (
+        "import sys; from localmix.quant import kernels\n"
+        f"lock = kernels.build_directory({name!r}) / 'lock'\n"
+        "lock.parent.mkdir(parents=True); lock.touch()  # what a killed build leaves\n"
+        f"module, why = kernels.build(__import__('pathlib').Path({str(broken)!r}), {name!r})\n"
+        "print(module is None, why.startswith('could not be built'), lock.exists())\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "True", "False"]
+
+
 def test_kernels_are_chosen_by_the_cpu_that_runs_them(monkeypatch):
     """The features are read from the CPU at run time: on one without AVX2 and FMA the built
     module is not used (loading it could execute instructions the CPU lacks), the reason says
