@@ -1340,11 +1340,10 @@ class DecodeBlock {
   // layer's cache, the token's key and value going to `slot`, `used` slots attended (as
   // attend_one). Returns the layer's output (1, D) and the experts chosen, (1, top_k) int64,
   // highest weight first.
-  std::tuple<torch::Tensor, torch::Tensor> step(const torch::Tensor& x,
-                                                       const torch::Tensor& cos,
-                                                       const torch::Tensor& sin,
-                                                       torch::Tensor keys, torch::Tensor values,
-                                                       int64_t slot, int64_t used) const {
+  std::tuple<torch::Tensor, torch::Tensor> step(const torch::Tensor& x, const torch::Tensor& cos,
+                                                const torch::Tensor& sin, torch::Tensor keys,
+                                                torch::Tensor values, int64_t slot,
+                                                int64_t used) const {
     TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == in_norm_.numel() &&
                     x.scalar_type() == torch::kBFloat16 && x.is_contiguous(),
                 "a decode block takes one contiguous bfloat16 row of the hidden size");
@@ -1366,7 +1365,10 @@ class DecodeBlock {
     const std::vector<double> routing = route_one(linears_[4](h2), top_k_);
     torch::Tensor ids = torch::empty({1, top_k_}, torch::kLong);
     std::vector<int64_t> order(top_k_);  // the chosen experts in ascending id, as MoeLayer sums
-    for (int64_t i = 0; i < top_k_; ++i) order[i] = i, ids.data_ptr<int64_t>()[i] = static_cast<int64_t>(routing[i]);
+    for (int64_t i = 0; i < top_k_; ++i) {
+      order[i] = i;
+      ids.data_ptr<int64_t>()[i] = static_cast<int64_t>(routing[i]);
+    }
     std::sort(order.begin(), order.end(),
               [&](int64_t a, int64_t b) { return routing[a] < routing[b]; });
     std::vector<std::vector<torch::Tensor>> chosen;
