@@ -170,8 +170,11 @@ class KernelBlock(Block, MadeFromTensors):
     its kernel modules run them one by one, with the same bits, without a Python call between.
 
     The plan (`DecodeBlock`) holds the layer's tensors; it is made at the first such step and
-    made again when a submodule was replaced or after a move, load or copy. A layer it does not
-    take (16-bit experts, padded weights, an expert cache) runs Block's forward.
+    made again when a submodule was replaced or after the block (or the model) moved, loaded or
+    was copied; tensors replaced inside a submodule by other means are not seen. A layer it
+    does not take (16-bit experts, padded weights, an expert cache) runs Block's forward. The
+    routing observer hears of a layer's experts after the layer ran, not before its experts
+    (no plan serves an expert cache, which would act on it).
     """
 
     decode_plan: Any = None  # a DecodeBlock, or None where the kernels do not take the layer
@@ -180,7 +183,7 @@ class KernelBlock(Block, MadeFromTensors):
     def __init__(self, block: Block, kernels: ModuleType) -> None:
         adopt_children(self, block)
         self.layer = self.self_attn.attend.layer
-        self.kernels = kernels
+        self.decode_block = kernels.DecodeBlock  # a class: copied by reference, as functions
         self.forget()
 
     def forward(self, x: Tensor, step: CacheStep, rope: Rope) -> Tensor:
@@ -216,15 +219,19 @@ class KernelBlock(Block, MadeFromTensors):
         """The layer's DecodeBlock for its modules as they are now, or None where it has none."""
         parts = self.parts()
         if parts != self.planned_for:
-            self.decode_plan, self.planned_for = block_plan(self.kernels, parts), parts
+            self.decode_plan, self.planned_for = block_plan(self.decode_block, parts), parts
         return self.decode_plan
 
     def forget(self) -> None:
         """Make the plan again at the next step (the tensors moved or were replaced)."""
         self.decode_plan = self.planned_for = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The state without the plan, which holds C++ pointers and cannot be copied."""
+        return {**super().__getstate__(), "decode_plan": None, "planned_for": None}
 
-def block_plan(kernels: ModuleType, parts: tuple[object, ...]) -> Any:
+
+def block_plan(decode_block: type, parts: tuple[object, ...]) -> Any:
     """A DecodeBlock over `parts` (KernelBlock.parts), where the kernels take each of them as
     the layer's own modules run: 8-bit, 4-bit or bfloat16 products, resident 4-bit experts."""
     if not parts:
@@ -245,7 +252,7 @@ def block_plan(kernels: ModuleType, parts: tuple[object, ...]) -> Any:
     assert isinstance(norm_in, KernelRMSNorm) and isinstance(norm_post, KernelRMSNorm)
     norms = [norm_in.weight, norm_post.weight]
     try:
-        return kernels.DecodeBlock(
+        return decode_block(
             norms, norm_in.eps, specs, experts.tensors, experts.group_size, moe.top_k
         )
     except RuntimeError:  # shapes or dtypes the kernels do not take

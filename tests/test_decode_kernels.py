@@ -3,6 +3,8 @@ ops they replace, on the CPU that runs the tests."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,18 +191,26 @@ def test_a_decode_block_is_its_kernel_modules_one_by_one(quantized):
 
 
 def test_a_decode_block_is_made_again_for_new_modules_and_refuses_what_it_cannot_run(quantized):
-    """The plan follows the modules: replaced experts (an expert cache's) run Block's own
-    forward, and a move makes the plan again."""
-    engine = localmix.load(quantized, device="cpu")
+    """The plan follows the modules: a move or a copy makes it again, with the same results,
+    and replaced experts (an expert cache's) run Block's own forward."""
+    engine, apart = (localmix.load(quantized, device="cpu") for _ in range(2))
+    own_modules(apart, (KernelBlock,))
+    prompt, tokens = list(range(3, 40)), [5, 17]
+    want = decode(apart, prompt, tokens)
     block = engine.model.layers[0]
     assert isinstance(block, KernelBlock)
     first = block.plan()
     assert first is not None and block.plan() is first
+    engine.model.to(torch.bfloat16)
+    assert block.planned_for is None
+    assert all(torch.equal(g, w) for g, w in zip(decode(engine, prompt, tokens), want, strict=True))
+    engine.model = copy.deepcopy(engine.model)  # the plan (C++ pointers) is not copied
+    assert engine.model.layers[0].decode_plan is None
+    assert all(torch.equal(g, w) for g, w in zip(decode(engine, prompt, tokens), want, strict=True))
+    block = engine.model.layers[0]
     moe = block.block_sparse_moe
     moe.use_experts(ResidentExperts(list(moe.experts)))  # no fused experts: Block's forward
     assert block.plan() is None
-    engine.model.to(torch.bfloat16)
-    assert block.planned_for is None
 
 
 def test_quantized_weights_on_the_cpu_start_on_cache_lines(quantized):

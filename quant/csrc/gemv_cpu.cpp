@@ -370,7 +370,7 @@ void round_q8_0(const float* xp, int64_t n, int8_t* xq, float* xd) {
     __m256 v[4], amax = _mm256_setzero_ps();
     for (int i = 0; i < 4; ++i) {
       v[i] = _mm256_loadu_ps(xp + 32 * b + 8 * i);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+      amax = _mm256_max_ps(_mm256_andnot_ps(sign, v[i]), amax);  // a NaN is passed over
     }
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
@@ -1280,6 +1280,7 @@ BlockLinear block_linear(const LinearSpec& spec) {
               "a decode block's weights are contiguous 2-d CPU tensors");
   if (bits == 8) {
     TORCH_CHECK(weight.scalar_type() == torch::kInt8 && scales.scalar_type() == torch::kBFloat16 &&
+                    scales.is_contiguous() && scales.device().is_cpu() &&
                     scales.numel() == weight.size(0) && weight.size(1) % 32 == 0 &&
                     weight.size(0) % 4 == 0,
                 "an 8-bit weight of a decode block: int8 (N, K), K % 32 == 0, N % 4 == 0");
@@ -1329,6 +1330,7 @@ class DecodeBlock {
         TORCH_CHECK(e[i].device().is_cpu() && e[i + 1].device().is_cpu(), "CPU experts");
       }
       TORCH_CHECK(e[0].size(1) * 2 == D && e[4].size(0) == D && e[0].sizes() == e[2].sizes() &&
+                      e[4].size(1) * 2 == e[0].size(0) &&
                       e[4].sizes() == experts_[0][4].sizes() &&
                       e[0].sizes() == experts_[0][0].sizes(),
                   "the experts take and give the hidden size, all of one shape");
