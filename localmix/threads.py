@@ -40,9 +40,11 @@ BRIEF_SPIN = {SPIN_COUNT: "1000", BLOCK_TIME: "0"}
 
 def prepare_process() -> None:
     """Before PyTorch is imported: idle OpenMP threads spin briefly, then sleep (`BRIEF_SPIN`),
-    unless the environment already says how they wait."""
-    if not any(name in os.environ for name in (WAIT_POLICY, SPIN_COUNT, BLOCK_TIME)):
-        os.environ.update(BRIEF_SPIN)
+    for each OpenMP runtime whose setting the environment does not give (OMP_WAIT_POLICY
+    gives both)."""
+    for name, value in BRIEF_SPIN.items():  # each runtime's own setting, unless one is given
+        if WAIT_POLICY not in os.environ and name not in os.environ:
+            os.environ[name] = value
 
 
 def usable_cpus() -> list[int]:
