@@ -58,7 +58,7 @@ def load(
     the rolling KV window (default 4096, at most the model's sliding window); `sinks` keeps the
     first tokens attended once the window rolls.
 
-    Offloading: with `device_memory` (e.g. "12GB") or `expert_slots` (per layer), the trunk and
+    Offloading: with `device_memory` (e.g. "12GiB") or `expert_slots` (per layer), the trunk and
     KV cache go on the device and experts stay in host RAM, served through a per-layer expert
     cache with the eviction `policy` ("transition" or "lru"), prefetching `prefetch` layers
     ahead from router predictions (0: off). `experts` says where a missed expert runs: "gpu"

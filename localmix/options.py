@@ -106,6 +106,12 @@ def split_options(options: dict[str, Any]) -> tuple[LoadOptions, SamplingOptions
     """`localmix.load`'s options, checked: those of `load_options`, and the rest as the sampling
     defaults."""
     names = {f.name for f in fields(LoadOptions)}
+    unknown = sorted(set(options) - names - set(SamplingOptions.names()))
+    if unknown:
+        raise OptionError(
+            f"unknown option(s): {', '.join(unknown)}; loading takes {', '.join(sorted(names))} "
+            f"and the sampling defaults {', '.join(SamplingOptions.names())}"
+        )
     sampling = {k: v for k, v in options.items() if k not in names}
     load = {k: v for k, v in options.items() if k in names}
     return load_options(**load), SamplingOptions().updated(**sampling)

@@ -67,4 +67,5 @@ class KernelChoice(MadeFromTensors):
         """Choose again on the next call."""
         self.__dict__.pop("chosen", None)
 
-    forget = rechoose
+    def forget(self) -> None:
+        self.rechoose()

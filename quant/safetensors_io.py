@@ -235,6 +235,9 @@ def write_index(
     weight map (tensor name -> shard file there) sorted by name, and `metadata` with
     `total_size`, the bytes of the tensors mapped, read from the shards' headers."""
     headers = {shard: read_header(folder / shard)[0] for shard in set(weight_map.values())}
+    for name, shard in weight_map.items():
+        if name not in headers[shard]:
+            raise SafetensorsError(folder / shard, f"holds no tensor {name}")
     total = sum(headers[shard][name].nbytes for name, shard in weight_map.items())
     index = {
         "metadata": {**(metadata or {}), "total_size": total},

@@ -46,6 +46,8 @@ def test_options_validation():
     with pytest.raises(ValueError, match="unknown sampling option"):
         SamplingOptions().updated(temprature=1)
     assert SamplingOptions().updated(stop="x").stop == ("x",)
+    with pytest.raises(OptionError, match="unknown option.*devcie.*loading takes.*device"):
+        localmix.load("demo", devcie="cpu")  # a misspelt load option names both families
 
 
 def test_options_are_one_gate_for_types_and_ranges():

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from localmix.cli.main import app
 from localmix.quant.convert import ConvertError, Settings, convert
+from localmix.quant.safetensors_io import INDEX, SafetensorsError, write_file, write_index
 from typer.testing import CliRunner
 
 import localmix
@@ -726,3 +727,18 @@ def test_the_promise_holds_for_damaged_files(tiny, quantized, tmp_path_factory, 
         after = {k: v for k, v in after.items() if not k.startswith(inside)}
     assert after == before
     shutil.rmtree(root)
+
+
+def test_an_index_is_written_only_over_the_tensors_its_shards_hold(tmp_path):
+    """write_index reads each shard's header for the total size: a name the shard lacks (a
+    resumed conversion's record out of step with its files) is the shard's error, not a
+    KeyError."""
+    write_file(tmp_path / "a.safetensors", {"x": torch.zeros(4)}, {})
+    write_index(tmp_path, {"x": "a.safetensors"})
+    assert read_index_size(tmp_path) == 16
+    with pytest.raises(SafetensorsError, match="a.safetensors: holds no tensor y"):
+        write_index(tmp_path, {"x": "a.safetensors", "y": "a.safetensors"})
+
+
+def read_index_size(folder):
+    return json.loads((folder / INDEX).read_text())["metadata"]["total_size"]
