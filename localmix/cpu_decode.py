@@ -237,19 +237,20 @@ def block_plan(decode_block: type, parts: tuple[object, ...]) -> Any:
     if not parts:
         return None
     norm_in, attention, q, k, v, o, attend, norm_post, moe, gate, router, experts = parts
-    kinds_fit = (
-        type(attention) in (Attention, KernelProjections)
-        and type(attend) is KernelAttention
-        and type(router) is KernelRouter
-        and type(experts) is KernelExperts
-        and isinstance(norm_in, KernelRMSNorm)
+    if not (
+        isinstance(norm_in, KernelRMSNorm)
         and isinstance(norm_post, KernelRMSNorm)
         and norm_in.eps == norm_post.eps
-    )
-    specs = [linear_spec(m) for m in (q, k, v, o, gate)] if kinds_fit else [None]
-    if None in specs or not isinstance(experts, KernelExperts) or not isinstance(moe, MoeLayer):
+        and type(attention) in (Attention, KernelProjections)
+        and type(attend) is KernelAttention
+        and isinstance(moe, MoeLayer)
+        and type(router) is KernelRouter
+        and type(experts) is KernelExperts
+    ):
         return None
-    assert isinstance(norm_in, KernelRMSNorm) and isinstance(norm_post, KernelRMSNorm)
+    specs = [linear_spec(m) for m in (q, k, v, o, gate)]
+    if None in specs:
+        return None
     norms = [norm_in.weight, norm_post.weight]
     try:
         return decode_block(
