@@ -1,7 +1,8 @@
 """Options several commands share, each declared once.
 
-`quantize` and `pull` take the same quantization options; `run`, `chat`, `tui` and `serve` take the same options for where the model runs (`Where`), and
-`run`, `chat` and `tui` the same sampling options (`Sampling`). A group of options is a function
+`quantize` and `pull` take the same quantization options; `run`, `chat`, `tui` and `serve`
+take the same options for where the model runs (`Where`), and `run`, `chat` and `tui` the same
+sampling options (`Sampling`). A group of options is a function
 whose parameters are the options and whose value is what a command receives: a command that
 declares a parameter `sampling: Sampling` shows the group's options in its place in its help,
 and is called with the group's value (`with_groups`).
@@ -46,7 +47,9 @@ Experts = Annotated[
         "(per miss, the faster) or auto (the fastest predicted for this machine)"
     ),
 ]
-Threads = Annotated[int | None, typer.Option(help="CPU threads (default: one per physical core)")]
+Threads = Annotated[
+    int | None, typer.Option(help="CPU threads (default: one per physical core, less one)")
+]
 NoServer = Annotated[
     bool,
     typer.Option("--no-server", help="load the model here even when `localmix serve` runs"),
@@ -67,7 +70,7 @@ class Placement:
     """Where the model runs, as given on the command line."""
 
     context: int | None  # tokens; None: the library's default
-    threads: int | None  # CPU threads; None: one per physical core
+    threads: int | None  # CPU threads; None: one per physical core, less one
     offload: dict[str, Any]  # `localmix.load` options: device, expert slots, policy...
 
     @property
