@@ -15,6 +15,11 @@ def slot_of(pos: torch.Tensor, sinks: int, capacity: int) -> torch.Tensor:
     return torch.where(pos < sinks, pos, sinks + (pos - sinks) % ring)
 
 
+def slot_of_int(pos: int, sinks: int, capacity: int) -> int:
+    """`slot_of` for one position as a Python int (a decode step's bookkeeping, no tensor op)."""
+    return pos if pos < sinks else sinks + (pos - sinks) % (capacity - sinks)
+
+
 def attention_allowed(
     q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, sinks: int
 ) -> torch.Tensor:
@@ -171,7 +176,7 @@ class RollingKVCache:
             # One token that sees every key: either no key has left the window yet, or the
             # buffer holds no more than the window (see the class docstring).
             pos = self.next_pos
-            slot = pos if pos < self.sinks else self.sinks + (pos - self.sinks) % self.max_chunk
+            slot = slot_of_int(pos, self.sinks, self.capacity)
             return CacheStep(self, 1, slot, min(pos + 1, self.capacity))
         dev = self.slot_pos.device
         positions = torch.arange(self.next_pos, self.next_pos + n, device=dev)
