@@ -328,6 +328,11 @@ def module_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return list(module.named_parameters()) + list(module.named_buffers())
 
 
+def meta_copy(module: nn.Module) -> nn.Module:
+    """`module`'s structure over meta tensors of its tensors' shapes: a template for `bind`."""
+    return bind(module, {n: t.to("meta") for n, t in module_tensors(module)})
+
+
 class ExpertStore:
     """Every expert of every layer in host memory, (layers, experts, bytes) uint8, each expert
     one contiguous row in the form the device's kernels take, so a move is one copy.
@@ -352,7 +357,7 @@ class ExpertStore:
         form = (lambda expert, device: expert) if for_cpu else stored_form
         first = form(first_expert(model), device)
         self.layout, self.expert_bytes = expert_layout(first)
-        self.template = bind(first, {n: t.to("meta") for n, t in module_tensors(first)})
+        self.template = meta_copy(first)
         n_layers, n_experts = len(moes), model.cfg.num_local_experts
         self.host = torch.empty((n_layers, n_experts, self.expert_bytes), dtype=torch.uint8)
         self.pinned = [pinner(self.host[li]) if pinner else False for li in range(n_layers)]
@@ -503,7 +508,7 @@ class Repack:
         self.staged = bind(store.template, views(self.staging, store.layout))
         form = stored_form(bind(store.template, self._empty_like(store, device)), device)
         self.layout, self.slot_bytes = expert_layout(form)
-        self.template = bind(form, {n: t.to("meta") for n, t in module_tensors(form)})
+        self.template = meta_copy(form)
 
     @staticmethod
     def _empty_like(store: ExpertStore, device: torch.device) -> dict[str, torch.Tensor]:
