@@ -16,7 +16,6 @@ unavailable) runs the model's own modules, which the kernels are tested against
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -120,28 +119,30 @@ class KernelRouter(Router):
         return ReadRouting(self.route_one(logits, self.top_k), self.top_k)
 
 
-class KernelExperts(ResidentExperts):
+class KernelExperts(ResidentExperts, MadeFromTensors):
     """Resident 4-bit experts whose decode step runs `int4_moe`: the routed experts computed and
     combined in one call, in the model's order and rounding."""
+
+    listed: list[list[Tensor]] | None = None  # `tensors`, until they move
 
     def __init__(self, experts: list[QuantExpert], kernels: ModuleType) -> None:
         super().__init__(experts)
         self.int4_moe = kernels.int4_moe
         self.group_size = experts[0].w1.group_size
-        self.tensors = self.expert_tensors()
 
-    def expert_tensors(self) -> list[list[Tensor]]:
+    @property
+    def tensors(self) -> list[list[Tensor]]:
         """Each expert's (q1, s1, q3, s3, q2, s2), as int4_moe takes them."""
-        return [
-            [t for w in (e.w1, e.w3, e.w2) for t in (w.qweight, w.scales_zeros)]
-            for e in self
-            if isinstance(e, QuantExpert)
-        ]
+        if self.listed is None:
+            self.listed = [
+                [t for w in (e.w1, e.w3, e.w2) for t in (w.qweight, w.scales_zeros)]
+                for e in self
+                if isinstance(e, QuantExpert)
+            ]
+        return self.listed
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> KernelExperts:
-        super()._apply(fn, recurse)
-        self.tensors = self.expert_tensors()  # the moved tensors, not the old ones
-        return self
+    def forget(self) -> None:
+        self.listed = None  # listed again from the moved, loaded or copied tensors
 
     @staticmethod
     def fitting(experts: ResidentExperts) -> list[QuantExpert] | None:
