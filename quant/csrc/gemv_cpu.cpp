@@ -35,6 +35,16 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The scale that rounds values to int8: their largest magnitude (the maximum over the lanes of
+// amax, each lane's largest |x|) over 127, or 1 when all are zero.
+inline float int8_scale(__m256 amax) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float top = _mm_cvtss_f32(m);
+  return top > 0.0f ? top / 127.0f : 1.0f;
+}
+
 // exp(x) for eight float32 values (Cephes' polynomial, within 2 ulp; -inf gives 0).
 inline __m256 exp8(__m256 x) {
   const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
@@ -189,11 +199,7 @@ void quantize_groups(const float* x, int64_t m, int64_t g0, int64_t g1, int64_t 
       amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
       sum = _mm256_add_ps(sum, v);
     }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float top = _mm_cvtss_f32(m4);
-    const float dx = top > 0.0f ? top / 127.0f : 1.0f;
+    const float dx = int8_scale(amax);
     const __m256 dxv = _mm256_set1_ps(dx);
     __m256i qsum = _mm256_setzero_si256();
     for (int64_t i = 0; i < group; i += 8) {  // round to nearest even, as nearbyint does
@@ -372,11 +378,7 @@ void round_q8_0(const float* xp, int64_t n, int8_t* xq, float* xd) {
       v[i] = _mm256_loadu_ps(xp + 32 * b + 8 * i);
       amax = _mm256_max_ps(_mm256_andnot_ps(sign, v[i]), amax);  // a NaN is passed over
     }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float top = _mm_cvtss_f32(m4);
-    const float d = top > 0.0f ? top / 127.0f : 1.0f;
+    const float d = int8_scale(amax);
     xd[b] = d;
     const __m256 dv = _mm256_set1_ps(d);
     __m256i q[4];
