@@ -23,10 +23,10 @@ import sys
 import time
 
 from localmix.threads import (
-    BLOCK_TIME,
     BRIEF_SPIN,
     SPIN_COUNT,
     WAIT_POLICY,
+    WAIT_SETTINGS,
     default_threads,
     physical_cores,
     usable_cpus,
@@ -53,7 +53,7 @@ SPIN = "import time\nend = time.time() + 3600\nwhile time.time() < end:\n    pas
 
 
 def decode_rate(threads: int, policy: str, args: argparse.Namespace) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in (WAIT_POLICY, SPIN_COUNT, BLOCK_TIME)}
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_SETTINGS}
     env.update(policies(args)[policy])
     out = subprocess.run(
         [sys.executable, "-c", DECODE, str(threads), args.model, str(args.tokens)],

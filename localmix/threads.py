@@ -36,6 +36,7 @@ BLOCK_TIME = "KMP_BLOCKTIME"  # Intel OpenMP: milliseconds an idle thread spins 
 # with other busy programs lose little (docs/benchmarks.md). Intel OpenMP counts in whole
 # milliseconds, too long: its threads sleep at once, as PASSIVE made them before.
 BRIEF_SPIN = {SPIN_COUNT: "1000", BLOCK_TIME: "0"}
+WAIT_SETTINGS = (WAIT_POLICY, SPIN_COUNT, BLOCK_TIME)  # every variable that says how they wait
 
 
 def prepare_process() -> None:

@@ -12,10 +12,10 @@ from localmix.quant.convert import Settings, convert
 
 from localmix.errors import OptionError
 from localmix.threads import (
-    BLOCK_TIME,
     BRIEF_SPIN,
     SPIN_COUNT,
     WAIT_POLICY,
+    WAIT_SETTINGS,
     check_threads,
     physical_cores,
     prepare_process,
@@ -48,11 +48,11 @@ def test_thread_option_is_checked():
             check_threads(bad)
 
 
-@pytest.mark.parametrize("choice", [WAIT_POLICY, SPIN_COUNT, BLOCK_TIME])
+@pytest.mark.parametrize("choice", WAIT_SETTINGS)
 def test_wait_policy_default_is_a_brief_spin_and_leaves_a_users_choice(monkeypatch, choice):
     """Each OpenMP runtime's threads spin briefly unless the user set that runtime's variable;
     OMP_WAIT_POLICY is both runtimes' and leaves both alone."""
-    names = (WAIT_POLICY, SPIN_COUNT, BLOCK_TIME)
+    names = WAIT_SETTINGS
     for name in names:
         monkeypatch.delenv(name, raising=False)
     prepare_process()
@@ -71,7 +71,7 @@ def test_run_reports_threads_kernels_and_cpu_features(tmp_path):
     quantized = tmp_path / "q"
     save_reference(tmp_path / "src", tiny_mixtral_config())
     convert(tmp_path / "src", quantized, Settings(method="rtn"))
-    env = {k: v for k, v in os.environ.items() if k not in (WAIT_POLICY, SPIN_COUNT, BLOCK_TIME)}
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_SETTINGS}
     command = [sys.executable, "-m", "localmix.cli", "run", str(quantized), "x", "--raw"]
     r = subprocess.run(
         command + ["--max-tokens", "2", "-v", "--threads", "1"],
