@@ -47,6 +47,14 @@ Experts = Annotated[
         "(per miss, the faster) or auto (the fastest predicted for this machine)"
     ),
 ]
+Mmap = Annotated[
+    bool | None,
+    typer.Option(
+        "--mmap/--no-mmap",
+        help="CPU weights: --mmap maps the files (faster start, pages the system may drop), "
+        "--no-mmap reads them into huge pages (faster decode; the default where they fit)",
+    ),
+]
 Threads = Annotated[
     int | None, typer.Option(help="CPU threads (default: one per physical core, less one)")
 ]
@@ -87,6 +95,7 @@ def placement(
     policy: Policy = DEFAULT_POLICY,
     prefetch: Prefetch = DEFAULT_PREFETCH,
     experts: Experts = DEFAULT_EXPERTS,
+    mmap: Mmap = None,
     threads: Threads = None,
 ) -> Placement:
     """The placement options of `run`, `chat`, `tui` and `serve`."""
@@ -97,6 +106,7 @@ def placement(
         "policy": policy,
         "prefetch": prefetch,
         "experts": experts,
+        "mmap": mmap,
     }
     return Placement(context, threads, offload)
 

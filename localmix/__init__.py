@@ -56,7 +56,10 @@ def load(
     The options say where and how the model runs (those of `options.load_options`):
     `device` defaults to CUDA when present. `dtype` defaults to the checkpoint's. `context` is
     the rolling KV window (default 4096, at most the model's sliding window); `sinks` keeps the
-    first tokens attended once the window rolls.
+    first tokens attended once the window rolls. `mmap` says how weights that stay on the CPU
+    are held: True as views of the files' mappings (nothing read before use, pages the system
+    may drop), False read into memory on huge pages, which the CPU kernels read faster; the
+    default reads them in where huge pages are supported and the copy fits in memory.
 
     Offloading: with `device_memory` (e.g. "12GiB") or `expert_slots` (per layer), the trunk and
     KV cache go on the device and experts stay in host RAM, served through a per-layer expert
@@ -111,7 +114,15 @@ def load(
         )
         offloading = not plan.all_resident
     host = torch.device("cpu")
-    net = load_transformer(path, cfg, dt, host if offloading else opts.device, manifest)
+    net = load_transformer(
+        path,
+        cfg,
+        dt,
+        host if offloading else opts.device,
+        manifest,
+        # Offloaded experts move into the expert store: a copy in huge pages would be a third.
+        mmap=True if offloading else opts.mmap,
+    )
     use_device_kernels(net)
     use_decode_kernels(net)
     if manifest is not None and opts.device.type == "cpu":

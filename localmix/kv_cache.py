@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import hugepages
+
 
 def slot_of(pos: torch.Tensor, sinks: int, capacity: int) -> torch.Tensor:
     """Buffer slot holding absolute position `pos`: sinks stay put, the rest wrap around."""
@@ -125,8 +127,11 @@ class RollingKVCache:
             raise ValueError(f"sinks ({sinks}) must be below the window ({window})")
         self.window, self.sinks, self.capacity = window, sinks, capacity
         shape = (n_layers, n_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if torch.device(device).type == "cpu":  # read end to end every decode step
+            self.k, self.v = hugepages.zeros(shape, dtype), hugepages.zeros(shape, dtype)
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slot_pos = torch.full((capacity,), -1, dtype=torch.long, device=device)
         self.next_pos = 0  # tokens seen so far = absolute position of the next token
 

@@ -1,4 +1,5 @@
-"""Loading a Hugging Face-layout checkpoint: build on the meta device, assign mmap-backed tensors."""
+"""Loading a Hugging Face-layout checkpoint: build on the meta device, assign tensors mapped from
+the files or read into huge pages."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from . import hugepages
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import Rotary, Transformer
@@ -111,18 +113,18 @@ def _count(indices: set[int]) -> str:
     return f"numbers {sorted(indices)[:8]}{'...' if len(indices) > 8 else ''}"
 
 
-def open_checkpoint(
+def locate_checkpoint(
     model_dir: Path, expected: dict[str, tuple[torch.Size, torch.dtype]], tied: bool = False
-) -> dict[str, torch.Tensor]:
+) -> dict[str, tuple[SafetensorsFile, str]]:
     """Check every expected tensor exists with the right shape, and that the checkpoint holds
-    no other; return them memory-mapped.
+    no other; return where each lies: its file and its stored name.
 
     `expected` maps local names to (shape, dtype); `tied`: the output head is the embedding,
     so a stored `lm_head.weight` is a copy that goes unused. Errors name the file and the tensor.
     """
     weight_map = checkpoint_files(model_dir)
     files = open_shards(model_dir, weight_map)
-    tensors: dict[str, torch.Tensor] = {}
+    located: dict[str, tuple[SafetensorsFile, str]] = {}
     by_local = {local_name(n): n for n in weight_map}
     for name, (shape, dtype) in expected.items():
         stored = by_local.get(name)
@@ -143,7 +145,7 @@ def open_checkpoint(
             raise CheckpointError(
                 f"{f.path}: tensor '{stored}' holds {info.dtype}, localmix expects {dtype}"
             )
-        tensors[name] = f.get(stored)
+        located[name] = (f, stored)
     used = {by_local[name] for name in expected}
     unused = [
         n
@@ -156,7 +158,23 @@ def open_checkpoint(
             f"({', '.join(sorted(unused)[:3])}{', ...' if len(unused) > 3 else ''}); "
             "config.json does not describe these weights"
         )
-    return tensors
+    return located
+
+
+def mapped(located: dict[str, tuple[SafetensorsFile, str]]) -> dict[str, torch.Tensor]:
+    """The located tensors as views of their files' mappings (no copy; pages read on use)."""
+    return {name: f.get(stored) for name, (f, stored) in located.items()}
+
+
+def resident(located: dict[str, tuple[SafetensorsFile, str]]) -> dict[str, torch.Tensor]:
+    """The located tensors read from their files into one huge-page arena (`hugepages`): each
+    byte is read once, straight into the arena, so the model is not held twice."""
+    arena = hugepages.Arena([f.infos[stored].nbytes for f, stored in located.values()])
+    with checkpoint_errors():
+        return {
+            name: f.read_into(stored, arena.slot(f.infos[stored].nbytes))
+            for name, (f, stored) in located.items()
+        }
 
 
 def read_manifest(model_dir: Path) -> dict | None:
@@ -178,11 +196,14 @@ def load_transformer(
     dtype: torch.dtype,
     device: torch.device,
     manifest: dict | None = None,
+    mmap: bool | None = None,
 ) -> Transformer:
     """Build the model without allocating weights, then assign the checkpoint's tensors.
 
-    In the checkpoint's own dtype on the CPU, weights stay views of the file mapping, so the
-    model is never materialised twice.
+    In the checkpoint's own dtype on the CPU, weights are either views of the file mapping
+    (`mmap` True) or read once into memory on huge pages, which the CPU kernels read faster
+    (`mmap` False; None: when huge pages are supported and the copy fits in memory). Either
+    way the model is never materialised twice.
     """
     check_config(cfg, model_dir)
     with torch.device("meta"):
@@ -194,7 +215,16 @@ def load_transformer(
         state.pop(HEAD_WEIGHT)
     expected = {k: (v.shape, v.dtype) for k, v in state.items()}
     floats = {k for k, v in state.items() if v.is_floating_point() and not k.endswith(SCALES_ZEROS)}
-    tensors = open_checkpoint(model_dir, expected, tied=cfg.tie_word_embeddings)
+    located = locate_checkpoint(model_dir, expected, tied=cfg.tie_word_embeddings)
+    kept = all(  # every tensor stays in its stored dtype: a copy would serve as it is
+        f.infos[stored].dtype == dtype or name not in floats
+        for name, (f, stored) in located.items()
+    )
+    nbytes = sum(f.infos[stored].nbytes for f, stored in located.values())
+    copy = device.type == "cpu" and kept and mmap is not True
+    if copy and mmap is None:
+        copy = hugepages.supported() and hugepages.fits(nbytes)
+    tensors = resident(located) if copy else mapped(located)
     if cfg.tie_word_embeddings:
         tensors[HEAD_WEIGHT] = tensors[EMBEDDING]
     tensors = {

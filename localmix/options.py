@@ -40,6 +40,9 @@ class LoadOptions:
     policy: str
     prefetch: int
     experts: str = DEFAULT_EXPERTS  # where missed experts run: auto, gpu, cpu, hybrid
+    mmap: bool | None = (
+        None  # CPU weights: True file views, False huge pages, None the faster that fits
+    )
 
     @property
     def offloading(self) -> bool:
@@ -86,6 +89,7 @@ def load_options(
     policy: str | None = None,
     prefetch: int | None = None,
     experts: str = DEFAULT_EXPERTS,
+    mmap: bool | None = None,
 ) -> LoadOptions:
     """Check raw load options (as typed on a command line or passed to `localmix.load`); None
     stands for the default."""
@@ -99,6 +103,7 @@ def load_options(
         policy=parse_policy(DEFAULT_POLICY if policy is None else policy),
         prefetch=whole("prefetch", DEFAULT_PREFETCH if prefetch is None else prefetch, 0),
         experts=parse_experts(experts),
+        mmap=None if mmap is None else flag("mmap", mmap),
     )
 
 
@@ -122,6 +127,12 @@ def whole(name: str, value: object, least: int) -> int:
         raise OptionError(f"{name} must be a whole number, not {value!r}")
     if value < least:
         raise OptionError(f"{name} must be at least {least}, not {value}")
+    return value
+
+
+def flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise OptionError(f"{name} must be True or False, not {value!r}")
     return value
 
 

@@ -198,6 +198,25 @@ class SafetensorsFile:
             flat = flat.clone()
         return flat.view(info.dtype).view(info.shape)
 
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read tensor `name` from the file into `out` (uint8, the tensor's bytes), without
+        mapping it; returns `out` viewed as the tensor."""
+        info = self.infos[name]
+        view = out.numpy().data.cast("B")
+        with open(self.path, "rb") as f:
+            f.seek(info.start)
+            done = 0
+            while done < info.nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise SafetensorsError(
+                        self.path,
+                        f"truncated while reading tensor '{name}'; delete the file and "
+                        "download it again",
+                    )
+                done += n
+        return out.view(info.dtype).view(info.shape)
+
 
 def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write tensors in the safetensors layout, back to back in the order given, the same bytes

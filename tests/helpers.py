@@ -59,3 +59,16 @@ def quantized_six_experts(tmp_path_factory) -> Path:
     dst = tmp_path_factory.mktemp("quantized") / "q"
     convert(src, dst, Settings(method="rtn"))
     return dst
+
+
+def vm_flags(t: torch.Tensor) -> list[str]:
+    """The kernel's flags for the mapping that holds t's first byte (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(a, 16) for a in head.split("-"))
+            inside = start <= t.data_ptr() < end
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError("no mapping holds the tensor")

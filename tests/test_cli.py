@@ -379,3 +379,24 @@ def test_a_resumed_pull_says_so(tmp_path, monkeypatch):
         r = invoke("pull", "org/tiny", "--no-quantize")
     assert r.exit_code == 0, r.output
     assert f"{big} (resuming at" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "want"), [((), None), (("--mmap",), True), (("--no-mmap",), False)]
+)
+def test_mmap_flags_reach_the_loader(flags, want, monkeypatch):
+    """`--mmap` keeps CPU weights mapped from the files, `--no-mmap` reads them into huge pages,
+    neither leaves the choice to localmix.load."""
+    import localmix
+
+    seen = {}
+    real = localmix.load
+
+    def load(*args, **options):
+        seen.update(options)
+        return real(*args, **options)
+
+    monkeypatch.setattr(localmix, "load", load)
+    r = invoke("run", "demo", "hi", "--max-tokens", "1", "--device", "cpu", *flags)
+    assert r.exit_code == 0, r.output
+    assert seen["mmap"] is want

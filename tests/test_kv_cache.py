@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import localmix
+from localmix import hugepages
 from localmix.kv_cache import RollingKVCache, attention_allowed
+from tests.helpers import vm_flags
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +78,18 @@ def test_chunk_longer_than_ring_is_refused():
     with pytest.raises(ValueError), cache.step(4):  # would wrap over keys its own queries need
         pass
     assert cache.next_pos == 4  # the refused step recorded nothing
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc")
+def test_a_cpu_cache_lies_on_huge_pages_where_supported():
+    """Every decode step reads the cache end to end: on the CPU it is zeroed memory advised
+    for huge pages (`hugepages.zeros`) where the system gives them."""
+    cache = RollingKVCache(2, 2, 8, window=64, dtype=torch.bfloat16)
+    for t in (cache.k, cache.v):
+        assert t.shape == (2, 2, 64, 8) and t.dtype == torch.bfloat16
+        assert not t.any()
+        assert ("hg" in vm_flags(t)) == hugepages.supported()
+    assert cache.k.data_ptr() != cache.v.data_ptr()
 
 
 def test_a_step_cut_short_records_no_position():

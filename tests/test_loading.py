@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 import localmix
+from localmix import hugepages
 from localmix.config import ModelConfig
-from localmix.errors import CheckpointError, ConfigError, ModelNotFoundError
-from tests.helpers import save_reference, tiny_mixtral_config
+from localmix.errors import CheckpointError, ConfigError, ModelNotFoundError, OptionError
+from tests.helpers import save_reference, tiny_mixtral_config, vm_flags
 
 BASE = {
     "model_type": "mixtral",
@@ -140,10 +143,66 @@ def test_unknown_model_name():
         localmix.load("nothing-here")
 
 
+def expert_weight(engine) -> torch.Tensor:
+    return engine.model.layers[0].block_sparse_moe.experts[1].w1.weight
+
+
 def test_weights_are_views_of_the_file(tiny_mixtral):
-    engine = localmix.load(tiny_mixtral[0], device="cpu", dtype="fp32")
-    w = engine.model.layers[0].block_sparse_moe.experts[1].w1.weight
+    engine = localmix.load(tiny_mixtral[0], device="cpu", dtype="fp32", mmap=True)
+    w = expert_weight(engine)
     assert not w.untyped_storage().resizable()  # backed by the mmap, not an owned allocation
+    path = engine.path / "model.safetensors"
+    mapped = [
+        p for p in Path(f"/proc/{os.getpid()}/maps").read_text().splitlines() if str(path) in p
+    ]
+    start, end = (int(a, 16) for a in mapped[0].split()[0].split("-"))
+    assert start <= w.data_ptr() < end
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc")
+def test_weights_are_read_into_huge_pages_where_supported(tiny_mixtral):
+    """By default CPU weights in their stored dtype are read into memory advised for huge
+    pages (`hg`) when the system gives them, with the values of the file; `mmap=True` maps."""
+    mapped = localmix.load(tiny_mixtral[0], device="cpu", mmap=True)
+    default = localmix.load(tiny_mixtral[0], device="cpu")
+    w = expert_weight(default)
+    assert ("hg" in vm_flags(w)) == hugepages.supported()
+    assert "hg" not in vm_flags(expert_weight(mapped))
+    for (name, a), (_, b) in zip(
+        default.model.state_dict().items(), mapped.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+        if a.device.type == "cpu" and a.numel() and hugepages.supported():
+            assert a.data_ptr() % hugepages.ALIGN == 0, name  # on a cache line
+    ids = [1, 5, 9, 2]
+    assert torch.equal(default.logits(ids), mapped.logits(ids))
+
+
+@pytest.mark.skipif(not hugepages.supported(), reason="transparent huge pages are off here")
+def test_weights_stay_mapped_when_a_copy_would_not_fit(tiny_mixtral, monkeypatch):
+    forced = localmix.load(tiny_mixtral[0], device="cpu", mmap=False)
+    assert "hg" in vm_flags(expert_weight(forced))
+    weights = (tiny_mixtral[0] / "model.safetensors").stat().st_size  # > 80% of the free
+    monkeypatch.setattr("localmix.options.available_memory", lambda device: weights)
+    engine = localmix.load(tiny_mixtral[0], device="cpu", context=16)
+    assert "hg" not in vm_flags(expert_weight(engine))
+
+
+def test_a_file_cut_short_while_loading_is_a_clear_error(tmp_path):
+    from localmix.quant.safetensors_io import SafetensorsError, SafetensorsFile, write_file
+
+    path = tmp_path / "model.safetensors"
+    write_file(path, {"w": torch.arange(64, dtype=torch.float32)}, {})
+    f = SafetensorsFile(path)  # header read and checked
+    with open(path, "r+b") as raw:
+        raw.truncate(path.stat().st_size - 10)
+    with pytest.raises(SafetensorsError, match="truncated while reading tensor 'w'"):
+        f.read_into("w", torch.empty(256, dtype=torch.uint8))
+
+
+def test_mmap_option_is_checked():
+    with pytest.raises(OptionError, match="mmap must be True or False"):
+        localmix.load("demo", device="cpu", mmap="no")
 
 
 def test_peak_rss_while_loading_is_bounded(tmp_path):
