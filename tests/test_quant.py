@@ -208,6 +208,17 @@ def test_own_cpu_kernels_compute_what_they_promise(group_size):
                 tol = 1e-5 if dtype == torch.float32 else 2**-8
                 atol = tol * float(expected.abs().max())
                 torch.testing.assert_close(got.double(), expected, rtol=tol, atol=atol)
+    # the 8-bit kernel over a width that is not a multiple of its 64-column step
+    w = torch.randn(96, 416, generator=gen).bfloat16()
+    q8 = quantize_tensor(w, bits=8)
+    w8 = dataclasses.replace(q8, dtype=torch.float32).dequantize().double()
+    for rows in (1, 3):
+        x = torch.randn(rows, 416, generator=gen).bfloat16()
+        expected = rounded(x, 32) @ w8.t()
+        got = kernels.int8_mm(x, q8.qweight, q8.scales_zeros).double()
+        torch.testing.assert_close(
+            got, expected, rtol=2**-8, atol=2**-8 * float(expected.abs().max())
+        )
     # and the int8 rounding of 16-bit activations stays small against the exact product
     x = torch.randn(1, 384, generator=gen).bfloat16()
     exact = x.double() @ dataclasses.replace(q4, dtype=torch.float32).dequantize().double().t()

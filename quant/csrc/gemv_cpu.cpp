@@ -390,10 +390,39 @@ void round_q8_0(const float* xp, int64_t n, int8_t* xq, float* xd) {
   }
 }
 
+// One row of an int8 weight (K columns) times one int8-rounded activation row (codes xr,
+// scales dr), 64 columns a step on two accumulators, prefetching 1 KB ahead in the row.
+inline float int8_dot(const int8_t* w, const int8_t* xr, const float* dr, int64_t K) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + 1024), _MM_HINT_T0);
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k + 32));
+    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(w + k, x0)), _mm256_set1_ps(dr[k / 32]), a0);
+    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(w + k + 32, x1)),
+                         _mm256_set1_ps(dr[k / 32 + 1]), a1);
+  }
+  for (; k < K; k += 32) {
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k));
+    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(w + k, x0)), _mm256_set1_ps(dr[k / 32]), a0);
+  }
+  return hsum(_mm256_add_ps(a0, a1));
+}
+
 // Four rows of an int8 weight (from r0, K columns, scales s) times the M int8-rounded rows of
 // x, with integer products; row m's four results go to y + m * stride.
+// One activation row (decode) goes through the weight row by row: a thread's rows are then
+// one stream that the hardware prefetchers follow, where four rows side by side are four
+// streams of a row's length (1 KB for mini), which they keep losing (the output head read 18
+// GB/s that way, 25 row by row). Several rows (prefill) take the four weight rows side by
+// side, which shares each activation load among them (a third faster at 128 rows).
 void int8_rows4(const int8_t* r0, const c10::BFloat16* s, int64_t K, const int8_t* xq,
                 const float* xd, int64_t M, float* y, int64_t stride) {
+  if (M == 1) {
+    for (int r = 0; r < 4; ++r) y[r] = int8_dot(r0 + r * K, xq, xd, K) * static_cast<float>(s[r]);
+    return;
+  }
   for (int64_t m = 0; m < M; ++m) {
     const int8_t* xr = xq + m * K;
     const float* dr = xd + m * K / 32;
