@@ -120,7 +120,7 @@ def load(
         dt,
         host if offloading else opts.device,
         manifest,
-        # Offloaded experts move into the expert store: a copy in huge pages would be a third.
+        # The trunk goes to the device, the experts into the expert store: no copy before.
         mmap=True if offloading else opts.mmap,
     )
     use_device_kernels(net)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
+from . import hugepages
 from .config import ModelConfig
 from .errors import MemoryBudgetError, OptionError
 from .expert_cache import ExpertCache, OffloadStats, make_policy
@@ -359,7 +360,13 @@ class ExpertStore:
         self.layout, self.expert_bytes = expert_layout(first)
         self.template = meta_copy(first)
         n_layers, n_experts = len(moes), model.cfg.num_local_experts
-        self.host = torch.empty((n_layers, n_experts, self.expert_bytes), dtype=torch.uint8)
+        shape = (n_layers, n_experts, self.expert_bytes)
+        # The CPU kernels read the experts they compute straight from here: on huge pages.
+        self.host = (
+            hugepages.zeros(shape, torch.uint8)
+            if for_cpu
+            else torch.empty(shape, dtype=torch.uint8)
+        )
         self.pinned = [pinner(self.host[li]) if pinner else False for li in range(n_layers)]
         # Unlocked before the memory is freed, whenever that is: at close(), or when the store
         # is collected (a server that unloads a model just drops it).

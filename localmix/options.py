@@ -40,9 +40,8 @@ class LoadOptions:
     policy: str
     prefetch: int
     experts: str = DEFAULT_EXPERTS  # where missed experts run: auto, gpu, cpu, hybrid
-    mmap: bool | None = (
-        None  # CPU weights: True file views, False huge pages, None the faster that fits
-    )
+    # CPU weights: True views of the files, False read into huge pages, None the latter if it fits
+    mmap: bool | None = None
 
     @property
     def offloading(self) -> bool:
