@@ -4,7 +4,8 @@ against the file mapping's and malloc's 4 KiB pages, in one process.
     python -m benchmarks.bench_hugepages [--model PATH] [--rounds 8] [--long-rounds 3]
 
 Two engines of the same checkpoint (by default the quantized mini of bench_runtime, made under
-`--dir` when missing): `mmap=False` (weights read into huge pages, KV cache on huge pages) and
+`--dir` when missing): `mmap=False` (weights read into huge pages, KV cache on huge pages: the default where
+huge pages are supported and the copy fits) and
 `mmap=True` with its KV cache moved to plain memory (the previous path). Every round decodes
 `--tokens` tokens greedily on each in turn, after a 128-token prompt, and `--long-rounds` rounds
 after a 3000-token one. Prints the medians and the huge-page engine's ratio to the other.
@@ -49,7 +50,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = args.model or quantized_mini(args.dir, "mini-q4-int8-int8", Settings())
     engines = {
-        "huge pages (default)": (localmix.load(path, device="cpu", mmap=False), False),
+        "huge pages (mmap=False)": (localmix.load(path, device="cpu", mmap=False), False),
         "file mapping, 4 KiB pages": (localmix.load(path, device="cpu", mmap=True), True),
     }
     short, long = list(range(3, 3 + 128)), list(range(3, 3 + LONG))

@@ -81,7 +81,7 @@ def load(
     from .config import ModelConfig
     from .cpu_decode import use_decode_kernels
     from .engine import Engine
-    from .errors import LocalmixError
+    from .errors import LocalmixError, OptionError
     from .loader import load_transformer, read_manifest
     from .offload import plan_for, probe_machine
     from .options import split_options
@@ -113,6 +113,11 @@ def load(
             fused_int4=cuda_int4_kernel(opts.device),
         )
         offloading = not plan.all_resident
+    if offloading and opts.mmap is False:
+        raise OptionError(
+            "--no-mmap (mmap=False) reads the weights a model computes with on the CPU into "
+            "huge pages; offloaded experts are copied into the expert store instead: leave it out"
+        )
     host = torch.device("cpu")
     net = load_transformer(
         path,
@@ -120,7 +125,7 @@ def load(
         dt,
         host if offloading else opts.device,
         manifest,
-        # The trunk goes to the device, the experts into the expert store: no copy before.
+        # Offloading copies the experts into the expert store: not into huge pages before.
         mmap=True if offloading else opts.mmap,
     )
     use_device_kernels(net)

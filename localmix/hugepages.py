@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .units import MiB
+from .errors import MemoryBudgetError
+from .units import MiB, mib
 
 HUGE_PAGE = 2 * MiB
 ALIGN = 64  # a cache line: where every tensor of an arena starts
@@ -45,13 +46,21 @@ def fits(nbytes: int) -> bool:
 
 
 def buffer(nbytes: int) -> torch.Tensor:
-    """`nbytes` of zeroed uint8 host memory starting on a huge page boundary, advised
-    MADV_HUGEPAGE (on Linux; elsewhere plain memory). Pages are touched lazily: what is never written takes no memory. The
-    mapping lives as long as any view of the tensor."""
-    if not hasattr(mmap, "MADV_HUGEPAGE"):  # not Linux: plain memory
+    """`nbytes` of zeroed uint8 host memory. On Linux it starts on a huge page boundary and is
+    advised MADV_HUGEPAGE, and pages are touched lazily: what is never written takes no memory.
+    The mapping lives as long as any view of the tensor. Elsewhere it is plain memory."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.zeros(nbytes, dtype=torch.uint8)
-    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mapping.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as e:
+        raise MemoryBudgetError(
+            f"could not allocate {mib(nbytes)} of host memory ({e.strerror}); free some memory"
+        ) from e
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel without transparent huge pages: plain pages then
+        pass
     whole = torch.frombuffer(mapping, dtype=torch.uint8)
     skip = -whole.data_ptr() % HUGE_PAGE
     return whole[skip : skip + nbytes]
@@ -74,10 +83,13 @@ class Arena:
         self.used = 0
 
     def slot(self, nbytes: int) -> torch.Tensor:
+        if self.used + nbytes > self.data.numel():
+            raise ValueError(f"the arena has {self.data.numel() - self.used} bytes left")
         view = self.data[self.used : self.used + nbytes]
         self.used += aligned(nbytes)
         return view
 
 
 def aligned(nbytes: int) -> int:
+    """nbytes rounded up to a whole number of cache lines."""
     return -(-nbytes // ALIGN) * ALIGN

@@ -16,6 +16,7 @@ from .model import Rotary, Transformer
 from .quant import manifest as quant_manifest
 from .quant import safetensors_io
 from .quant.formats import QuantError
+from .quant.kernels import cpu_kernels
 from .quant.linear import swap_linears
 from .quant.manifest import Settings, plan_bits
 from .quant.names import (
@@ -168,7 +169,8 @@ def mapped(located: dict[str, tuple[SafetensorsFile, str]]) -> dict[str, torch.T
 
 def resident(located: dict[str, tuple[SafetensorsFile, str]]) -> dict[str, torch.Tensor]:
     """The located tensors read from their files into one huge-page arena (`hugepages`): each
-    byte is read once, straight into the arena, so the model is not held twice."""
+    byte is read once, straight into the arena, so the model is not held twice. The arena is
+    freed when no tensor of it is left: a single weight kept alive keeps all of it."""
     arena = hugepages.Arena([f.infos[stored].nbytes for f, stored in located.values()])
     with checkpoint_errors():
         return {
@@ -200,10 +202,11 @@ def load_transformer(
 ) -> Transformer:
     """Build the model without allocating weights, then assign the checkpoint's tensors.
 
-    In the checkpoint's own dtype on the CPU, weights are either views of the file mapping
+    On the CPU, weights used in their stored dtype are either views of the file mapping
     (`mmap` True) or read once into memory on huge pages, which the CPU kernels read faster
-    (`mmap` False; None: when huge pages are supported and the copy fits in memory). Either
-    way the model is never materialised twice.
+    (`mmap` False; None: when huge pages are supported, the copy fits in memory and, for a
+    quantized model, localmix's own kernels run here). Either way the model is never
+    materialised twice. Weights converted to another dtype are new tensors either way.
     """
     check_config(cfg, model_dir)
     with torch.device("meta"):
@@ -216,15 +219,22 @@ def load_transformer(
     expected = {k: (v.shape, v.dtype) for k, v in state.items()}
     floats = {k for k, v in state.items() if v.is_floating_point() and not k.endswith(SCALES_ZEROS)}
     located = locate_checkpoint(model_dir, expected, tied=cfg.tie_word_embeddings)
-    kept = all(  # every tensor stays in its stored dtype: a copy would serve as it is
-        f.infos[stored].dtype == dtype or name not in floats
-        for name, (f, stored) in located.items()
-    )
-    nbytes = sum(f.infos[stored].nbytes for f, stored in located.values())
-    copy = device.type == "cpu" and kept and mmap is not True
+    kept = {  # used in their stored dtype: what a copy in huge pages would serve as it is
+        name: place
+        for name, place in located.items()
+        if place[0].infos[place[1]].dtype == dtype or name not in floats
+    }
+    copy = device.type == "cpu" and mmap is not True
     if copy and mmap is None:
+        nbytes = sum(f.infos[stored].nbytes for f, stored in kept.values())
+        # Without localmix's own kernels, PyTorch's would keep a repacked copy of each
+        # quantized weight: the stored one is then better left to the file mapping.
         copy = hugepages.supported() and hugepages.fits(nbytes)
-    tensors = resident(located) if copy else mapped(located)
+        copy = copy and (manifest is None or cpu_kernels() is not None)
+    if copy:
+        tensors = mapped({n: p for n, p in located.items() if n not in kept}) | resident(kept)
+    else:
+        tensors = mapped(located)
     if cfg.tie_word_embeddings:
         tensors[HEAD_WEIGHT] = tensors[EMBEDDING]
     tensors = {

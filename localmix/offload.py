@@ -30,7 +30,6 @@ from .units import GiB, MiB, gib, mib
 if TYPE_CHECKING:
     from .hybrid import Scheduler, Speeds
 
-ALIGN = 64  # byte alignment of each tensor inside a packed expert
 DEFAULT_PREFETCH = 1  # layers looked ahead; 2 rarely pays (see benchmarks/bench_nano.py)
 # cuBLAS workspaces and the caching allocator's rounding and fragmentation, kept out of a CUDA
 # plan (the CUDA context itself is already outside the free memory `mem_get_info` reports).
@@ -271,7 +270,7 @@ def expert_layout(expert: nn.Module) -> tuple[list[Slice], int]:
     out, offset = [], 0
     for name, t in list(expert.named_parameters()) + list(expert.named_buffers()):
         out.append(Slice(name, t.dtype, tuple(t.shape), offset, t.nbytes))
-        offset += -(-t.nbytes // ALIGN) * ALIGN
+        offset += hugepages.aligned(t.nbytes)  # each tensor on a cache line
     return out, offset
 
 

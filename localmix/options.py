@@ -4,6 +4,7 @@ before any work is done (no file read, no weight loaded), or an `OptionError` in
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -185,14 +186,56 @@ def parse_policy(policy: str) -> str:
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Bytes free for new tensors on `device` (None where that cannot be told)."""
+    """Bytes free for new tensors on `device` (None where that cannot be told): on the host,
+    the system's available memory, or less where the process's control group limits it."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    left = cgroup_memory_left()
+    return left if free is None else free if left is None else min(free, left)
+
+
+def cgroup_memory_left(
+    proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> int | None:
+    """What this process's memory control group and those above it still allow it (the limit
+    less the usage, the least of them; cgroup v2 or v1), or None without a limit: a container's
+    limit, which /proc/meminfo does not show."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    rooms: list[int] = []
+    for line in lines:
+        if line.count(":") < 2:
+            continue
+        _, controllers, group = line.split(":", 2)
+        if not controllers:  # the v2 hierarchy
+            rooms += _rooms(root, group, "memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            rooms += _rooms(
+                root / "memory", group, "memory.limit_in_bytes", "memory.usage_in_bytes"
+            )
+    return max(min(rooms), 0) if rooms else None
+
+
+def _rooms(base: Path, group: str, limit_file: str, usage_file: str) -> list[int]:
+    """Limit less usage of `group` under `base` and of each group above it that sets a limit
+    (v2 writes "max" for none, v1 a number near 2**63)."""
+    folder, rooms = base / group.strip().lstrip("/"), []
+    while folder == base or base in folder.parents:
+        try:
+            limit = (folder / limit_file).read_text().strip()
+            if limit != "max" and int(limit) < 2**60:
+                rooms.append(int(limit) - int((folder / usage_file).read_text()))
+        except (OSError, ValueError):
+            pass
+        folder = folder.parent
+    return rooms

@@ -201,20 +201,27 @@ class SafetensorsFile:
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Read tensor `name` from the file into `out` (uint8, the tensor's bytes), without
         mapping it; returns `out` viewed as the tensor."""
+        import torch
+
         info = self.infos[name]
+        if out.dtype != torch.uint8 or not out.is_contiguous() or out.numel() != info.nbytes:
+            raise ValueError(f"tensor '{name}' needs {info.nbytes} contiguous bytes to read into")
         view = out.numpy().data.cast("B")
-        with open(self.path, "rb") as f:
-            f.seek(info.start)
-            done = 0
-            while done < info.nbytes:
-                n = f.readinto(view[done:])
-                if not n:
-                    raise SafetensorsError(
-                        self.path,
-                        f"truncated while reading tensor '{name}'; delete the file and "
-                        "download it again",
-                    )
-                done += n
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(info.start)
+                done = 0
+                while done < info.nbytes:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise SafetensorsError(
+                            self.path,
+                            f"truncated while reading tensor '{name}'; delete the file and "
+                            "download it again",
+                        )
+                    done += n
+        except OSError as e:
+            raise SafetensorsError(self.path, f"could not be read ({e.strerror})") from e
         return out.view(info.dtype).view(info.shape)
 
 

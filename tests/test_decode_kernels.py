@@ -53,7 +53,9 @@ def reference_attention(q, k, v, cos, sin, keys, values, slot, used):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize(("heads", "kv", "hd"), [(8, 2, 128), (4, 4, 8), (6, 3, 40), (6, 2, 16)])
+@pytest.mark.parametrize(
+    ("heads", "kv", "hd"), [(8, 2, 128), (4, 4, 8), (6, 3, 40), (6, 2, 16), (10, 2, 24)]
+)
 @pytest.mark.parametrize("n_threads", [1, 3])
 def test_attend_one_is_rope_cache_write_and_sdpa(kernels, threads, dtype, heads, kv, hd, n_threads):
     """The fused decode attention writes the rotated key and the value exactly as the PyTorch ops

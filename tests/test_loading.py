@@ -188,6 +188,70 @@ def test_weights_stay_mapped_when_a_copy_would_not_fit(tiny_mixtral, monkeypatch
     assert "hg" not in vm_flags(expert_weight(engine))
 
 
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    from tests.helpers import quantized_six_experts
+
+    return quantized_six_experts(tmp_path_factory)
+
+
+def quantized_parts(engine) -> tuple[torch.Tensor, torch.Tensor]:
+    """An expert's 4-bit weight (stored as uint8) and a norm's weight (a float)."""
+    layer = engine.model.layers[0]
+    return layer.block_sparse_moe.experts[0].w1.qweight, layer.input_layernorm.weight
+
+
+@pytest.mark.skipif(not hugepages.supported(), reason="transparent huge pages are off here")
+def test_only_the_weights_kept_in_their_dtype_are_read_into_huge_pages(quantized):
+    """A dtype asked for converts the floats (new tensors either way); the 4-bit weights, used
+    as stored, still go to huge pages, by default and with mmap=False."""
+    for options in ({}, {"mmap": False}):
+        engine = localmix.load(quantized, device="cpu", dtype="fp32", **options)
+        qweight, norm = quantized_parts(engine)
+        assert "hg" in vm_flags(qweight) and norm.dtype == torch.float32
+        assert "hg" not in vm_flags(norm)
+
+
+@pytest.mark.skipif(not hugepages.supported(), reason="transparent huge pages are off here")
+def test_quantized_weights_stay_mapped_without_localmixs_kernels(quantized, monkeypatch):
+    """PyTorch's kernels keep a repacked copy of each quantized weight: the stored one then
+    stays a file view the system may drop, unless mmap=False says otherwise."""
+    monkeypatch.setattr("localmix.loader.cpu_kernels", lambda: None)
+    assert "hg" not in vm_flags(quantized_parts(localmix.load(quantized, device="cpu"))[0])
+    forced = localmix.load(quantized, device="cpu", mmap=False)
+    assert "hg" in vm_flags(quantized_parts(forced)[0])
+
+
+def test_no_mmap_with_offloading_is_refused(quantized):
+    with pytest.raises(OptionError, match="expert store"):
+        localmix.load(quantized, device="cpu", expert_slots=2, mmap=False)
+
+
+def test_cgroup_limits_bound_the_available_memory(tmp_path):
+    """A container's memory limit (cgroup v2 or v1, set here or above) bounds what is free."""
+    from localmix.options import cgroup_memory_left
+
+    proc = tmp_path / "cgroup"
+    root = tmp_path / "fs"
+    (root / "box" / "app").mkdir(parents=True)
+    proc.write_text("0::/box/app\n")
+    assert cgroup_memory_left(proc, root) is None  # no files: no limit known
+    (root / "box" / "app" / "memory.max").write_text("max\n")
+    (root / "box" / "memory.max").write_text(str(8 * 2**30))
+    (root / "box" / "memory.current").write_text(str(3 * 2**30))
+    assert cgroup_memory_left(proc, root) == 5 * 2**30  # the parent's limit
+    (root / "box" / "app" / "memory.max").write_text(str(2 * 2**30))
+    (root / "box" / "app" / "memory.current").write_text(str(2 * 2**30 + 5))
+    assert cgroup_memory_left(proc, root) == 0  # over its own: nothing left
+    (root / "memory" / "v1").mkdir(parents=True)
+    proc.write_text("4:memory:/v1\n0::/\n")
+    (root / "memory" / "v1" / "memory.limit_in_bytes").write_text(str(2**30))
+    (root / "memory" / "v1" / "memory.usage_in_bytes").write_text(str(2**29))
+    assert cgroup_memory_left(proc, root) == 2**29
+    (root / "memory" / "v1" / "memory.limit_in_bytes").write_text("9223372036854771712")
+    assert cgroup_memory_left(proc, root) is None  # v1's "no limit"
+
+
 def test_a_file_cut_short_while_loading_is_a_clear_error(tmp_path):
     from localmix.quant.safetensors_io import SafetensorsError, SafetensorsFile, write_file
 
@@ -197,6 +261,11 @@ def test_a_file_cut_short_while_loading_is_a_clear_error(tmp_path):
     with open(path, "r+b") as raw:
         raw.truncate(path.stat().st_size - 10)
     with pytest.raises(SafetensorsError, match="truncated while reading tensor 'w'"):
+        f.read_into("w", torch.empty(256, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="needs 256 contiguous bytes"):
+        f.read_into("w", torch.empty(300, dtype=torch.uint8))
+    path.unlink()
+    with pytest.raises(SafetensorsError, match="could not be read"):
         f.read_into("w", torch.empty(256, dtype=torch.uint8))
 
 
