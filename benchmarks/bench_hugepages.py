@@ -4,9 +4,9 @@ against the file mapping's and malloc's 4 KiB pages, in one process.
     python -m benchmarks.bench_hugepages [--model PATH] [--rounds 8] [--long-rounds 3]
 
 Two engines of the same checkpoint (by default the quantized mini of bench_runtime, made under
-`--dir` when missing): `mmap=False` (weights read into huge pages, KV cache on huge pages: the default where
-huge pages are supported and the copy fits) and
-`mmap=True` with its KV cache moved to plain memory (the previous path). Every round decodes
+`--dir` when missing): `mmap=False` (weights read into huge pages, KV cache on huge pages: the
+default where huge pages are supported and the copy fits) and `mmap=True` with its KV cache
+moved to plain memory (the previous path). Every round decodes
 `--tokens` tokens greedily on each in turn, after a 128-token prompt, and `--long-rounds` rounds
 after a 3000-token one. Prints the medians and the huge-page engine's ratio to the other.
 """

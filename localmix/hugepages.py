@@ -1,9 +1,10 @@
 """Host memory on transparent huge pages, for what a CPU decode step reads end to end every
 token: the weights and the KV cache.
 
-A decode step streams some hundred megabytes through the CPU. On 4 KiB pages (a file mapping's,
-or malloc's) that is a TLB miss every 4 KiB, and mini decodes 4-8% slower on the test machine
-than from 2 MiB pages (benchmarks/bench_hugepages.py measures it). Linux gives huge pages
+A decode step streams some hundred megabytes through the CPU. On 4 KiB pages (a file mapping's;
+malloc's too unless transparent huge pages are "always") that is a TLB miss every 4 KiB, and
+mini decodes 4-8% slower on the test machine than from 2 MiB pages
+(benchmarks/bench_hugepages.py measures it). Linux gives huge pages
 to anonymous memory advised MADV_HUGEPAGE when transparent huge pages are "always" or
 "madvise" (the common default); never to a private file mapping that is only read.
 """
