@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -637,6 +638,19 @@ struct ExpertScratch {
   std::vector<int32_t> hqsum;
 };
 
+// Experts as int4_moe and DecodeBlock take them: each (q1, s1, q3, s3, q2, s2), 4-bit with
+// `group`, all of one shape, w2 taking what w1 and w3 give.
+void check_experts(const std::vector<std::vector<torch::Tensor>>& experts, int64_t group) {
+  for (const auto& e : experts) {
+    TORCH_CHECK(e.size() == 6, "an expert is (q1, s1, q3, s3, q2, s2)");
+    check_int4(e[0], e[1], group), check_int4(e[2], e[3], group), check_int4(e[4], e[5], group);
+    TORCH_CHECK(e[0].sizes() == experts[0][0].sizes() && e[2].sizes() == e[0].sizes() &&
+                    e[4].sizes() == experts[0][4].sizes(),
+                "the experts do not share one shape");
+    TORCH_CHECK(e[4].size(1) * 2 == e[0].size(0), "w1, w3 and w2 do not chain");
+  }
+}
+
 // 16-bit y rounded to T, times w rounded to T, added to acc rounded to T: what
 // `sum_in_order(expert(x) * w ...)` computes in T, one expert at a time in the caller's order.
 template <class T>
@@ -663,17 +677,10 @@ torch::Tensor int4_moe(const torch::Tensor& x,
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == torch::kBFloat16 || dtype == torch::kFloat32,
               "int4_moe takes bfloat16 or float32 activations");
-  for (const auto& e : experts) {
-    TORCH_CHECK(e.size() == 6, "an expert is (q1, s1, q3, s3, q2, s2)");
-    check_int4(e[0], e[1], group), check_int4(e[2], e[3], group), check_int4(e[4], e[5], group);
-    TORCH_CHECK(e[0].sizes() == experts[0][0].sizes() && e[2].sizes() == e[0].sizes() &&
-                    e[4].sizes() == experts[0][4].sizes(),
-                "the experts do not share one shape");
-  }
+  check_experts(experts, group);
   const torch::Tensor& q1 = experts[0][0];
   const torch::Tensor& q2 = experts[0][4];
   const int64_t K = q1.size(1) * 2, H = q1.size(0), D = q2.size(0), M = x.size(0);
-  TORCH_CHECK(q2.size(1) * 2 == H, "w1, w3 and w2 do not chain");
   const int64_t E = static_cast<int64_t>(experts.size());
   torch::Tensor out = torch::empty({M, D}, x.options());
   static thread_local std::vector<ExpertScratch> pool;
@@ -1167,6 +1174,18 @@ void add_values(const float* p, int64_t n, const T* values, int64_t b, int64_t e
   }
 }
 
+// f(R) for R = min(rows, 4) as a compile-time constant (std::integral_constant), so that
+// the kernels above keep their 2R accumulators in registers.
+template <class F>
+void with_rows(int64_t rows, F&& f) {
+  switch (std::min<int64_t>(rows, 4)) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{});
+  }
+}
+
 // Attention of `rep` query rows (float32, hd each) to keys j0..j1 of one KV head: the rows'
 // maximum score and sum of exponentials, and their unnormalised outputs, into part
 // (rep x (hd + 2): out[0..hd), max, sum).
@@ -1174,17 +1193,11 @@ template <class T>
 void attend_keys(const float* q, int64_t rep, const T* keys, const T* values, int64_t j0,
                  int64_t j1, int64_t hd, float scale, float* scores, float* part) {
   const int64_t n = j1 - j0;
-  for (int64_t r = 0; r < rep; r += 4) {  // scores: (rep, n)
-    const float* qr = q + r * hd;
-    const T* kj = keys + j0 * hd;
-    float* sr = scores + r * n;
-    switch (std::min<int64_t>(4, rep - r)) {
-      case 1: score_keys<T, 1>(qr, kj, n, hd, scale, sr); break;
-      case 2: score_keys<T, 2>(qr, kj, n, hd, scale, sr); break;
-      case 3: score_keys<T, 3>(qr, kj, n, hd, scale, sr); break;
-      default: score_keys<T, 4>(qr, kj, n, hd, scale, sr);
-    }
-  }
+  for (int64_t r = 0; r < rep; r += 4)  // scores: (rep, n)
+    with_rows(rep - r, [&](auto rows) {
+      constexpr int R = decltype(rows)::value;
+      score_keys<T, R>(q + r * hd, keys + j0 * hd, n, hd, scale, scores + r * n);
+    });
   for (int64_t r = 0; r < rep; ++r) {
     float* s = scores + r * n;
     float* out = part + r * (hd + 2);
@@ -1204,17 +1217,12 @@ void attend_keys(const float* q, int64_t rep, const T* keys, const T* values, in
   }
   for (int64_t b = 0; b < n; b += kKeyBlock) {  // outputs: (rep, hd) += p (rep, keys) v (keys, hd)
     const int64_t e = std::min(n, b + kKeyBlock);
-    for (int64_t r = 0; r < rep; r += 4) {
-      const float* pr = scores + r * n;
-      const T* vj = values + j0 * hd;
-      float* out = part + r * (hd + 2);
-      switch (std::min<int64_t>(4, rep - r)) {
-        case 1: add_values<T, 1>(pr, n, vj, b, e, hd, out, hd + 2); break;
-        case 2: add_values<T, 2>(pr, n, vj, b, e, hd, out, hd + 2); break;
-        case 3: add_values<T, 3>(pr, n, vj, b, e, hd, out, hd + 2); break;
-        default: add_values<T, 4>(pr, n, vj, b, e, hd, out, hd + 2);
-      }
-    }
+    for (int64_t r = 0; r < rep; r += 4)
+      with_rows(rep - r, [&](auto rows) {
+        constexpr int R = decltype(rows)::value;
+        add_values<T, R>(scores + r * n, n, values + j0 * hd, b, e, hd, part + r * (hd + 2),
+                         hd + 2);
+      });
   }
 }
 
@@ -1432,18 +1440,11 @@ class DecodeBlock {
     TORCH_CHECK(static_cast<int64_t>(experts_.size()) == linears_[4].out_features() &&
                     0 < top_k_ && top_k_ <= static_cast<int64_t>(experts_.size()),
                 "one expert per gate row, top_k of them");
-    for (const auto& e : experts_) {
-      TORCH_CHECK(e.size() == 6, "an expert is (q1, s1, q3, s3, q2, s2)");
-      for (int i = 0; i < 6; i += 2) {
-        check_int4(e[i], e[i + 1], group_);
-        TORCH_CHECK(e[i].device().is_cpu() && e[i + 1].device().is_cpu(), "CPU experts");
-      }
-      TORCH_CHECK(e[0].size(1) * 2 == D && e[4].size(0) == D && e[0].sizes() == e[2].sizes() &&
-                      e[4].size(1) * 2 == e[0].size(0) &&
-                      e[4].sizes() == experts_[0][4].sizes() &&
-                      e[0].sizes() == experts_[0][0].sizes(),
-                  "the experts take and give the hidden size, all of one shape");
-    }
+    check_experts(experts_, group_);
+    TORCH_CHECK(experts_[0][0].size(1) * 2 == D && experts_[0][4].size(0) == D,
+                "the experts take and give the hidden size");
+    for (const auto& e : experts_)
+      for (const torch::Tensor& t : e) TORCH_CHECK(t.device().is_cpu(), "CPU experts");
     fused_qkv_ = linears_[0].bits == 8 && linears_[1].bits == 8 && linears_[2].bits == 8;
   }
 
